@@ -1,0 +1,107 @@
+"""Input checks shared by the AnnData-facing layer. Each error names the problem and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+__all__ = [
+    "InputError",
+    "check_obs_key",
+    "check_control",
+    "check_counts",
+    "check_unique_obs_names",
+    "check_not_all_zero",
+    "validate_screen",
+]
+
+
+class InputError(ValueError):
+    """Raised when user input cannot be analysed as given; the message says how to fix it."""
+
+
+def check_obs_key(adata: AnnData, key: str) -> None:
+    if key not in adata.obs.columns:
+        cols = ", ".join(map(repr, adata.obs.columns[:30])) or "(none)"
+        raise InputError(
+            f"perturbation_key {key!r} not in adata.obs; columns are: {cols}. "
+            "Pass the column that holds each cell's perturbation (guide target) label."
+        )
+
+
+def check_control(adata: AnnData, key: str, control: str) -> None:
+    labels = adata.obs[key].astype(str)
+    if control not in set(labels):
+        counts = labels.value_counts()
+        shown = ", ".join(f"{lab!r} ({n})" for lab, n in counts.head(15).items())
+        raise InputError(
+            f"control label {control!r} not found in adata.obs[{key!r}]; the most frequent labels are: "
+            f"{shown}. Pass the label of the non-targeting control cells as `control`."
+        )
+
+
+def _values(X) -> np.ndarray:
+    return X.data if sp.issparse(X) else np.asarray(X).ravel()
+
+
+def check_counts(X, what: str = "adata.X") -> None:
+    """Raw UMI counts: finite, non-negative integers."""
+    v = _values(X)
+    if v.size == 0:
+        return
+    if not np.issubdtype(v.dtype, np.number):
+        raise InputError(f"{what} is not numeric (dtype {v.dtype}).")
+    if not np.all(np.isfinite(v)):
+        n_bad = int(np.sum(~np.isfinite(v)))
+        raise InputError(
+            f"{what} contains {n_bad} non-finite values (NaN or inf); raw counts are needed. "
+            "Remove or repair those entries before running."
+        )
+    if np.any(v < 0):
+        raise InputError(
+            f"{what} contains negative values (min {v.min():g}); it looks scaled or corrected. "
+            "scotgm_pp needs raw UMI counts: pass the counts layer, e.g. adata.X = adata.layers['counts']."
+        )
+    if not np.issubdtype(v.dtype, np.integer):
+        sample = v[: min(v.size, 1_000_000)]
+        if np.any(np.abs(sample - np.round(sample)) > 1e-6):
+            raise InputError(
+                f"{what} holds non-integer values (e.g. {sample[np.abs(sample - np.round(sample)) > 1e-6][0]:g}); "
+                "it looks normalised or log-transformed. scotgm_pp normalises itself and needs raw UMI counts: "
+                "pass the counts layer, e.g. adata.X = adata.layers['counts'] or adata.raw.to_adata()."
+            )
+
+
+def check_unique_obs_names(adata: AnnData) -> None:
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()][:5].tolist()
+        raise InputError(
+            f"adata.obs_names are not unique (e.g. {dup}); cells could be confused. "
+            "Call adata.obs_names_make_unique() first."
+        )
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()][:5].tolist()
+        raise InputError(
+            f"adata.var_names are not unique (e.g. {dup}); gene rankings would be ambiguous. "
+            "Call adata.var_names_make_unique() first."
+        )
+
+
+def check_not_all_zero(X, what: str = "adata.X") -> None:
+    nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
+    if nnz == 0 or (sp.issparse(X) and not np.any(X.data)):
+        raise InputError(f"{what} is all zeros: every gene has zero counts in every cell; nothing to analyse.")
+
+
+def validate_screen(adata: AnnData, perturbation_key: str, control: str) -> None:
+    """All checks a screen must pass before any perturbation is analysed."""
+    if not isinstance(adata, AnnData):
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    check_obs_key(adata, perturbation_key)
+    check_control(adata, perturbation_key, control)
+    check_unique_obs_names(adata)
+    check_counts(adata.X)
+    check_not_all_zero(adata.X)

@@ -1,0 +1,188 @@
+"""Ranking methods compared by the benchmark, all on the same cells of one experiment.
+
+A method is a callable ``method(pair) -> pd.Series`` of per-gene scores indexed by gene name,
+where a *negative* score means lower expression in the guide cells than in the controls (so
+the most negative score is the strongest knock-down candidate, and ``|score|`` orders genes by
+response strength).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from anndata import AnnData
+
+from ..pp import PreprocessParams, normalize_log
+from ..tl import COUPLINGS, analyse_pair
+
+__all__ = [
+    "Pair",
+    "make_pair",
+    "scanpy_method",
+    "logfc_method",
+    "scotgm_method",
+    "resolve_methods",
+    "DEFAULT_METHODS",
+    "DEFAULT_SCOTGM",
+    "SCOTGM_SCORES",
+]
+
+DEFAULT_SCOTGM = "scotgm-ot"
+"""The row of the package's default sc-OTGM configuration."""
+
+DEFAULT_METHODS = ("scotgm-ot", "scotgm-independent", "t-test", "wilcoxon", "logfc")
+"""Fast methods run by default; ``scotgm-hit_and_run`` and ``scotgm-paper`` are opt-in (slow)."""
+
+SCOTGM_SCORES = ("model", "state_t")
+
+
+@dataclass
+class Pair:
+    """One experiment: raw counts of the drawn control + guide cells and their log-normalised copy."""
+
+    counts: AnnData
+    is_control: np.ndarray
+    lognorm: AnnData
+    seed: int
+    params: PreprocessParams
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def lognorm_is_control(self) -> np.ndarray:
+        kept = self.counts.obs_names.get_indexer(self.lognorm.obs_names)
+        return self.is_control[kept]
+
+
+def make_pair(counts: AnnData, is_control: np.ndarray, seed: int, params: PreprocessParams) -> Pair:
+    """Log-normalise (with :func:`scotgm_pp.pp.normalize_log`) once for every baseline."""
+    lognorm, _ = normalize_log(counts, params)
+    return Pair(counts=counts, is_control=np.asarray(is_control, bool), lognorm=lognorm, seed=int(seed),
+                params=params)
+
+
+def scanpy_method(test: str) -> Callable[[Pair], pd.Series]:
+    """``sc.tl.rank_genes_groups`` of the guide cells against the control reference.
+
+    ``test`` is a scanpy method (``"t-test"``: Welch, ``"wilcoxon"``: Mann-Whitney). The score is
+    scanpy's statistic (negative when lower in the guide cells).
+    """
+
+    def run(pair: Pair) -> pd.Series:
+        ad = pair.lognorm.copy()
+        ad.obs["bench_group"] = pd.Categorical(
+            np.where(pair.lognorm_is_control, "control", "guide"), categories=["control", "guide"]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.tl.rank_genes_groups(ad, "bench_group", groups=["guide"], reference="control", method=test,
+                                    n_genes=ad.n_vars, use_raw=False, key_added="bench")
+        df = sc.get.rank_genes_groups_df(ad, group="guide", key="bench")
+        return pd.Series(df["scores"].to_numpy(float), index=df["names"].astype(str).to_numpy())
+
+    run.__name__ = f"scanpy_{test}"
+    return run
+
+
+def logfc_method(pair: Pair) -> pd.Series:
+    """Difference of mean log-normalised expression, guide minus control."""
+    X = pair.lognorm.X
+    c = pair.lognorm_is_control
+    diff = np.asarray(X[~c].mean(axis=0)).ravel() - np.asarray(X[c].mean(axis=0)).ravel()
+    return pd.Series(diff.astype(float), index=pair.lognorm.var_names.astype(str))
+
+
+def _state_t(pair: Pair, p: pd.Series) -> pd.Series:
+    """Gene-space Welch statistic of the model's perturbed state against the basal state.
+
+    Each guide cell enters the perturbed group with weight ``p_perturbed`` and the basal group
+    with ``1 - p_perturbed``; controls are basal. With weighted means and variances, the
+    statistic is ``(m_1 - m_0) / sqrt(v_1 / n_1 + v_0 / n_0)`` (``n_k`` the total weights).
+    """
+    ln = pair.lognorm
+    X = ln.X.toarray() if hasattr(ln.X, "toarray") else np.asarray(ln.X)
+    X = np.asarray(X, float)
+    w1 = p.reindex(ln.obs_names).fillna(0.0).to_numpy(float)
+    w0 = 1.0 - w1
+    out = []
+    stats_ = []
+    for w in (w0, w1):
+        n = w.sum()
+        m = (w @ X) / max(n, 1e-12)
+        v = (w @ (X - m) ** 2) / max(n - 1.0, 1.0)
+        stats_.append((n, m, v))
+    (n0, m0, v0), (n1, m1, v1) = stats_
+    se = np.sqrt(v1 / max(n1, 1e-12) + v0 / max(n0, 1e-12))
+    se = np.maximum(se, 1e-8 * max(float(se.max(initial=0.0)), 1e-300))
+    out = (m1 - m0) / se
+    return pd.Series(out, index=ln.var_names.astype(str))
+
+
+def scotgm_method(
+    coupling: str = "ot",
+    *,
+    escape_model: bool = True,
+    params: PreprocessParams | None = None,
+    regularization: float = 0.01,
+    score: str = "model",
+    coupling_kwargs: dict | None = None,
+) -> Callable[[Pair], pd.Series]:
+    """sc-OTGM on the pair through :func:`scotgm_pp.tl.analyse_pair`.
+
+    Parameters
+    ----------
+    coupling, escape_model, regularization, coupling_kwargs
+        Passed to ``analyse_pair``.
+    params
+        Preprocessing; the pair's (benchmark-wide) params when None.
+    score
+        ``"model"``: the model's standardised shift ``mu / sigma`` (``genes["score"]``).
+        ``"state_t"``: the Welch statistic of the fitted perturbed state against the basal state
+        in gene space, cells weighted by their posterior ``p_perturbed`` (see ``_state_t``).
+    """
+    if coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
+    if score not in SCOTGM_SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCOTGM_SCORES)}.")
+
+    def run(pair: Pair) -> pd.Series:
+        prm = params or pair.params
+        key = ("scotgm", coupling, escape_model, prm, regularization, repr(coupling_kwargs))
+        if key not in pair.cache:
+            pair.cache[key] = analyse_pair(pair.counts, pair.is_control, params=prm, coupling=coupling,
+                                           escape_model=escape_model, regularization=regularization,
+                                           random_state=pair.seed, coupling_kwargs=coupling_kwargs)
+        _, genes, p = pair.cache[key]
+        if score == "state_t":
+            return _state_t(pair, p)
+        return pd.Series(genes["score"].to_numpy(float), index=genes["gene"].astype(str).to_numpy())
+
+    run.__name__ = f"scotgm_{coupling}"
+    return run
+
+
+def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
+    """Method names (``scotgm-<coupling>``, ``t-test``, ``wilcoxon``, ``logfc``) or a mapping
+    name -> callable, to a mapping name -> callable. ``None``: :data:`DEFAULT_METHODS`."""
+    if methods is None:
+        methods = DEFAULT_METHODS
+    if isinstance(methods, dict):
+        return dict(methods)
+    out = {}
+    for name in methods:
+        if callable(name):
+            out[getattr(name, "__name__", str(name))] = name
+        elif name in ("t-test", "wilcoxon"):
+            out[name] = scanpy_method(name)
+        elif name == "logfc":
+            out[name] = logfc_method
+        elif isinstance(name, str) and name.startswith("scotgm-") and name[len("scotgm-"):] in COUPLINGS:
+            out[name] = scotgm_method(name[len("scotgm-"):])
+        else:
+            valid = ["t-test", "wilcoxon", "logfc"] + [f"scotgm-{c}" for c in COUPLINGS]
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(valid)} or pass callables.")
+    return out

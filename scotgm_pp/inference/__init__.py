@@ -1,0 +1,50 @@
+"""Inference: EM/MAP backend, transport couplings and their diagnostics (pure functions over arrays).
+
+PyMC-dependent pieces (the :class:`HitAndRun` step method and the coupling model) are imported
+on first use, so ``import scotgm_pp.inference`` stays light.
+"""
+
+from importlib import import_module
+
+from .em import EMResult, NormalWishartPrior, default_prior, fit_em, log_density
+from .hit_and_run import (
+    CouplingResult,
+    chord,
+    default_temperature,
+    sample_coupling,
+    truncated_exponential,
+)
+from .ot import coupling_cost, gaussian_w2, ot_cross_covariance, perturbation_covariance, psd_sqrt
+from .paper import PaperResult, paper_cross_covariance
+
+_LAZY = {
+    "HitAndRun": ".step",
+    "build_coupling_model": ".step",
+}
+
+__all__ = [
+    "EMResult",
+    "NormalWishartPrior",
+    "default_prior",
+    "fit_em",
+    "log_density",
+    "CouplingResult",
+    "chord",
+    "default_temperature",
+    "sample_coupling",
+    "truncated_exponential",
+    "coupling_cost",
+    "gaussian_w2",
+    "ot_cross_covariance",
+    "perturbation_covariance",
+    "psd_sqrt",
+    "PaperResult",
+    "paper_cross_covariance",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

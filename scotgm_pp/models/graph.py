@@ -1,0 +1,324 @@
+"""The sc-OTGM generative graph declared in PyMC: the source of truth of the model.
+
+Per perturbation experiment, in an ``d``-dimensional PCA space, with ``K`` states:
+
+* ``weights ~ Dirichlet(alpha)``: state weights of the *free* cells (dims ``state``);
+* ``precision_k ~ Wishart(nu0, V = Psi0^{-1})``, one per state (dims ``pc, pc_bis``);
+* ``mean_k | precision_k ~ N(m0, (kappa0 precision_k)^{-1})`` (dims ``pc``);
+* free cells (``fixed_state == -1``): ``x_i ~ sum_k weights_k N(mean_k, precision_k^{-1})``,
+  the categorical state marginalised by :class:`pymc.Mixture`;
+* pinned cells (``fixed_state == k``): ``x_i ~ N(mean_k, precision_k^{-1})``, no weight term.
+
+The EM backend (:func:`scotgm_pp.inference.fit_em`) maximises exactly this density in the
+untransformed space (``model.compile_logp(jacobian=False)``); ``tests/test_em_pymc.py``
+holds the two to each other.
+
+Notes on :class:`pymc.Wishart` in PyMC 5.28
+--------------------------------------------
+* its ``logp`` is not batched (it uses ``V.shape[0]`` and ``X.T``), so one precision is
+  declared per state and the states are stacked into the ``precisions`` deterministic;
+* it casts ``nu`` to an integer, so a non-integer prior ``dof`` would silently be truncated:
+  :func:`build_model` refuses one;
+* it has no default transform and its ``logp`` is ``-inf`` unless the value is exactly
+  symmetric, so no gradient method could move it. :class:`LogCholeskyTransform` is attached
+  instead: the value variable is the packed lower Cholesky factor with a log diagonal, and
+  the back-transform is exactly symmetric. This makes :func:`pymc.find_MAP` usable.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+from pymc.logprob.transforms import Transform
+
+from ..inference.em import NormalWishartPrior, default_prior, validate_fixed_state
+
+__all__ = [
+    "LogCholeskyTransform",
+    "build_model",
+    "default_contrasts",
+    "default_state_names",
+    "model_point",
+]
+
+
+class LogCholeskyTransform(Transform):
+    """Positive-definite ``(d, d)`` matrix <-> packed lower Cholesky factor with log diagonal.
+
+    ``forward(A)`` returns the ``d (d + 1) / 2`` entries of ``L = chol(A)`` (row-major lower
+    triangle) with the diagonal entries replaced by their logarithm; ``backward`` rebuilds
+    ``L`` and returns the exactly symmetric ``(L L^T + (L L^T)^T) / 2``.
+    """
+
+    name = "logchol"
+    ndim_supp = 2
+
+    def __init__(self, d: int):
+        self.d = int(d)
+        rows, cols = np.tril_indices(self.d)
+        self._rows, self._cols = rows, cols
+        self._is_diag = (rows == cols).astype("float64")
+        # 0-based row of each diagonal entry in packed order
+        self._diag_pos = np.flatnonzero(rows == cols)
+
+    def forward(self, value, *inputs):
+        L = pt.linalg.cholesky(pt.as_tensor(value), lower=True)
+        packed = L[self._rows, self._cols]
+        return pt.where(self._is_diag > 0, pt.log(packed), packed)
+
+    def backward(self, value, *inputs):
+        value = pt.as_tensor(value)
+        entries = pt.where(self._is_diag > 0, pt.exp(value), value)
+        L = pt.zeros((self.d, self.d), dtype=value.dtype)
+        L = pt.set_subtensor(L[self._rows, self._cols], entries)
+        A = L @ L.T
+        return 0.5 * (A + A.T)
+
+    def log_jac_det(self, value, *inputs):
+        # A = L L^T has |dA/dL| = 2^d prod_i L_ii^(d - i) (0-based i); L_ii = exp(y_ii) adds y_ii.
+        value = pt.as_tensor(value)
+        y_diag = value[self._diag_pos]
+        powers = np.arange(self.d, 0, -1, dtype="float64") + 1.0
+        return self.d * np.log(2.0) + pt.sum(powers * y_diag)
+
+    def forward_numpy(self, A: np.ndarray) -> np.ndarray:
+        """NumPy version of :meth:`forward` (to build starting points without compiling)."""
+        L = np.linalg.cholesky(np.asarray(A, float))
+        packed = L[self._rows, self._cols].copy()
+        packed[self._diag_pos] = np.log(packed[self._diag_pos])
+        return packed
+
+    def backward_numpy(self, y: np.ndarray) -> np.ndarray:
+        """NumPy version of :meth:`backward`."""
+        y = np.asarray(y, float)
+        entries = np.where(self._is_diag > 0, np.exp(y), y)
+        L = np.zeros((self.d, self.d))
+        L[self._rows, self._cols] = entries
+        A = L @ L.T
+        return 0.5 * (A + A.T)
+
+
+def default_state_names(n_states: int) -> list[str]:
+    """``["basal", "perturbed"]`` for two states, ``["state_0", ...]`` otherwise."""
+    if n_states == 2:
+        return ["basal", "perturbed"]
+    return [f"state_{k}" for k in range(n_states)]
+
+
+def default_contrasts(n_states: int) -> list[tuple[int, int]]:
+    """Every state against state 0: ``[(1, 0), (2, 0), ...]`` as ``(state, reference)``."""
+    return [(k, 0) for k in range(1, n_states)]
+
+
+def _check_prior(prior: NormalWishartPrior, d: int, n_states: int) -> None:
+    if np.shape(prior.mean) != (d,) or np.shape(prior.scale_inv) != (d, d):
+        raise ValueError(
+            f"prior is for {np.shape(prior.mean)[0]} features but X has {d}; build it with "
+            "default_prior(X, n_states)."
+        )
+    if np.shape(prior.dirichlet) != (n_states,):
+        raise ValueError(
+            f"prior.dirichlet has {np.size(prior.dirichlet)} entries but n_states={n_states}."
+        )
+    if float(prior.dof) != round(float(prior.dof)):
+        raise ValueError(
+            f"prior.dof={prior.dof} is not an integer; pm.Wishart truncates nu to an integer, so "
+            "the PyMC graph would not be the model EM fits. Use an integer extra_dof in default_prior."
+        )
+
+
+def build_model(
+    X: np.ndarray,
+    *,
+    fixed_state: np.ndarray | None = None,
+    n_states: int = 2,
+    prior: NormalWishartPrior | None = None,
+    state_names: Sequence[str] | None = None,
+    coords: Mapping[str, Sequence] | None = None,
+    contrasts: Sequence[tuple[int, int]] | None = None,
+) -> pm.Model:
+    """Declare the sc-OTGM mixture as a PyMC model.
+
+    Parameters
+    ----------
+    X
+        Cells x PCs, shape ``(n, d)``.
+    fixed_state
+        Length-``n`` integers: ``-1`` for a free cell, ``k`` for a cell observed in state ``k``
+        (e.g. non-targeting controls in state 0). ``None``: every cell is free.
+    n_states
+        Number of states ``K >= 1`` (e.g. 2: basal and perturbed; 4: two cell types x condition).
+    prior
+        Normal-Wishart-Dirichlet prior; ``default_prior(X, n_states)`` when ``None``.
+        Its ``dof`` must be an integer (``pm.Wishart`` truncates it otherwise).
+    state_names
+        Labels of the ``state`` coordinate; default :func:`default_state_names`.
+    coords
+        Optional coordinate values for ``"cell"`` (length ``n``) and ``"pc"`` (length ``d``).
+    contrasts
+        Pairs ``(state, reference)`` for the perturbation deterministics; default every state
+        against state 0.
+
+    Returns
+    -------
+    pymc.Model
+        Free variables ``weights`` (dims ``state``), ``mean_{k}`` (``pc``) and
+        ``precision_{k}`` (``pc, pc_bis``, log-Cholesky transformed); observed ``x_free``
+        (``cell_free, pc``) and ``x_pinned_{k}`` (``cell_pinned_{k}, pc``); data
+        ``fixed_state`` (``cell``); deterministics ``means`` (``state, pc``),
+        ``precisions`` and ``covariances`` (``state, pc, pc_bis``), ``perturbation_mean``
+        (``contrast, pc``) = ``mean_a - mean_b`` and ``perturbation_cov_independent``
+        (``contrast, pc, pc_bis``) = ``Sigma_a + Sigma_b`` (the independent coupling).
+    """
+    X = np.asarray(X, dtype=float)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (cells x PCs), got shape {X.shape}.")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("X contains non-finite values; remove or impute them first.")
+    n, d = X.shape
+    if int(n_states) != n_states or n_states < 1:
+        raise ValueError(f"n_states must be a positive integer, got {n_states!r}.")
+    n_states = int(n_states)
+    fixed = validate_fixed_state(fixed_state, n, n_states)
+    prior = default_prior(X, n_states) if prior is None else prior
+    _check_prior(prior, d, n_states)
+
+    names = list(state_names) if state_names is not None else default_state_names(n_states)
+    if len(names) != n_states or len(set(map(str, names))) != n_states:
+        raise ValueError(f"state_names must be {n_states} distinct labels, got {names!r}.")
+    names = [str(s) for s in names]
+    pairs = [tuple(map(int, c)) for c in (contrasts if contrasts is not None else default_contrasts(n_states))]
+    for a, b in pairs:
+        if not (0 <= a < n_states and 0 <= b < n_states) or a == b:
+            raise ValueError(f"contrast {(a, b)} must name two different states in 0..{n_states - 1}.")
+
+    coords = dict(coords or {})
+    cells = [str(c) for c in coords.pop("cell", [f"cell_{i}" for i in range(n)])]
+    pcs = [str(c) for c in coords.pop("pc", [f"PC{j + 1}" for j in range(d)])]
+    if len(cells) != n or len(pcs) != d:
+        raise ValueError(f"coords['cell'] needs {n} labels and coords['pc'] {d}; got {len(cells)}, {len(pcs)}.")
+    if coords:
+        raise ValueError(f"coords may only set 'cell' and 'pc'; unexpected keys {sorted(coords)}.")
+    cells_arr = np.asarray(cells, dtype=object)
+    free = fixed < 0
+    model_coords = {
+        "cell": cells,
+        "pc": pcs,
+        "pc_bis": pcs,
+        "state": names,
+    }
+    if pairs:
+        model_coords["contrast"] = [f"{names[a]} - {names[b]}" for a, b in pairs]
+    if free.any():
+        model_coords["cell_free"] = cells_arr[free].tolist()
+    for k in range(n_states):
+        if np.any(fixed == k):
+            model_coords[f"cell_pinned_{k}"] = cells_arr[fixed == k].tolist()
+
+    m0 = np.asarray(prior.mean, float)
+    V = prior.scale
+    V = 0.5 * (V + V.T)
+    nu = int(round(float(prior.dof)))
+    kappa = float(prior.kappa)
+
+    with pm.Model(coords=model_coords) as model:
+        pm.Data("fixed_state", fixed, dims="cell")
+        weights = pm.Dirichlet("weights", a=np.asarray(prior.dirichlet, float), dims="state")
+        means, precisions = [], []
+        for k in range(n_states):
+            with warnings.catch_warnings():
+                # pm.Wishart warns that NUTS cannot sample it; the transform below handles that.
+                warnings.filterwarnings("ignore", message="The Wishart distribution", category=UserWarning)
+                lam = pm.Wishart(
+                    f"precision_{k}",
+                    nu=nu,
+                    V=V,
+                    dims=("pc", "pc_bis"),
+                    default_transform=LogCholeskyTransform(d),
+                    initval=nu * V,
+                )
+            mu = pm.MvNormal(f"mean_{k}", mu=m0, tau=kappa * lam, dims="pc", initval=m0)
+            means.append(mu)
+            precisions.append(lam)
+        means_t = pm.Deterministic("means", pt.stack(means), dims=("state", "pc"))
+        pm.Deterministic("precisions", pt.stack(precisions), dims=("state", "pc", "pc_bis"))
+        covs = pt.stack([pt.linalg.inv(lam) for lam in precisions])
+        covs = pm.Deterministic("covariances", 0.5 * (covs + covs.transpose(0, 2, 1)), dims=("state", "pc", "pc_bis"))
+        if pairs:
+            a_idx = np.array([a for a, _ in pairs])
+            b_idx = np.array([b for _, b in pairs])
+            pm.Deterministic("perturbation_mean", means_t[a_idx] - means_t[b_idx], dims=("contrast", "pc"))
+            pm.Deterministic(
+                "perturbation_cov_independent", covs[a_idx] + covs[b_idx], dims=("contrast", "pc", "pc_bis")
+            )
+        if free.any():
+            components = [pm.MvNormal.dist(mu=means[k], tau=precisions[k]) for k in range(n_states)]
+            pm.Mixture("x_free", w=weights, comp_dists=components, observed=X[free], dims=("cell_free", "pc"))
+        for k in range(n_states):
+            if np.any(fixed == k):
+                pm.MvNormal(
+                    f"x_pinned_{k}",
+                    mu=means[k],
+                    tau=precisions[k],
+                    observed=X[fixed == k],
+                    dims=(f"cell_pinned_{k}", "pc"),
+                )
+    return model
+
+
+def _simplex_forward_numpy(w: np.ndarray) -> np.ndarray:
+    logw = np.log(np.asarray(w, float))
+    return logw[:-1] - logw.mean()
+
+
+def model_point(
+    model: pm.Model,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The value-variable point of :func:`build_model`'s model at given parameters.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`build_model`.
+    weights, means, precisions
+        ``(K,)``, ``(K, d)`` and ``(K, d, d)`` (precisions, i.e. inverse covariances).
+
+    Returns
+    -------
+    dict
+        ``{value variable name: value in the transformed space}``, ready for
+        ``model.compile_logp(jacobian=False)``, ``compile_dlogp`` or ``pm.find_MAP(start=...)``.
+    """
+    weights = np.asarray(weights, float)
+    means = np.asarray(means, float)
+    precisions = np.asarray(precisions, float)
+    point: dict[str, np.ndarray] = {}
+    for rv in model.free_RVs:
+        value = model.rvs_to_values[rv]
+        transform = model.rvs_to_transforms.get(rv)
+        name = rv.name
+        if name == "weights":
+            raw = weights
+        elif name.startswith("mean_"):
+            raw = means[int(name.split("_")[1])]
+        elif name.startswith("precision_"):
+            lam = precisions[int(name.split("_")[1])]
+            raw = 0.5 * (lam + lam.T)
+        else:  # pragma: no cover - build_model declares no other free variable
+            raise KeyError(f"unexpected free variable {name!r}; was the model built by build_model?")
+        if transform is None:
+            point[value.name] = raw
+        elif isinstance(transform, LogCholeskyTransform):
+            point[value.name] = transform.forward_numpy(raw)
+        elif name == "weights":
+            point[value.name] = _simplex_forward_numpy(raw)
+        else:  # pragma: no cover
+            point[value.name] = transform.forward(pt.as_tensor(raw)).eval()
+    return point

@@ -1,0 +1,311 @@
+"""Figures. Plotting never computes anything heavy, and never shows or writes unless asked.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot, so no global
+figure state is touched and any backend (including ``MPLBACKEND=Agg``) works; in a notebook the
+returned figure displays itself. :func:`save_run_figures` is the only function that writes files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from matplotlib.figure import Figure
+
+__all__ = [
+    "perturbation_distribution",
+    "predicted_vs_observed",
+    "confusion_matrix",
+    "coupling_diagnostics",
+    "save_run_figures",
+]
+
+_DOWN, _UP, _GREY = "#2166ac", "#b2182b", "#9e9e9e"
+
+
+def _record(adata: AnnData, perturbation: str, key: str) -> dict:
+    from .tl._predict import get_record
+
+    return get_record(adata, perturbation, key)
+
+
+def _gene_table(adata: AnnData, perturbation: str, key: str) -> pd.DataFrame:
+    if key not in adata.uns or "rankings" not in adata.uns[key]:
+        raise KeyError(f"no scotgm results under adata.uns[{key!r}]; run scotgm_pp.tl.perturbation_response first.")
+    df = adata.uns[key]["rankings"]
+    df = df[df["perturbation"].astype(str) == str(perturbation)]
+    if df.empty:
+        raise KeyError(f"perturbation {perturbation!r} has no rankings under adata.uns[{key!r}].")
+    return df
+
+
+def _new_figure(figsize) -> tuple[Figure, object]:
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def perturbation_distribution(
+    adata: AnnData,
+    perturbation: str,
+    key: str = "scotgm",
+    de_genes: dict | list | None = None,
+    n_top: int = 20,
+    *,
+    figsize=(6.0, 4.8),
+) -> Figure:
+    """Per-gene perturbation distribution: mean shift ``mu`` against its spread ``sigma``.
+
+    Parameters
+    ----------
+    de_genes
+        Known responding genes to highlight: a list, or ``{gene: +1/-1}`` (coloured by sign).
+    n_top
+        Annotate the ``n_top`` genes with the largest ``|mu / sigma|`` (``abs_rank``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    df = _gene_table(adata, perturbation, key)
+    fig, ax = _new_figure(figsize)
+    ax.scatter(df["mu"], df["sigma"], s=8, c=_GREY, alpha=0.6, lw=0, label="genes")
+    if de_genes is not None:
+        signs = de_genes if isinstance(de_genes, dict) else {g: 0 for g in de_genes}
+        hit = df[df["gene"].isin(list(signs))]
+        colours = [(_UP if signs[g] > 0 else _DOWN if signs[g] < 0 else "k") for g in hit["gene"]]
+        ax.scatter(hit["mu"], hit["sigma"], s=22, c=colours, edgecolor="k", lw=0.4,
+                   label=f"known DE genes ({len(hit)})")
+    top = df.nsmallest(int(n_top), "abs_rank")
+    for _, row in top.iterrows():
+        ax.annotate(str(row["gene"]), (row["mu"], row["sigma"]), fontsize=7, xytext=(3, 2),
+                    textcoords="offset points")
+    ax.scatter(top["mu"], top["sigma"], s=12, facecolor="none", edgecolor="k", lw=0.6,
+               label=f"top {len(top)} by |mu/sigma|")
+    lim = float(np.nanmax(np.abs(df["mu"]))) * 1.1 or 1.0
+    ax.set_xlim(-lim, lim)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("mu: mean change (scaled expression)")
+    ax.set_ylabel("sigma: sd of the change (scaled expression)")
+    rec = adata.uns[key]["results"].get(str(perturbation), {})
+    title = f"{perturbation}: perturbation distribution per gene"
+    if "target_rank" in rec:
+        title += f" (target rank {rec['target_rank']})"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    return fig
+
+
+def predicted_vs_observed(
+    adata: AnnData,
+    perturbation: str,
+    key: str = "scotgm",
+    *,
+    prediction: pd.DataFrame | None = None,
+    observed: pd.DataFrame | pd.Series | dict | None = None,
+    genes: list | None = None,
+    units: str = "lognorm",
+    annotate: int = 10,
+    figsize=(5.2, 5.0),
+) -> Figure:
+    """Predicted (equation 5) against observed mean expression changes (the paper's Figure 3).
+
+    Parameters
+    ----------
+    prediction
+        Output of :func:`scotgm_pp.tl.predict_response`; default: its point estimate
+        (``n_draws=0``, no band) for the perturbation's target.
+    observed
+        Observed changes: a DataFrame with ``gene`` and ``logfc`` (and optionally ``padj``, as
+        from :func:`scotgm_pp.tl.observed_response`), or a Series/dict gene -> change, in
+        log-normalised units (or scaled units with ``units="scaled"``).
+    genes
+        Genes to show (e.g. the DEGs); default: genes with ``padj < 0.05`` when ``observed`` has
+        it, else all genes. The perturbed gene itself is left out (its change is the input).
+    units
+        ``"lognorm"`` (mean log-normalised change) or ``"scaled"``.
+    annotate
+        Label this many genes with the largest observed changes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from .tl._predict import predict_response
+
+    if units not in ("lognorm", "scaled"):
+        raise ValueError(f"units must be 'lognorm' or 'scaled', got {units!r}.")
+    if prediction is None:
+        prediction = predict_response(adata, perturbation, key=key, n_draws=0)
+    if observed is None:
+        raise ValueError("pass observed= (e.g. scotgm_pp.tl.observed_response(adata, perturbation)).")
+    if isinstance(observed, pd.DataFrame):
+        obs = observed.set_index("gene")
+        col = "logfc" if units == "lognorm" else "scaled_change"
+        obs_change = obs[col]
+        if genes is None and "padj" in obs:
+            genes = obs.index[obs["padj"] < 0.05].tolist()
+    else:
+        obs_change = pd.Series(observed, dtype=float)
+    suffix = "_lognorm" if units == "lognorm" else ""
+    pred = prediction.set_index("gene")
+    shown = [g for g in (genes if genes is not None else obs_change.index) if g in pred.index and g in obs_change.index]
+    shown = [g for g in shown if g != prediction.attrs.get("gene")]
+    x = obs_change.loc[shown].to_numpy(float)
+    y = pred.loc[shown, "delta" + suffix].to_numpy(float)
+    lo = pred.loc[shown, "lower" + suffix].to_numpy(float)
+    hi = pred.loc[shown, "upper" + suffix].to_numpy(float)
+    fig, ax = _new_figure(figsize)
+    agree = np.sign(x) == np.sign(y)
+    if len(shown):
+        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="none", ecolor=_GREY,
+                    lw=0.6, zorder=1)
+        ax.scatter(x[agree], y[agree], s=18, c=_UP, label="direction agrees", zorder=2)
+        ax.scatter(x[~agree], y[~agree], s=18, c=_DOWN, marker="x", label="direction disagrees", zorder=2)
+        order = np.argsort(-np.abs(x))[: int(annotate)]
+        for j in order:
+            ax.annotate(shown[j], (x[j], y[j]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        lim = 1.1 * float(max(np.abs(x).max(), np.abs(y).max(), 1e-6))
+        ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.5, ls="--")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.axhline(0, color="k", lw=0.4)
+    ax.axvline(0, color="k", lw=0.4)
+    unit = "log-normalised" if units == "lognorm" else "scaled"
+    ax.set_xlabel(f"observed mean change ({unit})")
+    ax.set_ylabel(f"predicted change, eq. 5 ({unit})")
+    acc = float(agree.mean()) if len(shown) else float("nan")
+    ax.set_title(f"{perturbation}: response to {prediction.attrs.get('gene', '?')}\n"
+                 f"{len(shown)} genes, direction agreement {acc:.0%}", fontsize=10)
+    if len(shown):
+        ax.legend(fontsize=7, frameon=False, loc="upper left")
+    return fig
+
+
+def confusion_matrix(adata: AnnData, perturbation: str, key: str = "scotgm", *, figsize=(3.8, 3.4)) -> Figure:
+    """Cells by label (control / guide) and assigned state (basal / perturbed).
+
+    Controls are counted as perturbed when they would be classified perturbed with their label
+    hidden; guide cells by their fitted state (basal = escaped).
+    """
+    rec = _record(adata, perturbation, key)
+    M = np.asarray(rec["confusion"], float)
+    rows = [str(s) for s in rec.get("confusion_labels", ["control", "guide"])]
+    cols = [str(s) for s in rec.get("confusion_states", ["basal", "perturbed"])]
+    frac = M / np.clip(M.sum(axis=1, keepdims=True), 1, None)
+    fig, ax = _new_figure(figsize)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            ax.text(j, i, f"{int(M[i, j])}\n({frac[i, j]:.0%})", ha="center", va="center",
+                    color="white" if frac[i, j] > 0.6 else "black", fontsize=9)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("assigned state")
+    ax.set_ylabel("label")
+    ax.set_title(f"{perturbation}: {rec['fraction_perturbed']:.0%} of guide cells perturbed", fontsize=9)
+    return fig
+
+
+def coupling_diagnostics(idata, var_names=("transport_cost",), *, figsize=(10.0, 2.8)) -> Figure:
+    """ArviZ trace (density and trace) and rank plots of the transport-plan sampler's chains.
+
+    Parameters
+    ----------
+    idata
+        ``CouplingResult.idata`` from :func:`scotgm_pp.inference.sample_coupling` (or any
+        InferenceData with these posterior variables), or a ``CouplingResult``.
+    var_names
+        Scalar posterior variables to show, one row each.
+    """
+    import arviz as az
+
+    idata = getattr(idata, "idata", idata)
+    if idata is None or not hasattr(idata, "posterior"):
+        raise ValueError("idata has no posterior group; call sample_coupling(..., return_idata=True).")
+    var_names = list(var_names)
+    fig = Figure(figsize=(figsize[0], figsize[1] * len(var_names)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(var_names), 3))
+    az.plot_trace(idata, var_names=var_names, axes=axes[:, :2], compact=False)
+    for r, name in enumerate(var_names):
+        az.plot_rank(idata, var_names=[name], ax=axes[r, 2])
+        try:
+            rhat = float(az.rhat(idata, var_names=[name])[name])
+            ess = float(az.ess(idata, var_names=[name])[name])
+            axes[r, 2].set_title(f"{name} ranks (R-hat {rhat:.3f}, ESS {ess:.0f})", fontsize=9)
+        except Exception:  # noqa: BLE001 - diagnostics are a caption; the plot stands without them
+            pass
+    return fig
+
+
+def target_ranks(adata: AnnData, key: str = "scotgm", *, figsize=(6.0, 3.2)) -> Figure:
+    """Rank of the target gene among all genes, for perturbations whose label is a measured gene."""
+    res = adata.uns[key]["results"]
+    items = sorted((p, int(r["target_rank"])) for p, r in res.items() if "target_rank" in r)
+    fig, ax = _new_figure(figsize)
+    if items:
+        names, ranks = zip(*items)
+        ax.bar(range(len(ranks)), ranks, color=_DOWN)
+        ax.set_xticks(range(len(ranks)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.axhline(10, color="k", lw=0.5, ls="--")
+    ax.set_ylabel("target gene rank (1 = strongest knock-down)")
+    ax.set_title("Which gene was knocked down", fontsize=10)
+    return fig
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+
+
+def save_run_figures(
+    adata: AnnData,
+    key: str = "scotgm",
+    out_dir: str | Path = "figures",
+    *,
+    de_genes: dict | None = None,
+    observed: bool = True,
+    dpi: int = 110,
+) -> list[Path]:
+    """Write the standard figures of a run as PNGs; return their paths.
+
+    Per analysed perturbation: ``<pert>_distribution.png`` (:func:`perturbation_distribution`),
+    ``<pert>_confusion.png`` (:func:`confusion_matrix`), and, when the perturbation's label is a
+    measured gene and ``observed`` (raw counts in ``adata.X``), ``<pert>_predicted_vs_observed.png``
+    (point predictions of equation 5 against observed mean changes of the DEGs). Plus
+    ``target_ranks.png`` when any target is measured.
+
+    Parameters
+    ----------
+    de_genes
+        ``{perturbation: {gene: +1/-1}}`` known responders to highlight (e.g. a simulation's truth).
+    """
+    from .tl._predict import observed_response, predict_response
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig: Figure, name: str) -> None:
+        path = out / name
+        fig.savefig(path, dpi=dpi)
+        written.append(path)
+
+    results = adata.uns[key]["results"]
+    for pert in sorted(results):
+        rec = results[pert]
+        tag = _safe(pert)
+        save(perturbation_distribution(adata, pert, key, de_genes=(de_genes or {}).get(pert)),
+             f"{tag}_distribution.png")
+        save(confusion_matrix(adata, pert, key), f"{tag}_confusion.png")
+        if observed and str(pert) in set(np.asarray(rec["genes"]).astype(str)):
+            try:
+                obs = observed_response(adata, pert, key=key)
+                pred = predict_response(adata, pert, key=key, n_draws=0)
+            except (KeyError, ValueError):
+                continue
+            save(predicted_vs_observed(adata, pert, key, prediction=pred, observed=obs), f"{tag}_predicted_vs_observed.png")
+    if any("target_rank" in r for r in results.values()):
+        save(target_ranks(adata, key), "target_ranks.png")
+    return written

@@ -1,0 +1,309 @@
+"""Pure per-experiment math: states, coupling, perturbation distribution, gene statistics.
+
+Everything here takes arrays for one experiment (control cells, guide cells) and returns
+arrays; the AnnData-aware driver in :mod:`scotgm_pp.tl._response` maps it over perturbations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.linalg import solve_triangular
+
+from ..inference.em import EMResult, default_prior, fit_em, gaussian_logpdf
+from ..inference.ot import ot_cross_covariance, perturbation_covariance
+
+__all__ = [
+    "COUPLINGS",
+    "PerturbationFit",
+    "fit_states",
+    "couple",
+    "fit_perturbation",
+    "gene_statistics",
+    "unpinned_posterior",
+]
+
+COUPLINGS = ("independent", "ot", "hit_and_run", "paper")
+BASAL, PERTURBED = 0, 1
+
+
+@dataclass
+class PerturbationFit:
+    """The perturbation distribution of one experiment in PCA space.
+
+    ``Z = Y - X ~ N(mean, cov)`` with ``mean = mu_1 - mu_0`` and
+    ``cov = Sigma_0 + Sigma_1 - C - C^T`` for the coupling's cross-covariance ``C``.
+    """
+
+    em: EMResult
+    coupling: str
+    cross_covariance: np.ndarray
+    mean: np.ndarray
+    cov: np.ndarray
+    p_perturbed: np.ndarray
+    coupling_info: dict = field(default_factory=dict)
+    state_info: dict = field(default_factory=dict)
+
+    @property
+    def mu_basal(self) -> np.ndarray:
+        return self.em.means[BASAL]
+
+    @property
+    def mu_perturbed(self) -> np.ndarray:
+        return self.em.means[PERTURBED]
+
+    @property
+    def cov_basal(self) -> np.ndarray:
+        return self.em.covariances[BASAL]
+
+    @property
+    def cov_perturbed(self) -> np.ndarray:
+        return self.em.covariances[PERTURBED]
+
+
+MIN_PERTURBED_FRACTION = 0.1
+"""Below this posterior share of the guide cells (or fewer than 10 cells), the perturbed state of
+the escape model is an outlier group rather than a perturbation, and every guide cell is
+treated as perturbed instead."""
+
+
+def tied_state_responsibilities(
+    scores: np.ndarray,
+    is_control: np.ndarray,
+    prior,
+    *,
+    max_iter: int = 300,
+    tol: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which guide cells are perturbed: MAP-EM of the two-state mixture with one shared precision.
+
+    With a shared covariance the states can only differ by a mean shift, so the perturbed
+    state is the guide cells' common displacement from the controls (the perturbation
+    signature, as in Mixscape's discriminant), not whatever sub-population the guide cells
+    happen to contain. Controls are pinned to the basal state. The M-step is the exact
+    maximiser under the Normal-Wishart prior with one Wishart precision:
+    ``Sigma = (Psi0 + sum_k [S_k + kappa0 (mu_k - m0)(mu_k - m0)^T]) / (N + K + nu0 - d - 1)``.
+
+    Returns the responsibilities ``(n, 2)``, the weights and the iterations run.
+    """
+    X = np.asarray(scores, float)
+    c = np.asarray(is_control, bool)
+    n, d = X.shape
+    Xc, Xg = X[c], X[~c]
+    # Sufficient statistics of the pinned controls never change.
+    n_c, sum_c, xx_c = float(len(Xc)), Xc.sum(axis=0), Xc.T @ Xc
+    alpha = np.asarray(prior.dirichlet, float)
+    m0, kappa = np.asarray(prior.mean, float), float(prior.kappa)
+    Rg = np.zeros((len(Xg), 2))
+    Rg[:, PERTURBED] = 1.0
+    weights = np.array([0.5, 0.5])
+    it = 0
+    for it in range(1, max_iter + 1):
+        B = np.array(prior.scale_inv, dtype=float)
+        means = np.empty((2, d))
+        for k in range(2):
+            r = Rg[:, k]
+            N = r.sum() + (n_c if k == BASAL else 0.0)
+            s_k = r @ Xg + (sum_c if k == BASAL else 0.0)
+            xx = (Xg * r[:, None]).T @ Xg + (xx_c if k == BASAL else 0.0)
+            mu = (s_k + kappa * m0) / (N + kappa)
+            means[k] = mu
+            dm = mu - m0
+            B += xx - np.outer(mu, s_k) - np.outer(s_k, mu) + N * np.outer(mu, mu) + kappa * np.outer(dm, dm)
+        cov = B / (n + 2 + prior.dof - d - 1)
+        if it > 1:
+            weights = (Rg.sum(axis=0) + alpha - 1) / (len(Xg) + alpha.sum() - 2)
+        # Shared covariance: one Cholesky factor, one triangular solve for both states.
+        L = np.linalg.cholesky(0.5 * (cov + cov.T))
+        Zg = solve_triangular(L, Xg.T, lower=True)
+        Zm = solve_triangular(L, means.T, lower=True)
+        quad = np.stack([np.sum((Zg - Zm[:, [k]]) ** 2, axis=0) for k in range(2)], axis=1)
+        with np.errstate(divide="ignore"):
+            a = -0.5 * quad + np.log(weights)
+        a -= a.max(axis=1, keepdims=True)
+        new = np.exp(a)
+        new /= new.sum(axis=1, keepdims=True)
+        delta = float(np.max(np.abs(new - Rg))) if len(Xg) else 0.0
+        Rg = new
+        if delta < tol:
+            break
+    R = np.zeros((n, 2))
+    R[c, BASAL] = 1.0
+    R[~c] = Rg
+    return R, weights, it
+
+
+def fit_states(
+    scores: np.ndarray,
+    is_control: np.ndarray,
+    *,
+    escape_model: bool = True,
+    regularization: float = 0.01,
+    em_regularization: str = "map",
+    max_iter: int = 300,
+    tol: float = 1e-7,
+    random_state=None,
+) -> tuple[EMResult, dict]:
+    """Two-state fit of one experiment.
+
+    Controls are pinned to the basal state. With ``escape_model`` the guide cells' states are
+    found by :func:`tied_state_responsibilities` and the state-specific means and covariances are
+    then the MAP of the full model given those responsibilities (the covariances feed the
+    transport coupling); otherwise every guide cell is pinned to the perturbed state. Returns the
+    EM result and a record of how the guide cells were assigned.
+    """
+    is_control = np.asarray(is_control, bool)
+    prior = default_prior(scores, 2, regularization=regularization)
+    info = {"escape_model": "off"}
+    init = None
+    fixed = np.where(is_control, BASAL, PERTURBED).astype(int)
+    if escape_model:
+        R, _, n_iter = tied_state_responsibilities(scores, is_control, prior)
+        mass = float(R[~is_control, PERTURBED].sum())
+        n_guide = int((~is_control).sum())
+        info = {"escape_model": "on", "classification_iter": int(n_iter),
+                "classification_fraction": mass / max(n_guide, 1)}
+        if mass >= max(MIN_PERTURBED_FRACTION * n_guide, 10):
+            # Keep the assignments: one full-model M-step given the responsibilities.
+            fixed = np.where(is_control, BASAL, -1).astype(int)
+            init = R
+            max_iter = 1
+        else:
+            info["escape_model"] = "fallback: perturbed state too small, all guide cells treated as perturbed"
+    em = fit_em(
+        scores,
+        fixed_state=fixed,
+        n_states=2,
+        prior=prior,
+        regularization=em_regularization,
+        max_iter=max_iter,
+        tol=tol,
+        init_responsibilities=init,
+        random_state=random_state,
+    )
+    if init is not None:
+        em.responsibilities = init
+    return em, info
+
+
+def couple(
+    mu0: np.ndarray,
+    S0: np.ndarray,
+    mu1: np.ndarray,
+    S1: np.ndarray,
+    coupling: str,
+    *,
+    n0: float | None = None,
+    n1: float | None = None,
+    rng: np.random.Generator | None = None,
+    coupling_kwargs: dict | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Cross-covariance ``C = Cov(X, Y)`` of the chosen coupling and a record of how it was found."""
+    kw = dict(coupling_kwargs or {})
+    match coupling:
+        case "independent":
+            return np.zeros_like(S0), {}
+        case "ot":
+            return ot_cross_covariance(S0, S1), {}
+        case "hit_and_run":
+            from ..inference.hit_and_run import sample_coupling
+
+            seed = int(rng.integers(2**32)) if rng is not None else 0
+            res = sample_coupling(
+                S0, S1, mu_x=mu0, mu_y=mu1, n_x=n0, n_y=n1, random_state=seed, return_idata=False, **kw
+            )
+            info = {
+                "temperature": float(res.temperature),
+                "rhat": float(res.rhat),
+                "ess": float(res.ess),
+                "cost_mean": float(np.mean(res.cost_draws)),
+                "cost_sd": float(np.std(res.cost_draws)),
+            }
+            return res.cross_covariance, info
+        case "paper":
+            from ..inference.paper import paper_cross_covariance
+
+            seed = int(rng.integers(2**32)) if rng is not None else 0
+            out = paper_cross_covariance(mu0, S0, mu1, S1, random_state=seed, **kw)
+            C = out[0] if isinstance(out, tuple) else out
+            return np.asarray(C), {}
+        case _:
+            raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
+
+
+def fit_perturbation(
+    scores: np.ndarray,
+    is_control: np.ndarray,
+    *,
+    coupling: str = "ot",
+    escape_model: bool = True,
+    regularization: float = 0.01,
+    em_regularization: str = "map",
+    random_state=None,
+    coupling_kwargs: dict | None = None,
+) -> PerturbationFit:
+    """States, coupling and perturbation distribution for one experiment."""
+    if coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
+    rng = np.random.default_rng(random_state)
+    em, state_info = fit_states(
+        scores,
+        is_control,
+        escape_model=escape_model,
+        regularization=regularization,
+        em_regularization=em_regularization,
+        random_state=rng,
+    )
+    R = em.responsibilities
+    n0, n1 = float(R[:, BASAL].sum()), float(R[:, PERTURBED].sum())
+    C, info = couple(
+        em.means[BASAL],
+        em.covariances[BASAL],
+        em.means[PERTURBED],
+        em.covariances[PERTURBED],
+        coupling,
+        n0=n0,
+        n1=n1,
+        rng=rng,
+        coupling_kwargs=coupling_kwargs,
+    )
+    mean = em.means[PERTURBED] - em.means[BASAL]
+    cov = perturbation_covariance(em.covariances[BASAL], em.covariances[PERTURBED], C)
+    p = np.where(np.asarray(is_control, bool), 0.0, R[:, PERTURBED])
+    return PerturbationFit(em=em, coupling=coupling, cross_covariance=C, mean=mean, cov=cov, p_perturbed=p,
+                           coupling_info=info, state_info=state_info)
+
+
+def gene_statistics(loadings: np.ndarray, mean: np.ndarray, cov: np.ndarray, genes=None) -> pd.DataFrame:
+    """Map the perturbation distribution to genes and rank them.
+
+    ``mu = V_m mean`` (a difference: no PCA centre is added back), ``sigma^2 = diag(V_m cov V_m^T)``,
+    ``score = mu / sigma``; ``rank`` 1 is the most negative score (the strongest knock-down),
+    ``abs_rank`` 1 the largest ``|score|``.
+    """
+    V = np.asarray(loadings, float)
+    mu = V @ mean
+    var = np.einsum("gi,ij,gj->g", V, cov, V)
+    sigma = np.sqrt(np.clip(var, 0.0, None))
+    floor = 1e-8 * max(float(np.max(sigma, initial=0.0)), 1e-300)
+    score = mu / np.maximum(sigma, floor)
+    df = pd.DataFrame({"gene": genes if genes is not None else np.arange(len(mu)), "mu": mu, "sigma": sigma,
+                       "score": score})
+    df["rank"] = df["score"].rank(method="first", ascending=True).astype(int)
+    df["abs_rank"] = (-df["score"].abs()).rank(method="first").astype(int)
+    return df
+
+
+def unpinned_posterior(scores: np.ndarray, em: EMResult) -> np.ndarray:
+    """Posterior probability of the perturbed state for every cell as if its label were hidden
+    (uses the fitted weights of the guide cells); for controls this measures how many look perturbed."""
+    logN = np.stack([gaussian_logpdf(scores, em.means[k], em.covariances[k]) for k in range(len(em.means))],
+                    axis=1)
+    with np.errstate(divide="ignore"):
+        a = logN + np.log(em.weights)
+    a -= a.max(axis=1, keepdims=True)
+    p = np.exp(a)
+    p /= p.sum(axis=1, keepdims=True)
+    return p[:, PERTURBED]

@@ -1,0 +1,35 @@
+"""The real screen: the knocked-out gene is found from all its guide cells."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import scotgm_pp as sg
+
+from .conftest import MEASURED_TARGETS
+
+
+@pytest.fixture(scope="module")
+def papalexi_fitted(papalexi):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sg.tl.perturbation_response(
+            papalexi, "target", "non-targeting", perturbations=MEASURED_TARGETS, copy=True
+        )
+
+
+def test_knocked_out_gene_ranks_first_for_most_measured_targets(papalexi_fitted):
+    res = papalexi_fitted.uns["scotgm"]["results"]
+    ranks = {t: res[t]["target_rank"] for t in MEASURED_TARGETS}
+    assert sum(r == 1 for r in ranks.values()) >= 7, ranks
+    assert np.median(list(ranks.values())) == 1
+
+
+def test_strong_phenotypes_get_a_perturbed_state(papalexi_fitted):
+    res = papalexi_fitted.uns["scotgm"]["results"]
+    # IFN-gamma pathway knock-outs (JAK2, STAT1, IFNGR2) have a clear transcriptional phenotype.
+    for t in ("JAK2", "STAT1", "IFNGR2"):
+        assert res[t]["escape_model"] == "on"
+        assert 0.4 < res[t]["fraction_perturbed"] < 0.95
+    assert papalexi_fitted.obs["scotgm_p_perturbed"].notna().sum() > 8000

@@ -1,0 +1,167 @@
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import roc_auc_score
+
+import scotgm_pp as sg
+from scotgm_pp._validation import InputError
+
+
+def _run(adata, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sg.tl.perturbation_response(adata, "perturbation", "control", copy=True, **kw)
+
+
+def test_true_targets_rank_first_on_the_default_simulation(sim_fitted):
+    res = sim_fitted.uns["scotgm"]["results"]
+    truth = sim_fitted.uns["simulation"]["target_gene"]
+    ranks = [res[p]["target_rank"] for p in truth]
+    assert np.mean(np.array(ranks) == 1) >= 0.9
+    assert max(ranks) <= 3
+
+
+def test_escaped_cells_are_detected(sim_fitted):
+    obs = sim_fitted.obs
+    guide = obs["perturbation"] != "control"
+    p = obs.loc[guide, "scotgm_p_perturbed"]
+    assert p.between(0, 1).all()
+    auc = roc_auc_score(~obs.loc[guide, "escaped"], p)
+    assert auc >= 0.88
+    # Fraction called perturbed is close to the simulated 70%.
+    fr = [r["fraction_perturbed"] for r in sim_fitted.uns["scotgm"]["results"].values()]
+    assert abs(np.mean(fr) - 0.7) < 0.08
+    assert set(obs["scotgm_class"].cat.categories) == {"control", "perturbed", "escaped"}
+
+
+def test_downstream_directions_are_recovered(sim_fitted):
+    truth = sim_fitted.uns["simulation"]["de_genes"]
+    tab = sg.tl.get_rankings(sim_fitted)
+    hits = []
+    for pert, genes in truth.items():
+        sub = tab[tab["perturbation"] == pert].set_index("gene")
+        for gene, sign in genes.items():
+            hits.append(np.sign(sub.loc[gene, "mu"]) == sign)
+    assert np.mean(hits) >= 0.9
+
+
+def test_result_slots_and_ranking_table(sim, sim_fitted):
+    uns = sim_fitted.uns["scotgm"]
+    assert uns["params"]["control"] == "control"
+    assert uns["skipped"] == {}
+    tab = uns["rankings"]
+    assert list(tab.columns[:7]) == ["perturbation", "gene", "mu", "sigma", "score", "rank", "abs_rank"]
+    for _, sub in tab.groupby("perturbation"):
+        assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
+        assert np.allclose(sub["score"], sub["mu"] / sub["sigma"])
+        assert sub.sort_values("rank")["score"].is_monotonic_increasing
+    rec = next(iter(uns["results"].values()))
+    m = rec["n_pcs"]
+    assert rec["covariances"].shape == (2, m, m)
+    assert np.allclose(rec["perturbation_mean"], rec["means"][1] - rec["means"][0])
+    C = rec["cross_covariance"]
+    S = rec["covariances"]
+    assert np.allclose(rec["perturbation_cov"], S[0] + S[1] - C - C.T, atol=1e-8)
+    assert rec["confusion"].sum() == rec["n_control"] + rec["n_guide"]
+    # the input was not modified: copy=True leaves `sim` without results
+    assert "scotgm" not in sim.uns and "scotgm_p_perturbed" not in sim.obs
+
+
+def test_x_is_never_overwritten_and_seed_reproduces(small_sim):
+    adata = small_sim.copy()
+    before = adata.X.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sg.tl.perturbation_response(adata, "perturbation", "control", random_state=3)
+    assert (adata.X != before).nnz == 0
+    again = _run(small_sim, random_state=3)
+    pd.testing.assert_frame_equal(adata.uns["scotgm"]["rankings"], again.uns["scotgm"]["rankings"])
+    np.testing.assert_array_equal(adata.obs["scotgm_p_perturbed"], again.obs["scotgm_p_perturbed"])
+
+
+def test_ot_coupling_shrinks_the_perturbation_covariance(small_sim):
+    ind = _run(small_sim, coupling="independent")
+    ot = _run(small_sim, coupling="ot")
+    for pert, rec in ot.uns["scotgm"]["results"].items():
+        tr_ot = np.trace(rec["perturbation_cov"])
+        tr_ind = np.trace(ind.uns["scotgm"]["results"][pert]["perturbation_cov"])
+        assert tr_ot < tr_ind
+        S0, S1 = rec["covariances"]
+        assert np.allclose(rec["cross_covariance"], sg.inference.ot_cross_covariance(S0, S1))
+
+
+def test_escape_model_off_pins_every_guide_cell(small_sim):
+    out = _run(small_sim, escape_model=False)
+    guide = out.obs["perturbation"] != "control"
+    assert (out.obs.loc[guide, "scotgm_p_perturbed"] == 1.0).all()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_obs_column_is_named(small_sim):
+    with pytest.raises(InputError, match="perturbation_key 'guide' not in adata.obs; columns are"):
+        sg.tl.perturbation_response(small_sim, "guide", "control")
+
+
+def test_unknown_control_label_lists_the_labels(small_sim):
+    with pytest.raises(InputError, match="control label 'NT' not found.*'control' \\(120\\)"):
+        sg.tl.perturbation_response(small_sim, "perturbation", "NT")
+
+
+def test_unknown_perturbation_is_named(small_sim):
+    with pytest.raises(InputError, match="perturbations \\['XYZ'\\] not found"):
+        sg.tl.perturbation_response(small_sim, "perturbation", "control", perturbations=["XYZ"])
+
+
+def test_too_few_cells_is_a_recorded_skip_or_an_error(small_sim):
+    adata = small_sim.copy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    first = sorted(set(labels) - {"control"})[0]
+    idx = np.flatnonzero(labels == first)[5:]
+    labels[idx] = "dropped"
+    keep = labels != "dropped"
+    adata = adata[keep].copy()
+    with pytest.warns(UserWarning, match="skipped 1 perturbation"):
+        sg.tl.perturbation_response(adata, "perturbation", "control")
+    assert "5 guide cells" in adata.uns["scotgm"]["skipped"][first]
+    assert first not in adata.uns["scotgm"]["results"]
+    assert len(adata.uns["scotgm"]["results"]) == 2
+    with pytest.raises(InputError, match="no perturbation could be analysed"):
+        sg.tl.perturbation_response(adata, "perturbation", "control", perturbations=[first])
+    few_controls = small_sim[(small_sim.obs["perturbation"] != "control").to_numpy() | (np.arange(small_sim.n_obs) < 5)]
+    with pytest.raises(InputError, match="only 5 control cells"):
+        sg.tl.perturbation_response(few_controls.copy(), "perturbation", "control")
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda X: X.astype(float) * 0.5 + 0.25, "non-integer values"),
+        (lambda X: X - 3, "negative values"),
+        (lambda X: np.where(np.arange(X.size).reshape(X.shape) == 7, np.nan, X), "non-finite"),
+        (lambda X: np.zeros_like(X), "all zeros"),
+    ],
+)
+def test_bad_matrices_are_refused(small_sim, corrupt, message):
+    adata = small_sim.copy()
+    adata.X = sp.csr_matrix(corrupt(adata.X.toarray()))
+    with pytest.raises(InputError, match=message):
+        sg.tl.perturbation_response(adata, "perturbation", "control")
+
+
+def test_duplicated_obs_names_are_refused(small_sim):
+    adata = small_sim.copy()
+    names = adata.obs_names.to_numpy().copy()
+    names[1] = names[0]
+    adata.obs_names = names
+    with pytest.raises(InputError, match="obs_names are not unique.*obs_names_make_unique"):
+        sg.tl.perturbation_response(adata, "perturbation", "control")
+
+
+def test_unknown_coupling_names_the_options(small_sim):
+    with pytest.raises(InputError, match="unknown coupling 'sinkhorn'; choose one of independent, ot"):
+        sg.tl.perturbation_response(small_sim, "perturbation", "control", coupling="sinkhorn")
