@@ -6,7 +6,8 @@ on first use, so ``import scotgm_pp.inference`` stays light.
 
 from importlib import import_module
 
-from .em import EMResult, NormalWishartPrior, default_prior, fit_em, log_density
+from .em import EMResult, NormalWishartPrior, default_prior, fit_em, gaussian_logpdf, log_density, validate_fixed_state
+from .gibbs import GibbsResult, sample_gibbs
 from .hit_and_run import (
     CouplingResult,
     chord,
@@ -28,6 +29,10 @@ __all__ = [
     "default_prior",
     "fit_em",
     "log_density",
+    "gaussian_logpdf",
+    "validate_fixed_state",
+    "GibbsResult",
+    "sample_gibbs",
     "CouplingResult",
     "chord",
     "default_temperature",

@@ -171,6 +171,7 @@ class EMResult:
     prior: NormalWishartPrior
     regularization: str = "map"
     fixed_state: np.ndarray | None = field(default=None, repr=False)
+    covariance: str = "full"
 
     @property
     def precisions(self) -> np.ndarray:
@@ -264,8 +265,11 @@ def _wishart_normalizer(prior: NormalWishartPrior) -> tuple[float, float]:
     )
 
 
-def _prior_log_density(weights, means, Linv, half_logdet, prior, wishart_const=None) -> float:
-    """log Dirichlet(weights) + sum_k [log Wishart(Lambda_k) + log N(mu_k | m0, Sigma_k / kappa)]."""
+def _prior_log_density(weights, means, Linv, half_logdet, prior, wishart_const=None, tied=False) -> float:
+    """log Dirichlet(weights) + sum_k [log Wishart(Lambda_k) + log N(mu_k | m0, Sigma_k / kappa)].
+
+    With ``tied`` every state shares one precision, whose Wishart term is counted once.
+    """
     K, d = means.shape
     alpha = np.asarray(prior.dirichlet, float)
     with np.errstate(divide="ignore"):
@@ -285,7 +289,9 @@ def _prior_log_density(weights, means, Linv, half_logdet, prior, wishart_const=N
     wishart = 0.5 * (nu - d - 1) * logdet_lam - 0.5 * trace_term + wishart_const
     # N(mu_k | m0, Sigma_k / kappa): log|Sigma_k / kappa| / 2 = half_logdet - d log(kappa) / 2
     normal = -0.5 * (d * _LOG2PI + kappa * quad) - half_logdet + 0.5 * d * np.log(kappa)
-    return total + float(np.sum(wishart + normal))
+    if tied:
+        wishart = wishart[:1]
+    return total + float(np.sum(wishart) + np.sum(normal))
 
 
 def _mixture_terms(logN, weights, free, fixed):
@@ -321,6 +327,7 @@ def log_density(
     covariances: np.ndarray,
     prior: NormalWishartPrior,
     fixed_state: np.ndarray | None = None,
+    covariance: str = "full",
 ) -> float:
     """Joint log density (prior + likelihood) of the model in the untransformed space.
 
@@ -337,6 +344,9 @@ def log_density(
         The :class:`NormalWishartPrior`.
     fixed_state
         ``-1`` free, ``k`` pinned to state ``k``; ``None``: all free.
+    covariance
+        ``"full"`` (one precision per state) or ``"tied"`` (one shared precision; the
+        ``covariances`` must then be equal).
 
     Returns
     -------
@@ -348,10 +358,17 @@ def log_density(
     Linv, half_logdet = _inverse_cholesky(np.asarray(covariances, float))
     logN = _log_gaussians_from(X, means, Linv, half_logdet)
     loglik, _ = _mixture_terms(logN, np.asarray(weights, float), fixed < 0, fixed)
-    return loglik + _prior_log_density(np.asarray(weights, float), means, Linv, half_logdet, prior)
+    tied = _check_covariance(covariance)
+    return loglik + _prior_log_density(np.asarray(weights, float), means, Linv, half_logdet, prior, tied=tied)
 
 
-def _m_step(X, R, free, prior, regularization):
+def _check_covariance(covariance: str) -> bool:
+    if covariance not in ("full", "tied"):
+        raise ValueError(f"covariance must be 'full' or 'tied', got {covariance!r}.")
+    return covariance == "tied"
+
+
+def _m_step(X, R, free, prior, regularization, tied=False):
     n, d = X.shape
     K = R.shape[1]
     Nk = R.sum(axis=0)
@@ -366,12 +383,19 @@ def _m_step(X, R, free, prior, regularization):
         means = Sx / np.maximum(Nk, 1e-12)[:, None]
     D = X[None, :, :] - means[:, None, :]  # (K, n, d)
     S = (D * R.T[:, :, None]).transpose(0, 2, 1) @ D  # (K, d, d) weighted scatter
-    if regularization == "map":
+    if regularization == "map" and tied:
+        # One precision: log|Lambda| collects N/2 (data) + K/2 (mean priors) + (nu0 - d - 1)/2.
+        dm = means - prior.mean
+        B = prior.scale_inv + S.sum(axis=0) + prior.kappa * dm.T @ dm
+        covs = np.broadcast_to(B / (Nk.sum() + K + prior.dof - d - 1), (K, d, d)).copy()
+    elif regularization == "map":
         dm = means - prior.mean
         B = prior.scale_inv + S + prior.kappa * dm[:, :, None] * dm[:, None, :]
         covs = B / (Nk + prior.dof - d)[:, None, None]
     else:  # the published Algorithm 3: ML step, then a Tikhonov ridge
         covs = S / np.maximum(Nk, 1e-12)[:, None, None]
+        if tied:
+            covs = np.broadcast_to(S.sum(axis=0) / Nk.sum(), (K, d, d)).copy()
         ridge = 0.01 * np.trace(covs, axis1=1, axis2=2) / d + 1e-9
         covs = covs + ridge[:, None, None] * np.eye(d)
     covs = 0.5 * (covs + covs.transpose(0, 2, 1))
@@ -474,6 +498,7 @@ def fit_em(
     init_responsibilities: np.ndarray | None = None,
     random_state: int | np.random.Generator | None = None,
     n_init: int = 1,
+    covariance: str = "full",
 ) -> EMResult:
     """MAP of the sc-OTGM mixture by expectation-maximisation.
 
@@ -505,6 +530,10 @@ def fit_em(
     n_init
         Number of k-means++ starts when the start is random; the fit with the highest log
         density is returned. Ignored for deterministic starts and ``init_responsibilities``.
+    covariance
+        ``"full"``: a precision per state. ``"tied"``: one precision shared by every state
+        (``build_model(..., covariance="tied")``), so states differ only by their means; the
+        semi-supervised escape model uses it to find which guide cells carry the perturbation.
 
     Returns
     -------
@@ -539,6 +568,7 @@ def fit_em(
         )
     if int(n_init) < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}.")
+    tied = _check_covariance(covariance)
     rng = np.random.default_rng(random_state)
     free = fixed < 0
 
@@ -546,26 +576,26 @@ def fit_em(
         R = np.array(init_responsibilities, dtype=float)
         R[np.flatnonzero(~free)] = 0.0
         R[np.flatnonzero(~free), fixed[~free]] = 1.0
-        return _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=False)
+        return _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=False, tied=tied)
     n_open = n_states - len(np.unique(fixed[~free]))
     deterministic_start = (not free.any()) or n_open <= 1
     best = None
     for _ in range(1 if deterministic_start else int(n_init)):
         R = _initial_responsibilities(X, fixed, n_states, rng)
-        result = _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=True)
+        result = _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=True, tied=tied)
         if best is None or result.logp > best.logp:
             best = result
     return best
 
 
-def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, uniform_start) -> EMResult:
+def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, uniform_start, tied=False) -> EMResult:
     free = fixed < 0
     wishart_const = _wishart_normalizer(prior)
     trace = []
     converged = False
     it = 0
     for it in range(1, max_iter + 1):
-        weights, means, covs = _m_step(X, R, free, prior, regularization)
+        weights, means, covs = _m_step(X, R, free, prior, regularization, tied)
         if it == 1 and uniform_start:
             # The starting point: states from the initial partition, uniform weights, so
             # that no state starts with zero weight for the free cells.
@@ -574,7 +604,7 @@ def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, unif
         Linv, half_logdet = _inverse_cholesky(covs)
         logN = _log_gaussians_from(X, means, Linv, half_logdet)
         loglik, R = _mixture_terms(logN, weights, free, fixed)
-        trace.append(loglik + _prior_log_density(weights, means, Linv, half_logdet, prior, wishart_const))
+        trace.append(loglik + _prior_log_density(weights, means, Linv, half_logdet, prior, wishart_const, tied))
         if len(trace) > 1 and abs(trace[-1] - trace[-2]) <= tol * max(1.0, abs(trace[-2])):
             converged = True
             break
@@ -589,4 +619,5 @@ def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, unif
         prior=prior,
         regularization=regularization,
         fixed_state=fixed,
+        covariance="tied" if tied else "full",
     )

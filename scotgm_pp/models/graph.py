@@ -140,6 +140,7 @@ def build_model(
     state_names: Sequence[str] | None = None,
     coords: Mapping[str, Sequence] | None = None,
     contrasts: Sequence[tuple[int, int]] | None = None,
+    covariance: str = "full",
 ) -> pm.Model:
     """Declare the sc-OTGM mixture as a PyMC model.
 
@@ -162,6 +163,10 @@ def build_model(
     contrasts
         Pairs ``(state, reference)`` for the perturbation deterministics; default every state
         against state 0.
+    covariance
+        ``"full"``: a Wishart precision per state. ``"tied"``: one Wishart precision
+        ``precision`` shared by all states (states differ only by their means), the model the
+        escape detection of :func:`scotgm_pp.tl.perturbation_response` uses to assign cells.
 
     Returns
     -------
@@ -183,6 +188,8 @@ def build_model(
     if int(n_states) != n_states or n_states < 1:
         raise ValueError(f"n_states must be a positive integer, got {n_states!r}.")
     n_states = int(n_states)
+    if covariance not in ("full", "tied"):
+        raise ValueError(f"covariance must be 'full' or 'tied', got {covariance!r}.")
     fixed = validate_fixed_state(fixed_state, n, n_states)
     prior = default_prior(X, n_states) if prior is None else prior
     _check_prior(prior, d, n_states)
@@ -229,18 +236,23 @@ def build_model(
         pm.Data("fixed_state", fixed, dims="cell")
         weights = pm.Dirichlet("weights", a=np.asarray(prior.dirichlet, float), dims="state")
         means, precisions = [], []
-        for k in range(n_states):
+
+        def wishart(name):
             with warnings.catch_warnings():
                 # pm.Wishart warns that NUTS cannot sample it; the transform below handles that.
                 warnings.filterwarnings("ignore", message="The Wishart distribution", category=UserWarning)
-                lam = pm.Wishart(
-                    f"precision_{k}",
+                return pm.Wishart(
+                    name,
                     nu=nu,
                     V=V,
                     dims=("pc", "pc_bis"),
                     default_transform=LogCholeskyTransform(d),
                     initval=nu * V,
                 )
+
+        shared = wishart("precision") if covariance == "tied" else None
+        for k in range(n_states):
+            lam = shared if shared is not None else wishart(f"precision_{k}")
             mu = pm.MvNormal(f"mean_{k}", mu=m0, tau=kappa * lam, dims="pc", initval=m0)
             means.append(mu)
             precisions.append(lam)
@@ -310,6 +322,9 @@ def model_point(
             raw = means[int(name.split("_")[1])]
         elif name.startswith("precision_"):
             lam = precisions[int(name.split("_")[1])]
+            raw = 0.5 * (lam + lam.T)
+        elif name == "precision":  # the tied model's shared precision
+            lam = precisions[0]
             raw = 0.5 * (lam + lam.T)
         else:  # pragma: no cover - build_model declares no other free variable
             raise KeyError(f"unexpected free variable {name!r}; was the model built by build_model?")

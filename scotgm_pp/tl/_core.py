@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy.linalg import solve_triangular
 
 from ..inference.em import EMResult, default_prior, fit_em, gaussian_logpdf
 from ..inference.ot import ot_cross_covariance, perturbation_covariance
@@ -69,72 +68,6 @@ the escape model is an outlier group rather than a perturbation, and every guide
 treated as perturbed instead."""
 
 
-def tied_state_responsibilities(
-    scores: np.ndarray,
-    is_control: np.ndarray,
-    prior,
-    *,
-    max_iter: int = 300,
-    tol: float = 1e-5,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Which guide cells are perturbed: MAP-EM of the two-state mixture with one shared precision.
-
-    With a shared covariance the states can only differ by a mean shift, so the perturbed
-    state is the guide cells' common displacement from the controls (the perturbation
-    signature, as in Mixscape's discriminant), not whatever sub-population the guide cells
-    happen to contain. Controls are pinned to the basal state. The M-step is the exact
-    maximiser under the Normal-Wishart prior with one Wishart precision:
-    ``Sigma = (Psi0 + sum_k [S_k + kappa0 (mu_k - m0)(mu_k - m0)^T]) / (N + K + nu0 - d - 1)``.
-
-    Returns the responsibilities ``(n, 2)``, the weights and the iterations run.
-    """
-    X = np.asarray(scores, float)
-    c = np.asarray(is_control, bool)
-    n, d = X.shape
-    Xc, Xg = X[c], X[~c]
-    # Sufficient statistics of the pinned controls never change.
-    n_c, sum_c, xx_c = float(len(Xc)), Xc.sum(axis=0), Xc.T @ Xc
-    alpha = np.asarray(prior.dirichlet, float)
-    m0, kappa = np.asarray(prior.mean, float), float(prior.kappa)
-    Rg = np.zeros((len(Xg), 2))
-    Rg[:, PERTURBED] = 1.0
-    weights = np.array([0.5, 0.5])
-    it = 0
-    for it in range(1, max_iter + 1):
-        B = np.array(prior.scale_inv, dtype=float)
-        means = np.empty((2, d))
-        for k in range(2):
-            r = Rg[:, k]
-            N = r.sum() + (n_c if k == BASAL else 0.0)
-            s_k = r @ Xg + (sum_c if k == BASAL else 0.0)
-            xx = (Xg * r[:, None]).T @ Xg + (xx_c if k == BASAL else 0.0)
-            mu = (s_k + kappa * m0) / (N + kappa)
-            means[k] = mu
-            dm = mu - m0
-            B += xx - np.outer(mu, s_k) - np.outer(s_k, mu) + N * np.outer(mu, mu) + kappa * np.outer(dm, dm)
-        cov = B / (n + 2 + prior.dof - d - 1)
-        if it > 1:
-            weights = (Rg.sum(axis=0) + alpha - 1) / (len(Xg) + alpha.sum() - 2)
-        # Shared covariance: one Cholesky factor, one triangular solve for both states.
-        L = np.linalg.cholesky(0.5 * (cov + cov.T))
-        Zg = solve_triangular(L, Xg.T, lower=True)
-        Zm = solve_triangular(L, means.T, lower=True)
-        quad = np.stack([np.sum((Zg - Zm[:, [k]]) ** 2, axis=0) for k in range(2)], axis=1)
-        with np.errstate(divide="ignore"):
-            a = -0.5 * quad + np.log(weights)
-        a -= a.max(axis=1, keepdims=True)
-        new = np.exp(a)
-        new /= new.sum(axis=1, keepdims=True)
-        delta = float(np.max(np.abs(new - Rg))) if len(Xg) else 0.0
-        Rg = new
-        if delta < tol:
-            break
-    R = np.zeros((n, 2))
-    R[c, BASAL] = 1.0
-    R[~c] = Rg
-    return R, weights, it
-
-
 def fit_states(
     scores: np.ndarray,
     is_control: np.ndarray,
@@ -149,9 +82,10 @@ def fit_states(
     """Two-state fit of one experiment.
 
     Controls are pinned to the basal state. With ``escape_model`` the guide cells' states are
-    found by :func:`tied_state_responsibilities` and the state-specific means and covariances are
-    then the MAP of the full model given those responsibilities (the covariances feed the
-    transport coupling); otherwise every guide cell is pinned to the perturbed state. Returns the
+    the posterior of the tied-covariance model (``fit_em(..., covariance="tied")``), and the
+    state-specific means and covariances are then the full model's M-step given those
+    responsibilities (the covariances feed the transport coupling); otherwise every guide cell
+    is pinned to the perturbed state. Returns the
     EM result and a record of how the guide cells were assigned.
     """
     is_control = np.asarray(is_control, bool)
@@ -160,7 +94,21 @@ def fit_states(
     init = None
     fixed = np.where(is_control, BASAL, PERTURBED).astype(int)
     if escape_model:
-        R, _, n_iter = tied_state_responsibilities(scores, is_control, prior)
+        # Which guide cells are perturbed: the tied-covariance model (build_model(...,
+        # covariance="tied")). With one shared covariance the states can differ only by a mean
+        # shift, so the perturbed state is the guide cells' common displacement from the
+        # controls (the perturbation signature, as in Mixscape's discriminant), not whatever
+        # sub-population the guide cells happen to contain.
+        tied = fit_em(
+            scores,
+            fixed_state=np.where(is_control, BASAL, -1).astype(int),
+            n_states=2,
+            prior=prior,
+            covariance="tied",
+            max_iter=max_iter,
+            tol=1e-6,
+        )
+        R, n_iter = tied.responsibilities, tied.n_iter
         mass = float(R[~is_control, PERTURBED].sum())
         n_guide = int((~is_control).sum())
         info = {"escape_model": "on", "classification_iter": int(n_iter),
