@@ -31,6 +31,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                      help="keep the leading PCs explaining this share of variance (default 0.4)")
     g.add_argument("--no-escape-model", action="store_true",
                    help="treat every guide cell as perturbed (no escaped-cell detection)")
+    g.add_argument("--rank-by", default="score", choices=["score", "shift"],
+                   help="rank genes by the model's standardised shift mu/sigma (score, default) or by "
+                        "the perturbed state's gene-space shift in log-normalised units (shift)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -49,6 +52,7 @@ def _fit(adata, key, control, args, perturbations=None):
             n_pcs=args.n_pcs,
             variance_threshold=args.variance_threshold,
             escape_model=not args.no_escape_model,
+            rank_by=args.rank_by,
             random_state=args.seed,
             progress=not args.quiet,
         )

@@ -53,7 +53,7 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
     assert uns["params"]["control"] == "control"
     assert uns["skipped"] == {}
     tab = uns["rankings"]
-    assert list(tab.columns[:7]) == ["perturbation", "gene", "mu", "sigma", "score", "rank", "abs_rank"]
+    assert list(tab.columns[:8]) == ["perturbation", "gene", "mu", "sigma", "score", "shift", "rank", "abs_rank"]
     for _, sub in tab.groupby("perturbation"):
         assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
         assert np.allclose(sub["score"], sub["mu"] / sub["sigma"])
@@ -165,3 +165,21 @@ def test_duplicated_obs_names_are_refused(small_sim):
 def test_unknown_coupling_names_the_options(small_sim):
     with pytest.raises(InputError, match="unknown coupling 'sinkhorn'; choose one of independent, ot"):
         sg.tl.perturbation_response(small_sim, "perturbation", "control", coupling="sinkhorn")
+
+
+def test_gene_space_shift_ranks_targets_and_matches_weighted_means(small_sim):
+    out = _run(small_sim, rank_by="shift")
+    tab = sg.tl.get_rankings(out)
+    truth = small_sim.uns["simulation"]["target_gene"]
+    assert all(tab[(tab.perturbation == p) & (tab.gene == g)]["rank"].iloc[0] == 1 for p, g in truth.items())
+    # shift = weighted mean difference of log-normalised expression (hand computation)
+    pert = next(iter(truth))
+    labels = small_sim.obs["perturbation"].astype(str).to_numpy()
+    cells = np.isin(labels, ["control", pert])
+    sub = small_sim[cells]
+    X = sub.X.toarray().astype(float)
+    X = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    w1 = out.obs["scotgm_p_perturbed"].to_numpy()[cells]
+    expected = X.T @ w1 / w1.sum() - X.T @ (1 - w1) / (1 - w1).sum()
+    got = tab[tab.perturbation == pert].set_index("gene").loc[sub.var_names, "shift"].to_numpy()
+    assert np.allclose(got, expected, atol=1e-4)

@@ -22,7 +22,11 @@ __all__ = [
     "fit_perturbation",
     "gene_statistics",
     "unpinned_posterior",
+    "state_shift",
+    "RANK_BY",
 ]
+
+RANK_BY = ("score", "shift")
 
 COUPLINGS = ("independent", "ot", "hit_and_run", "paper")
 BASAL, PERTURBED = 0, 1
@@ -224,13 +228,27 @@ def fit_perturbation(
                            coupling_info=info, state_info=state_info)
 
 
-def gene_statistics(loadings: np.ndarray, mean: np.ndarray, cov: np.ndarray, genes=None) -> pd.DataFrame:
+def gene_statistics(
+    loadings: np.ndarray,
+    mean: np.ndarray,
+    cov: np.ndarray,
+    genes=None,
+    *,
+    shift: np.ndarray | None = None,
+    rank_by: str = "score",
+) -> pd.DataFrame:
     """Map the perturbation distribution to genes and rank them.
 
     ``mu = V_m mean`` (a difference: no PCA centre is added back), ``sigma^2 = diag(V_m cov V_m^T)``,
-    ``score = mu / sigma``; ``rank`` 1 is the most negative score (the strongest knock-down),
-    ``abs_rank`` 1 the largest ``|score|``.
+    ``score = mu / sigma``. With ``rank_by="score"`` (default) ``rank`` 1 is the most negative
+    score (the strongest knock-down) and ``abs_rank`` 1 the largest ``|score|``; with
+    ``rank_by="shift"`` the ranks follow the gene-space ``shift`` column instead
+    (:func:`state_shift`).
     """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}.")
+    if rank_by == "shift" and shift is None:
+        raise ValueError("rank_by='shift' needs the gene-space shift.")
     V = np.asarray(loadings, float)
     mu = V @ mean
     var = np.einsum("gi,ij,gj->g", V, cov, V)
@@ -239,8 +257,11 @@ def gene_statistics(loadings: np.ndarray, mean: np.ndarray, cov: np.ndarray, gen
     score = mu / np.maximum(sigma, floor)
     df = pd.DataFrame({"gene": genes if genes is not None else np.arange(len(mu)), "mu": mu, "sigma": sigma,
                        "score": score})
-    df["rank"] = df["score"].rank(method="first", ascending=True).astype(int)
-    df["abs_rank"] = (-df["score"].abs()).rank(method="first").astype(int)
+    if shift is not None:
+        df["shift"] = np.asarray(shift, float)
+    key = "score" if rank_by == "score" else "shift"
+    df["rank"] = df[key].rank(method="first", ascending=True).astype(int)
+    df["abs_rank"] = (-df[key].abs()).rank(method="first").astype(int)
     return df
 
 
@@ -255,3 +276,20 @@ def unpinned_posterior(scores: np.ndarray, em: EMResult) -> np.ndarray:
     p = np.exp(a)
     p /= p.sum(axis=1, keepdims=True)
     return p[:, PERTURBED]
+
+
+def state_shift(lognorm, p_perturbed: np.ndarray) -> np.ndarray:
+    """Gene-space mean shift of the perturbed state from the basal state (log-normalised units).
+
+    The full model's M-step mean of every gene given the state posteriors: cells enter the
+    perturbed state with weight ``p_perturbed`` and the basal state with ``1 - p_perturbed``
+    (controls: 0 and 1). Unlike ``mu = V_m (mu_1 - mu_0)`` it is not confined to the variation the
+    kept PCs carry (the residual, gene-specific part of the shift is kept), so a knock-down that
+    changes little but its own gene is not lost in the projection.
+    """
+    w1 = np.asarray(p_perturbed, float)
+    w0 = 1.0 - w1
+    X = lognorm
+    m1 = np.asarray(X.T @ w1).ravel() / max(w1.sum(), 1e-12)
+    m0 = np.asarray(X.T @ w0).ravel() / max(w0.sum(), 1e-12)
+    return m1 - m0

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .._validation import InputError, validate_screen
 from ..pp import PreprocessParams, prepare_pair
-from ._core import COUPLINGS, fit_perturbation, gene_statistics, unpinned_posterior
+from ._core import COUPLINGS, RANK_BY, fit_perturbation, gene_statistics, state_shift, unpinned_posterior
 
 __all__ = ["perturbation_response", "analyse_pair", "get_rankings", "MIN_CELLS"]
 
@@ -31,6 +31,7 @@ def analyse_pair(
     em_regularization: str = "map",
     random_state=None,
     coupling_kwargs: dict | None = None,
+    rank_by: str = "score",
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
@@ -48,7 +49,9 @@ def analyse_pair(
         random_state=random_state,
         coupling_kwargs=coupling_kwargs,
     )
-    genes = gene_statistics(pair.pca.loadings, fit.mean, fit.cov, genes=pair.var_names.to_numpy())
+    shift = state_shift(pair.lognorm, fit.p_perturbed)
+    genes = gene_statistics(pair.pca.loadings, fit.mean, fit.cov, genes=pair.var_names.to_numpy(), shift=shift,
+                            rank_by=rank_by)
     em = fit.em
     assigned = em.responsibilities.argmax(axis=1)
     hidden = unpinned_posterior(pair.pca.scores, em) >= 0.5
@@ -112,6 +115,7 @@ def perturbation_response(
     regularization: float = 0.01,
     em_regularization: str = "map",
     coupling_kwargs: dict | None = None,
+    rank_by: str = "score",
     key_added: str = "scotgm",
     random_state: int = 0,
     copy: bool = False,
@@ -144,6 +148,11 @@ def perturbation_response(
         or ``"paper"`` (published Algorithm 1, for comparison only).
     escape_model
         Guide cells are a mixture of escaped and perturbed cells (True) or all perturbed.
+    rank_by
+        ``"score"`` (default): the standardised shift ``mu / sigma`` of the perturbation
+        distribution in PCA space mapped to genes. ``"shift"``: the gene-space mean shift of
+        the perturbed state in log-normalised units, which keeps gene-specific effects the
+        PCs do not carry (better for naming the knocked-down gene from few cells).
     regularization
         Strength of the Normal-Wishart prior (the paper's Tikhonov factor, 0.01).
     em_regularization
@@ -170,7 +179,7 @@ def perturbation_response(
     ``.uns[key_added]["skipped"]``
         Perturbation -> reason, for experiments that could not be fitted.
     ``.uns[key_added]["rankings"]``
-        Tidy table: perturbation, gene, mu, sigma, score, rank, abs_rank (also from
+        Tidy table: perturbation, gene, mu, sigma, score, shift, rank, abs_rank (also from
         :func:`get_rankings`).
     ``.obs[f"{key_added}_p_perturbed"]``
         Each guide cell's posterior probability of being perturbed (NaN for cells not analysed,
@@ -181,6 +190,8 @@ def perturbation_response(
     validate_screen(adata, perturbation_key, control)
     if coupling not in COUPLINGS:
         raise InputError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
+    if rank_by not in RANK_BY:
+        raise InputError(f"unknown rank_by {rank_by!r}; choose one of {', '.join(RANK_BY)}.")
     params = params or PreprocessParams()
     overrides = {}
     if n_pcs is not None:
@@ -235,6 +246,7 @@ def perturbation_response(
                 em_regularization=em_regularization,
                 random_state=int(seed),
                 coupling_kwargs=coupling_kwargs,
+                rank_by=rank_by,
             )
         except (InputError, np.linalg.LinAlgError) as err:
             skipped[pert] = f"{type(err).__name__}: {err}"
@@ -269,6 +281,7 @@ def perturbation_response(
             "control": control,
             "coupling": coupling,
             "escape_model": bool(escape_model),
+            "rank_by": rank_by,
             "regularization": float(regularization),
             "em_regularization": em_regularization,
             "random_state": int(random_state),

@@ -5,9 +5,10 @@ Three kinds of cells, all made in the experiment's PCA space and mapped back to 
 
 ``"basal"`` / ``"perturbed"``
     Draws from the fitted state ``N(mu_k, Sigma_k)`` with parameter uncertainty: parameters are
-    first redrawn (:func:`~scotgm_pp.tl._predict.draw_parameters`), then cells. The variance the
-    m PCs do not capture is added back as independent per-gene noise in scaled units
-    (``residual_noise``).
+    first redrawn (:func:`~scotgm_pp.tl._predict.draw_parameters`), then cells. The expression the
+    m PCs do not capture is added back (``residual``): by default the residual of a randomly
+    chosen real control cell (its scaled expression minus its PCA reconstruction), or
+    independent per-gene Gaussian noise with the unexplained variance.
 ``"counterfactual"``
     Real control cells pushed through the perturbation: each control cell's scores ``x`` are
     recomputed by projecting its scaled expression onto the loadings, and ``y = x + z`` with
@@ -97,7 +98,7 @@ def sample_cells(
     counts: bool = False,
     parameter_uncertainty: bool = True,
     n_parameter_draws: int = 20,
-    residual_noise: bool = True,
+    residual: str = "cells",
     perturbation_draw: str = "conditional",
     layer: str | None = None,
     random_state: int | np.random.Generator | None = 0,
@@ -125,10 +126,12 @@ def sample_cells(
     parameter_uncertainty
         Redraw the state parameters (``n_parameter_draws`` sets, cells spread evenly over them)
         before drawing cells; otherwise use the fitted point.
-    residual_noise
-        For ``"basal"``/``"perturbed"``: add independent per-gene noise with the variance the PCs
-        do not explain (:func:`residual_variance`). Counterfactual cells keep their own residual.
-        Ignored when ``counts=True`` (the Poisson draw supplies the noise).
+    residual
+        For ``"basal"``/``"perturbed"``, what to add outside the PCs: ``"cells"`` (the residual of
+        a resampled real control cell), ``"gaussian"`` (independent per-gene noise with the
+        variance the PCs do not explain, :func:`residual_variance`) or ``"none"``.
+        Counterfactual cells keep their own residual. Ignored when ``counts=True`` (the Poisson
+        draw supplies the noise).
     perturbation_draw
         ``"conditional"`` (``z`` given the control cell under the fitted coupling) or
         ``"independent"`` (``z ~ N(mu_p, Sigma_p)``).
@@ -142,13 +145,15 @@ def sample_cells(
     anndata.AnnData
         ``n`` cells x the record's genes. ``.X`` log-normalised expression (``log1p`` of counts per
         ``target_sum``). ``.obsm["X_pca"]`` the cells' PCA scores. ``.obs``: ``state``, ``source``
-        (``"fitted state"`` or ``"control cell + perturbation draw"``), ``perturbation``,
-        ``parameter_draw`` (-1: the fitted point), ``control_cell`` (counterfactuals: the control
-        cell it came from). ``.layers["counts"]`` when ``counts=True``. ``.uns["scotgm_synthetic"]``
+        (``"fitted state"``, ``"fitted state + control cell residual"`` or ``"control cell +
+        perturbation draw"``), ``perturbation``, ``parameter_draw`` (-1: the fitted point),
+        ``control_cell`` (the real control cell whose residual or profile was used, else ""). ``.layers["counts"]`` when ``counts=True``. ``.uns["scotgm_synthetic"]``
         records the settings.
     """
     if state not in STATES:
         raise InputError(f"unknown state {state!r}; choose one of {', '.join(STATES)}.")
+    if residual not in ("cells", "gaussian", "none"):
+        raise InputError(f"unknown residual {residual!r}; choose 'cells', 'gaussian' or 'none'.")
     if perturbation_draw not in ("conditional", "independent"):
         raise InputError(f"unknown perturbation_draw {perturbation_draw!r}; choose 'conditional' or 'independent'.")
     n = int(n)
@@ -188,10 +193,20 @@ def sample_cells(
             scores[rows] = rng.multivariate_normal(draws.means[d, k], draws.covariances[d, k], size=len(rows),
                                                    method="eigh")
         scaled = scores @ V.T
-        if residual_noise and not counts:
-            scaled = scaled + rng.normal(size=scaled.shape) * np.sqrt(residual_variance(record))
         obs["source"] = "fitted state"
         obs["control_cell"] = ""
+        if not counts and residual == "gaussian":
+            scaled = scaled + rng.normal(size=scaled.shape) * np.sqrt(residual_variance(record))
+        elif not counts and residual == "cells":
+            if ctrl_cells.size == 0:
+                raise InputError("residual='cells' resamples real control cells, but none were found in adata; "
+                                 "use residual='gaussian'.")
+            pick = rng.choice(ctrl_cells, size=n, replace=True)
+            scaled0, x = project_cells(_gene_counts(adata, pick, genes, layer), record, target_sum=target_sum,
+                                       max_value=max_value)
+            scaled = scaled + (scaled0 - x @ V.T)
+            obs["source"] = "fitted state + control cell residual"
+            obs["control_cell"] = adata.obs_names[pick].to_numpy()
     else:
         if ctrl_cells.size == 0:
             raise InputError("no control cells found in adata (label and key from the fit's params); "
@@ -247,7 +262,7 @@ def sample_cells(
         "counts": bool(counts),
         "parameter_uncertainty": bool(parameter_uncertainty),
         "n_parameter_draws": int(n_parameter_draws),
-        "residual_noise": bool(residual_noise),
+        "residual": residual if state != "counterfactual" else "own (control cell)",
         "perturbation_draw": perturbation_draw,
         "target_sum": target_sum,
         "units": "log-normalised expression (log1p of counts per target_sum)",
