@@ -22,18 +22,18 @@ standardised shift of the perturbation distribution: rank 1 = strongest knock-do
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--coupling", default="independent",
+    g.add_argument("--coupling", default="ot",
                    choices=["independent", "ot", "hit_and_run", "paper"],
-                   help="how basal and perturbed states are coupled (default: independent)")
+                   help="how basal and perturbed states are coupled (default: ot, closed-form optimal transport)")
     pcs = g.add_mutually_exclusive_group()
     pcs.add_argument("--n-pcs", type=int, default=None, help="fixed number of principal components")
     pcs.add_argument("--variance-threshold", type=float, default=None,
                      help="keep the leading PCs explaining this share of variance (default 0.4)")
     g.add_argument("--no-escape-model", action="store_true",
                    help="treat every guide cell as perturbed (no escaped-cell detection)")
-    g.add_argument("--rank-by", default="score", choices=["score", "shift"],
-                   help="rank genes by the model's standardised shift mu/sigma (score, default) or by "
-                        "the perturbed state's gene-space shift in log-normalised units (shift)")
+    g.add_argument("--rank-by", default="shift", choices=["shift", "score"],
+                   help="rank genes by the perturbed state's gene-space shift in log-normalised units "
+                        "(shift, default) or by the model's standardised shift mu/sigma (score)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -246,11 +246,14 @@ def target_ranks(adata: AnnData, key: str = "scotgm", *, figsize=(6.0, 3.2)) -> 
     fig, ax = _new_figure(figsize)
     if items:
         names, ranks = zip(*items)
-        ax.bar(range(len(ranks)), ranks, color=_DOWN)
+        ax.bar(range(len(ranks)), ranks, color=_DOWN, bottom=0.5)
+        for j, r in enumerate(ranks):
+            ax.text(j, r + 0.5, str(r), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(ranks)), names, rotation=60, ha="right", fontsize=8)
         ax.set_yscale("log")
-        ax.axhline(10, color="k", lw=0.5, ls="--")
-    ax.set_ylabel("target gene rank (1 = strongest knock-down)")
+        ax.set_ylim(0.5, max(max(ranks) * 2.0, 20))
+        ax.axhline(10.5, color="k", lw=0.5, ls="--")
+    ax.set_ylabel("target rank (1 = top)")
     ax.set_title("Which gene was knocked down", fontsize=10)
     return fig
 

@@ -57,7 +57,7 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
     for _, sub in tab.groupby("perturbation"):
         assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
         assert np.allclose(sub["score"], sub["mu"] / sub["sigma"])
-        assert sub.sort_values("rank")["score"].is_monotonic_increasing
+        assert sub.sort_values("rank")["shift"].is_monotonic_increasing  # rank_by="shift" (default)
     rec = next(iter(uns["results"].values()))
     m = rec["n_pcs"]
     assert rec["covariances"].shape == (2, m, m)
@@ -167,8 +167,17 @@ def test_unknown_coupling_names_the_options(small_sim):
         sg.tl.perturbation_response(small_sim, "perturbation", "control", coupling="sinkhorn")
 
 
+def test_score_ranking_is_available(small_sim):
+    out = _run(small_sim, rank_by="score")
+    tab = sg.tl.get_rankings(out)
+    for _, sub in tab.groupby("perturbation"):
+        assert sub.sort_values("rank")["score"].is_monotonic_increasing
+    with pytest.raises(InputError, match="unknown rank_by 'pvalue'"):
+        sg.tl.perturbation_response(small_sim, "perturbation", "control", rank_by="pvalue")
+
+
 def test_gene_space_shift_ranks_targets_and_matches_weighted_means(small_sim):
-    out = _run(small_sim, rank_by="shift")
+    out = _run(small_sim)
     tab = sg.tl.get_rankings(out)
     truth = small_sim.uns["simulation"]["target_gene"]
     assert all(tab[(tab.perturbation == p) & (tab.gene == g)]["rank"].iloc[0] == 1 for p, g in truth.items())

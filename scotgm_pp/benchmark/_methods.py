@@ -32,13 +32,15 @@ __all__ = [
     "SCOTGM_SCORES",
 ]
 
-DEFAULT_SCOTGM = "scotgm-ot"
+DEFAULT_SCOTGM = "scotgm-ot:state_shift"
+"""The package default: ot coupling, escape model, genes ranked by the gene-space state shift
+(``perturbation_response(..., rank_by="shift")``)."""
 """The row of the package's default sc-OTGM configuration."""
 
-DEFAULT_METHODS = ("scotgm-ot", "scotgm-independent", "t-test", "wilcoxon", "logfc")
+DEFAULT_METHODS = ("scotgm-ot", "scotgm-independent", "scotgm-ot:state_shift", "t-test", "wilcoxon", "logfc")
 """Fast methods run by default; ``scotgm-hit_and_run`` and ``scotgm-paper`` are opt-in (slow)."""
 
-SCOTGM_SCORES = ("model", "state_t")
+SCOTGM_SCORES = ("model", "state_t", "state_shift")
 
 
 @dataclass
@@ -96,6 +98,32 @@ def logfc_method(pair: Pair) -> pd.Series:
     return pd.Series(diff.astype(float), index=pair.lognorm.var_names.astype(str))
 
 
+def _state_stats(pair: Pair, p: pd.Series):
+    ln = pair.lognorm
+    X = ln.X.toarray() if hasattr(ln.X, "toarray") else np.asarray(ln.X)
+    X = np.asarray(X, float)
+    w1 = p.reindex(ln.obs_names).fillna(0.0).to_numpy(float)
+    out = []
+    for w in (1.0 - w1, w1):
+        n = w.sum()
+        m = (w @ X) / max(n, 1e-12)
+        v = (w @ (X - m) ** 2) / max(n - 1.0, 1.0)
+        out.append((n, m, v))
+    return out
+
+
+def _state_shift(pair: Pair, p: pd.Series) -> pd.Series:
+    """Gene-space shift of the fitted perturbed state from the basal state, in log-normalised units.
+
+    The M-step mean of each gene given the model's state posteriors: guide cells weighted by
+    ``p_perturbed`` (perturbed) and ``1 - p_perturbed`` (basal, with the controls). Unlike the
+    model score it is not limited to the variation the kept PCs carry, so a gene-specific
+    knock-down is not lost in the projection.
+    """
+    (_, m0, _), (_, m1, _) = _state_stats(pair, p)
+    return pd.Series(m1 - m0, index=pair.lognorm.var_names.astype(str))
+
+
 def _state_t(pair: Pair, p: pd.Series) -> pd.Series:
     """Gene-space Welch statistic of the model's perturbed state against the basal state.
 
@@ -103,23 +131,10 @@ def _state_t(pair: Pair, p: pd.Series) -> pd.Series:
     with ``1 - p_perturbed``; controls are basal. With weighted means and variances, the
     statistic is ``(m_1 - m_0) / sqrt(v_1 / n_1 + v_0 / n_0)`` (``n_k`` the total weights).
     """
-    ln = pair.lognorm
-    X = ln.X.toarray() if hasattr(ln.X, "toarray") else np.asarray(ln.X)
-    X = np.asarray(X, float)
-    w1 = p.reindex(ln.obs_names).fillna(0.0).to_numpy(float)
-    w0 = 1.0 - w1
-    out = []
-    stats_ = []
-    for w in (w0, w1):
-        n = w.sum()
-        m = (w @ X) / max(n, 1e-12)
-        v = (w @ (X - m) ** 2) / max(n - 1.0, 1.0)
-        stats_.append((n, m, v))
-    (n0, m0, v0), (n1, m1, v1) = stats_
+    (n0, m0, v0), (n1, m1, v1) = _state_stats(pair, p)
     se = np.sqrt(v1 / max(n1, 1e-12) + v0 / max(n0, 1e-12))
     se = np.maximum(se, 1e-8 * max(float(se.max(initial=0.0)), 1e-300))
-    out = (m1 - m0) / se
-    return pd.Series(out, index=ln.var_names.astype(str))
+    return pd.Series((m1 - m0) / se, index=pair.lognorm.var_names.astype(str))
 
 
 def scotgm_method(
@@ -141,6 +156,8 @@ def scotgm_method(
         Preprocessing; the pair's (benchmark-wide) params when None.
     score
         ``"model"``: the model's standardised shift ``mu / sigma`` (``genes["score"]``).
+        ``"state_shift"``: the gene-space mean shift of the fitted perturbed state from the basal
+        state, in log-normalised units (see ``_state_shift``).
         ``"state_t"``: the Welch statistic of the fitted perturbed state against the basal state
         in gene space, cells weighted by their posterior ``p_perturbed`` (see ``_state_t``).
     """
@@ -159,14 +176,16 @@ def scotgm_method(
         _, genes, p = pair.cache[key]
         if score == "state_t":
             return _state_t(pair, p)
+        if score == "state_shift":
+            return _state_shift(pair, p)
         return pd.Series(genes["score"].to_numpy(float), index=genes["gene"].astype(str).to_numpy())
 
-    run.__name__ = f"scotgm_{coupling}"
+    run.__name__ = f"scotgm_{coupling}_{score}"
     return run
 
 
 def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
-    """Method names (``scotgm-<coupling>``, ``t-test``, ``wilcoxon``, ``logfc``) or a mapping
+    """Method names (``scotgm-<coupling>[:<score>]``, ``t-test``, ``wilcoxon``, ``logfc``) or a mapping
     name -> callable, to a mapping name -> callable. ``None``: :data:`DEFAULT_METHODS`."""
     if methods is None:
         methods = DEFAULT_METHODS
@@ -180,9 +199,13 @@ def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
             out[name] = scanpy_method(name)
         elif name == "logfc":
             out[name] = logfc_method
-        elif isinstance(name, str) and name.startswith("scotgm-") and name[len("scotgm-"):] in COUPLINGS:
-            out[name] = scotgm_method(name[len("scotgm-"):])
+        elif isinstance(name, str) and name.startswith("scotgm-"):
+            coupling, _, score = name[len("scotgm-"):].partition(":")
+            if coupling not in COUPLINGS or (score and score not in SCOTGM_SCORES):
+                raise ValueError(f"unknown method {name!r}; scotgm methods are scotgm-<coupling>[:<score>] with "
+                                 f"coupling in {COUPLINGS} and score in {SCOTGM_SCORES}.")
+            out[name] = scotgm_method(coupling, score=score or "model")
         else:
-            valid = ["t-test", "wilcoxon", "logfc"] + [f"scotgm-{c}" for c in COUPLINGS]
+            valid = ["t-test", "wilcoxon", "logfc"] + [f"scotgm-{c}[:<score>]" for c in COUPLINGS]
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(valid)} or pass callables.")
     return out

@@ -37,7 +37,7 @@ class BenchmarkResult:
         ``method``, ``target``, ``seed``, ``rank`` (NaN when the target was filtered out).
     deg
         One row per (method, perturbation, seed): ``n_known`` DEGs, ``overlap`` of the top
-        genes with them, ``fisher_p``, ``precision``, ``direction_accuracy`` (``n_direction``
+        genes (``n_top_genes``, default 100, by ``|score|``) with them, ``fisher_p``, ``precision``, ``direction_accuracy`` (``n_direction``
         known DEGs compared) and ``f1`` (see :func:`~scotgm_pp.benchmark.signed_f1`).
     deg_summary
         ``deg`` averaged per method.
@@ -91,9 +91,9 @@ def known_degs(
     return out, list(ln.var_names.astype(str))
 
 
-def _deg_row(scores: pd.Series, known: dict[str, int], universe: list[str]) -> dict:
+def _deg_row(scores: pd.Series, known: dict[str, int], universe: list[str], n_top: int = TOP_GENES) -> dict:
     s = scores.dropna()
-    top = s.reindex(s.abs().sort_values(ascending=False, kind="stable").index[:TOP_GENES])
+    top = s.reindex(s.abs().sort_values(ascending=False, kind="stable").index[:n_top])
     pred = top.to_dict()
     p, overlap = fisher_overlap(pred.keys(), known.keys(), universe)
     acc, n_dir = direction_accuracy(pred, known)
@@ -117,14 +117,15 @@ def run_benchmark(
     progress: bool = False,
     params: PreprocessParams | None = None,
     deg: bool = True,
+    n_top_genes: int = TOP_GENES,
     blas_threads: int | None = 1,
 ) -> BenchmarkResult:
     """Small-sample benchmark of target-gene ranking and DEG recovery (the paper's Tables 1 and 3).
 
-    For every seed in ``first_seed .. first_seed + seeds - 1`` a generator
-    ``np.random.default_rng(seed)`` draws ``n_control`` control cells, and then, for each
-    perturbation in turn, ``n_target`` of its cells (all of them when it has fewer), without
-    replacement from all cells. Every method ranks the genes of that same pair. For a
+    For every seed in ``first_seed .. first_seed + seeds - 1`` and every perturbation, a generator
+    ``np.random.default_rng(seed)`` draws ``n_control`` control cells (so the same controls for
+    every perturbation of a seed) and then ``n_target`` of the perturbation's cells (all of them
+    when it has fewer), without replacement from all cells. Every method ranks the genes of that same pair. For a
     perturbation whose label is a measured gene (a *target*), the rank of that gene (1 = most
     negative score, the strongest knock-down) is recorded. With ``deg``, every perturbation is
     also scored against its known DEGs (:func:`known_degs`): the method's top 100 genes by
@@ -156,6 +157,8 @@ def run_benchmark(
         Preprocessing for every method (default :class:`~scotgm_pp.pp.PreprocessParams`).
     deg
         Also compute the DEG table (Table 3 analogue).
+    n_top_genes
+        Each method's selected genes for the DEG table: its top ``n_top_genes`` by ``|score|``.
     blas_threads
         BLAS threads during the run (restored afterwards). The per-experiment linear algebra is
         small, and multi-threaded BLAS made it ~5x slower on a shared 2-core machine; ``None``
@@ -169,7 +172,8 @@ def run_benchmark(
         with threadpool_limits(limits=int(blas_threads), user_api="blas"):
             return run_benchmark(adata, perturbation_key, control, n_target=n_target, n_control=n_control,
                                  seeds=seeds, first_seed=first_seed, methods=methods, targets=targets,
-                                 out_dir=out_dir, progress=progress, params=params, deg=deg, blas_threads=None)
+                                 out_dir=out_dir, progress=progress, params=params, deg=deg,
+                                 n_top_genes=n_top_genes, blas_threads=None)
     validate_screen(adata, perturbation_key, control)
     params = params or PreprocessParams()
     funcs = resolve_methods(methods)
@@ -197,16 +201,22 @@ def run_benchmark(
     seconds = {m: 0.0 for m in funcs}
     calls = {m: 0 for m in funcs}
     jobs = [(s, p) for s in range(first_seed, first_seed + seeds) for p in perts]
-    ctrl_draw = {}
     for seed, pert in tqdm(jobs, desc="benchmark", disable=not progress):
-        if seed not in ctrl_draw:
-            rng = np.random.default_rng(seed)
-            ctrl_draw[seed] = (rng, np.sort(rng.choice(ctrl_idx, n_control, replace=False)))
-        rng, ctrl = ctrl_draw[seed]
+        # A fresh generator per experiment: the draw depends only on the seed and the cells, not on
+        # which other perturbations are benchmarked (controls: the same n_control cells per seed).
+        rng = np.random.default_rng(seed)
+        ctrl = np.sort(rng.choice(ctrl_idx, n_control, replace=False))
         guide_all = np.flatnonzero(labels == pert)
         guide = np.sort(rng.choice(guide_all, min(n_target, len(guide_all)), replace=False))
         idx = np.concatenate([ctrl, guide])
-        pair = make_pair(adata[idx].copy(), np.arange(len(idx)) < len(ctrl), seed, params)
+        try:
+            pair = make_pair(adata[idx].copy(), np.arange(len(idx)) < len(ctrl), seed, params)
+        except InputError as err:  # e.g. every cell filtered out: every method misses this experiment
+            for name in funcs:
+                failures.append({"method": name, "perturbation": pert, "seed": seed, "error": f"InputError: {err}"})
+                if pert in genes:
+                    rank_rows.append({"method": name, "target": pert, "seed": seed, "rank": float("nan")})
+            continue
         for name, fn in funcs.items():
             t0 = time.perf_counter()
             try:
@@ -222,7 +232,7 @@ def run_benchmark(
                 rank_rows.append({"method": name, "target": pert, "seed": seed, "rank": rank})
             if deg and scores is not None:
                 deg_rows.append({"method": name, "perturbation": pert, "seed": seed,
-                                 "measured_target": pert in genes, **_deg_row(scores, known[pert], universe)})
+                                 "measured_target": pert in genes, **_deg_row(scores, known[pert], universe, n_top_genes)})
 
     ranks = pd.DataFrame(rank_rows, columns=["method", "target", "seed", "rank"])
     topk = topk_table(ranks) if len(ranks) else pd.DataFrame(columns=["method"])
@@ -236,7 +246,8 @@ def run_benchmark(
         failures=pd.DataFrame(failures, columns=["method", "perturbation", "seed", "error"]),
         settings={"perturbation_key": perturbation_key, "control": control, "n_target": n_target,
                   "n_control": n_control, "seeds": seeds, "first_seed": first_seed, "methods": list(funcs),
-                  "perturbations": perts, "params": params.to_dict(), "default_method": DEFAULT_SCOTGM},
+                  "perturbations": perts, "params": params.to_dict(), "default_method": DEFAULT_SCOTGM,
+                  "n_top_genes": int(n_top_genes)},
     )
     if out_dir is not None:
         from ._report import write_outputs

@@ -1,40 +1,37 @@
 """Hit-and-Run sampling of Gaussian transport plans (sc-OTGM, Algorithm 1 done exactly).
 
-Every Gaussian coupling of ``N(mu_x, Sx)`` and ``N(mu_y, Sy)`` has cross-covariance
-``C = Lx K Ly`` (symmetric square roots ``Lx = Sx^{1/2}``, ``Ly = Sy^{1/2}``) with ``K`` in the
-unit ball of the spectral norm, ``{K : ||K||_2 <= 1}``.  Its expected squared cost is
+Every Gaussian coupling of ``N(mu_x, Sx)`` and ``N(mu_y, Sy)`` has cross-covariance ``C = Lx K Ly``
+(symmetric square roots ``Lx = Sx^{1/2}``, ``Ly = Sy^{1/2}``) with ``K`` in the unit ball of the
+spectral norm, ``{K : ||K||_2 <= 1}``.  Its expected squared cost is
 
     c(K) = |mu_y - mu_x|^2 + tr Sx + tr Sy - 2 <K, G>,    G = Lx Ly,
 
 so the tempered distribution over plans ``pi_eps(K) ~ exp(-c(K) / eps)`` is log-linear on a
-convex body.  Hit-and-Run samples it exactly, step by step:
+convex body (log-concave, hence unimodal).  Hit-and-Run samples it exactly, step by step:
 
-1. draw a direction ``D = u v^T`` with ``u`` and ``v`` uniform on the unit sphere of ``R^m``;
-2. compute the chord ``{t : ||K + t D||_2 <= 1}`` in closed form (:func:`chord`);
+1. draw a direction ``D`` from a distribution fixed in advance;
+2. compute the chord ``{t : ||K + t D||_2 <= 1}`` exactly (:func:`chord`; in the chain, from
+   low-rank-updated inverses, see :mod:`scotgm_pp.inference._har_kernel`);
 3. draw ``t`` from the density ``~ exp(2 t <D, G> / eps)`` truncated to the chord
    (:func:`truncated_exponential`) and move to ``K + t D``.
 
-Why rank-one directions: the move "resample ``K`` along the line through it in direction ``D``
-from ``pi_eps`` restricted to that line" leaves ``pi_eps`` invariant and is reversible for every
-fixed ``D``; a mixture of such moves with weights that do not depend on ``K`` is therefore
-reversible too.  Rank-one matrices span ``R^{m x m}``, so the chain is irreducible on the ball, and
-``E[D (x) D] = E[u u^T] (x) E[v v^T] = I / m^2`` is the same second moment as a uniform direction
-on the sphere of ``R^{m x m}``: no direction is favoured.  Unlike a dense Gaussian direction, a
-rank-one move changes the block matrix ``M(K) = [[I, K], [K^T, I]]`` by a rank-two term, so the
-inverse blocks the chord needs are updated in ``O(m^2)`` per step (Woodbury) instead of
-``O(m^3)`` (an SVD).  They are recomputed exactly from an SVD every ``refresh_every`` steps and
-whenever a running estimate of the digits lost to cancellation (large when a move leaves a
-near-singular state) exceeds ``1e-10``; ``max_refresh_drift`` reports the worst discrepancy found.
+For every fixed ``D`` the move "resample along the line through ``K``" is ``pi_eps``-reversible;
+a mixture of such moves with weights that do not depend on ``K`` is therefore reversible too.
 
-The chord.  ``||A||_2 <= 1`` iff ``M(A)`` is positive semi-definite.  With ``a = [u; 0]`` and
-``b = [0; v]``, ``M(K + t u v^T) = M(K) + t (a b^T + b a^T)``.  Writing
-``alpha = a^T M^{-1} a = u^T (I - K K^T)^{-1} u``, ``beta = v^T (I - K^T K)^{-1} v`` and
-``gamma = a^T M^{-1} b = -u^T (I - K K^T)^{-1} K v``, the rank-two pencil has the generalised
-eigenvalues ``gamma +- sqrt(alpha beta)``, so
-
-    t_hi = 1 / (sqrt(alpha beta) - gamma),     t_lo = -1 / (sqrt(alpha beta) + gamma),
-
-exact up to round-off (no root finding).
+Why the original kernel (``D = u v^T``, ``u``, ``v`` uniform) mixed slowly, and the fix: at low
+temperature the mass sits next to the OT plan ``K* = Q P^T`` (``G = Q diag(s) P^T``), an
+orthogonal matrix, i.e. an extreme point of the ball where the body is a thin curved cap.  In
+the frame ``K = Q J P^T`` near ``J = I``, ``J ~ (I + A)(I - P)``: the symmetric part ``P >= 0``
+spreads ``~eps / s`` and the skew part ``A`` (along the orthogonal group) ``~sqrt(eps / s)``.  A
+rank-one ``u v^T`` has an indefinite symmetric part, so its chord is ``O(eps)``: the skew spread
+takes ``~1 / eps`` moves to cross.  The default direction distribution
+(:class:`~scotgm_pp.inference._har_directions.DirectionMixture`, fixed from ``G``) mixes skew
+rank-two directions ``Q (a b^T - b a^T) P^T`` (chord ``O(sqrt(eps))``), symmetric rank-one
+directions ``Q a a^T P^T = (Q a)(K*^T Q a)^T`` and a few isotropic ones, with ``a``, ``b`` partly
+whitened by ``diag(s)^{-1/2}``; chains start dispersed-but-locally around ``K*``
+(:func:`~scotgm_pp.inference._har_directions.local_starts`).  :func:`sample_coupling` can also
+sample only the leading ``r`` singular directions of ``G`` and fix the rest at ``K*`` (its
+``max_rank``; the default, for speed, see its Notes).
 """
 
 from __future__ import annotations
@@ -45,10 +42,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from ._har_chain import BallState as _BallState
+from ._har_chain import BallState as _BallState  # noqa: F401  (re-exported for step.py and tests)
 from ._har_chain import ChainOutput, run_chain
 from ._har_directions import DirectionMixture, local_starts
-from ._har_kernel import INTERIOR as _INTERIOR
+from ._har_kernel import INTERIOR as _INTERIOR  # noqa: F401
 from ._har_kernel import truncated_exponential_inv as _truncated_exponential
 from .ot import psd_sqrt
 
@@ -67,8 +64,8 @@ __all__ = [
     "truncated_exponential",
 ]
 
-DEFAULT_MAX_RANK = 20  # sampled plan block r x r (see sample_coupling, Notes)
-STEPS_PER_DIM = 100  # default kept steps per chain: STEPS_PER_DIM * r^2
+DEFAULT_MAX_RANK = 6  # sampled plan block r x r (see sample_coupling, Notes)
+STEPS_PER_DIM = 300  # default kept steps per chain: STEPS_PER_DIM * r^2
 RHAT_WARN = 1.05
 ESS_WARN = 100.0
 
@@ -325,10 +322,10 @@ def default_temperature(Sx, Sy, *, n_x: int | None = None, n_y: int | None = Non
       whose expected cost exceeds the optimum by less than that noise is as plausible as the
       optimum itself;
     * otherwise ``rel_excess`` (1%) of the gap ``2 sum(s)`` between the independent and the
-      optimal coupling.  Measured at ``m = 10``: the posterior-mean ``C`` is then ~5% (relative
-      Frobenius) from the OT cross-covariance, ~2.5% at a third of this temperature.  Lower
-      temperatures mix more slowly (the plan's skew directions have spread ``~sqrt(eps)`` while
-      a Hit-and-Run move along them is limited to ``~eps``), so this is a compromise.
+      optimal coupling.  Measured at ``m = 10`` (full plan, converged chains): the
+      posterior-mean ``C`` is then ~1% (relative Frobenius) from the OT cross-covariance.  With
+      the adapted directions of :func:`sample_coupling` the mixing time in steps does not
+      depend on the temperature (see its Notes).
 
     The result is floored at ``1e-6`` times the gap (a numerical floor, so that equal
     covariances estimated from very many cells still give a positive temperature).
@@ -371,6 +368,9 @@ class CouplingResult:
     step_stats
         Per-chain means: ``chord_length``, ``abs_step``; ``acceptance_rate`` (1: every move is an
         exact draw on its chord); ``n_reprojections``; ``max_refresh_drift``.
+    sampled_rank
+        ``r``: the plan was sampled in the leading ``r`` singular directions of ``G`` and fixed at
+        the OT plan in the others (``r = m``: no reduction).
     """
 
     cross_covariance: np.ndarray
@@ -382,6 +382,7 @@ class CouplingResult:
     w2_squared: float
     idata: object | None = None
     step_stats: dict = field(default_factory=dict)
+    sampled_rank: int | None = None
 
 
 def _check_positive_int(value, name: str, minimum: int = 1) -> int:
@@ -429,11 +430,11 @@ def sample_coupling(
         Numbers of cells behind ``Sx`` and ``Sy``; only used for the default temperature.
     n_steps
         Hit-and-Run steps kept per chain (default ``STEPS_PER_DIM * r^2``, ``r = min(m, max_rank)``,
-        at least 5,000: see Notes).
+        at least 5,000; 10,800 at the default ``r = 6``: see Notes).
     n_chains
         Independent chains (R-hat needs at least 2).
     burn_in
-        Steps discarded per chain (default ``n_steps // 2``).
+        Steps discarded per chain (default ``n_steps // 4``: the local starts need little).
     thin
         Record every ``thin``-th step for ``cost_draws`` (default: about 1000 draws per chain).
         ``cross_covariance`` averages every kept step regardless.
@@ -479,17 +480,26 @@ def sample_coupling(
 
     Notes
     -----
-    Why mixing was slow, and what is done about it: see
-    :mod:`~scotgm_pp.inference._har_directions`.  In the SVD frame the target is a fixed shape
-    scaled by ``eps`` (symmetric part) and ``sqrt(eps)`` (skew part), so with the adapted
-    directions the mixing time in steps no longer grows as ``eps`` shrinks; it grows with the
-    number of coordinates, ``r^2`` (autocorrelation of the cost ~``2 r^2`` steps measured at
-    ``r = 10`` to ``50``).  A step costs ``O(r^2)`` (compiled).  Budget, measured on one core:
-    ``r = 20`` gives ESS ~ 1000 in ~1.5 s with the defaults; the full plan at ``m = 50`` would
-    need ~1e5 steps per chain for ESS ~ 200 (~15 s).  Hence the default reduction.  What is
-    lost: the trailing ``m - r`` directions (smallest singular values of ``G``) are fixed at
-    the OT plan, so the cost's spread from them is missing and ``cross_covariance`` equals the
-    OT one there; the temperature is unchanged.
+    Why mixing was slow, and what is done about it: see the module docstring.  In the SVD frame
+    the target near the optimum is a fixed shape scaled by ``eps`` (symmetric part) and
+    ``sqrt(eps)`` (skew part), so with the adapted directions the mixing time in steps no
+    longer grows as ``eps`` shrinks; it grows with the number of coordinates: the transport
+    cost's integrated autocorrelation is ~``8 r^2`` to ``10 r^2`` steps (measured at
+    ``r = 6``-``10``), against ``>= 5000`` steps at ``m = 10`` for the isotropic kernel.  A step
+    costs ``O(r^2)``, but near the boundary ``M(K)^{-1}`` has condition up to ~``1e6`` and the
+    round-off control recomputes it (``O(r^3)``, Cholesky-based) at many steps.  Measured
+    (``benchmarks/bench_hit_and_run.py``, one core, 4 chains, defaults ``r = 6``,
+    ``n_steps = 300 r^2 = 10,800``, ``burn_in = n_steps / 4``, ``n_x = n_y = 300``): 0.4-1.1 s for
+    ``m = 10``-``100`` (2.4-4.6 s on a heavily shared machine), transport-cost R-hat
+    1.006-1.028, bulk ESS 150-250.  ``r = 10`` with ``n_steps = 30,000`` takes 2.6-4.9 s for ESS
+    85-150: worse per second.  The full plan at ``m = 10`` (``n_steps = 40,000``) reaches R-hat
+    1.011, ESS 211 in 1.6 s (isotropic kernel: R-hat 1.27, ESS 11); at ``m = 20`` it has not
+    converged in 50,000 steps per chain (R-hat 1.35): beyond the budget.
+    What the reduction gives up: the trailing ``m - r`` directions (smallest singular
+    values of ``G``) are fixed at the OT plan, so ``cross_covariance`` equals the OT one there
+    and ``cost_draws`` lack their spread (the mean excess over ``W2^2`` is
+    ``effective_dimension(r) * eps`` rather than ``effective_dimension(m) * eps``); the
+    temperature is unchanged.  Pass ``max_rank=None`` (and larger ``n_steps``) for the full plan.
     """
     geom = coupling_geometry(Sx, Sy, mu_x, mu_y)
     m = geom.m
@@ -500,7 +510,7 @@ def sample_coupling(
         raise ValueError(f"temperature must be a positive finite number, got {temperature}.")
     r = m if max_rank is None else min(m, _check_positive_int(max_rank, "max_rank"))
     n_steps = _check_positive_int(max(5_000, STEPS_PER_DIM * r * r) if n_steps is None else n_steps, "n_steps")
-    burn_in = _check_positive_int(n_steps // 2 if burn_in is None else burn_in, "burn_in", 0)
+    burn_in = _check_positive_int(n_steps // 4 if burn_in is None else burn_in, "burn_in", 0)
     if not (np.isfinite(anneal_factor) and anneal_factor >= 1.0):
         raise ValueError(f"anneal_factor must be a finite number >= 1, got {anneal_factor}.")
     thin = _check_positive_int(max(1, n_steps // 1000) if thin is None else thin, "thin")
@@ -593,7 +603,7 @@ def _assemble_result(geom, outs, cost_draws, K_mean, temperature, step_stats, re
     if rhat > RHAT_WARN or ess < ESS_WARN:  # rhat is nan with one chain: only the ESS is checked
         warnings.warn(
             f"Hit-and-Run chains have not converged (transport-cost R-hat {rhat:.3f}, ESS {ess:.0f}); "
-            "increase n_steps and burn_in (the cost's autocorrelation is ~2 r^2 steps for an r x r "
+            "increase n_steps and burn_in (the cost's autocorrelation is ~10 r^2 steps for an r x r "
             "sampled plan) or lower max_rank.",
             RuntimeWarning,
             stacklevel=3,
@@ -624,4 +634,5 @@ def _assemble_result(geom, outs, cost_draws, K_mean, temperature, step_stats, re
         w2_squared=geom.w2_squared,
         idata=idata,
         step_stats=step_stats,
+        sampled_rank=settings.get("sampled_rank"),
     )

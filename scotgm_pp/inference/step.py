@@ -32,6 +32,7 @@ from pymc.step_methods.compound import Competence, StepMethodState
 from pymc.step_methods.state import dataclass_state
 from pymc.util import get_value_vars_from_user_vars
 from pytensor.tensor.nlinalg import svd
+from threadpoolctl import ThreadpoolController
 
 from . import _har_kernel as hk
 from ._har_chain import BallState
@@ -195,6 +196,7 @@ class HitAndRun(ArrayStepShared):
             case _:
                 raise ValueError(f"unknown directions {directions!r}; choose 'adapted' or 'isotropic'.")
         self._state: BallState | None = None
+        self._threadpool = ThreadpoolController()  # m x m BLAS calls are too small to thread
         self._n_moves = 0
         shared = make_shared_replacements(initial_point, vars, model)
         super().__init__(vars, shared, blocked=blocked, rng=rng)
@@ -236,6 +238,11 @@ class HitAndRun(ArrayStepShared):
         return self._state
 
     def astep(self, q0: RaveledVars) -> tuple[RaveledVars, StatsType]:
+        m = self.m
+        with self._threadpool.limit(limits=1, user_api="blas"):
+            return self._astep(q0)
+
+    def _astep(self, q0: RaveledVars) -> tuple[RaveledVars, StatsType]:
         m = self.m
         state = self._ball_state(q0.data.reshape(m, m).astype(float))
         n = self.steps_per_draw

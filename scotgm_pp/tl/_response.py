@@ -115,7 +115,7 @@ def perturbation_response(
     regularization: float = 0.01,
     em_regularization: str = "map",
     coupling_kwargs: dict | None = None,
-    rank_by: str = "score",
+    rank_by: str = "shift",
     key_added: str = "scotgm",
     random_state: int = 0,
     copy: bool = False,
@@ -149,10 +149,13 @@ def perturbation_response(
     escape_model
         Guide cells are a mixture of escaped and perturbed cells (True) or all perturbed.
     rank_by
-        ``"score"`` (default): the standardised shift ``mu / sigma`` of the perturbation
-        distribution in PCA space mapped to genes. ``"shift"``: the gene-space mean shift of
-        the perturbed state in log-normalised units, which keeps gene-specific effects the
-        PCs do not carry (better for naming the knocked-down gene from few cells).
+        ``"shift"`` (default): the gene-space mean shift of the perturbed state from the basal
+        state in log-normalised units (the full model's M-step given the state posteriors), which
+        keeps the gene-specific part of an effect that the kept PCs do not carry. ``"score"``: the
+        standardised shift ``mu / sigma`` of the perturbation distribution in PCA space mapped to
+        genes (the paper's ranking). On the Papalexi small-sample protocol (60 vs 300 cells, 9
+        measured targets, 10 seeds) the target's top-1 accuracy is 0.58 by shift and 0.18 by score;
+        with all cells, 8 of 9 vs 7 of 9 targets rank first.
     regularization
         Strength of the Normal-Wishart prior (the paper's Tikhonov factor, 0.01).
     em_regularization
