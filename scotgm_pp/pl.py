@@ -19,6 +19,7 @@ __all__ = [
     "predicted_vs_observed",
     "confusion_matrix",
     "coupling_diagnostics",
+    "target_ranks",
     "save_run_figures",
 ]
 
@@ -246,9 +247,9 @@ def target_ranks(adata: AnnData, key: str = "scotgm", *, figsize=(6.0, 3.2)) -> 
     fig, ax = _new_figure(figsize)
     if items:
         names, ranks = zip(*items)
-        ax.bar(range(len(ranks)), ranks, color=_DOWN, bottom=0.5)
+        ax.bar(range(len(ranks)), np.asarray(ranks) - 0.5, color=_DOWN, bottom=0.5)
         for j, r in enumerate(ranks):
-            ax.text(j, r + 0.5, str(r), ha="center", va="bottom", fontsize=8)
+            ax.text(j, r * 1.04, str(r), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(ranks)), names, rotation=60, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_ylim(0.5, max(max(ranks) * 2.0, 20))
@@ -308,7 +309,8 @@ def save_run_figures(
                 pred = predict_response(adata, pert, key=key, n_draws=0)
             except (KeyError, ValueError):
                 continue
-            save(predicted_vs_observed(adata, pert, key, prediction=pred, observed=obs), f"{tag}_predicted_vs_observed.png")
+            fig = predicted_vs_observed(adata, pert, key, prediction=pred, observed=obs)
+            save(fig, f"{tag}_predicted_vs_observed.png")
     if any("target_rank" in r for r in results.values()):
         save(target_ranks(adata, key), "target_ranks.png")
     return written

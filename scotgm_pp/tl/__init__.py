@@ -1,14 +1,22 @@
-"""Tools: perturbation responses, gene rankings, escaped cells (compute only; never plot)."""
+"""Tools: perturbation responses, gene rankings, escaped cells, response prediction and synthetic
+cells (compute only; never plot)."""
 
-from ._core import COUPLINGS, PerturbationFit, fit_perturbation, gene_statistics
+from ._core import COUPLINGS, RANK_BY, PerturbationFit, fit_perturbation, gene_statistics, state_shift
+from ._predict import observed_response, predict_response
 from ._response import analyse_pair, get_rankings, perturbation_response
+from ._synthetic import sample_cells
 
 __all__ = [
     "COUPLINGS",
+    "RANK_BY",
     "PerturbationFit",
     "analyse_pair",
     "fit_perturbation",
     "gene_statistics",
     "get_rankings",
+    "observed_response",
     "perturbation_response",
+    "predict_response",
+    "sample_cells",
+    "state_shift",
 ]

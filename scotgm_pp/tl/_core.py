@@ -179,8 +179,7 @@ def couple(
 
             seed = int(rng.integers(2**32)) if rng is not None else 0
             out = paper_cross_covariance(mu0, S0, mu1, S1, random_state=seed, **kw)
-            C = out[0] if isinstance(out, tuple) else out
-            return np.asarray(C), {}
+            return np.asarray(out["cross_covariance"]), {}
         case _:
             raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
 

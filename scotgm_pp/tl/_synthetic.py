@@ -147,7 +147,8 @@ def sample_cells(
         ``target_sum``). ``.obsm["X_pca"]`` the cells' PCA scores. ``.obs``: ``state``, ``source``
         (``"fitted state"``, ``"fitted state + control cell residual"`` or ``"control cell +
         perturbation draw"``), ``perturbation``, ``parameter_draw`` (-1: the fitted point),
-        ``control_cell`` (the real control cell whose residual or profile was used, else ""). ``.layers["counts"]`` when ``counts=True``. ``.uns["scotgm_synthetic"]``
+        ``control_cell`` (the real control cell whose residual or profile was used, else "").
+        ``.layers["counts"]`` when ``counts=True``. ``.uns["scotgm_synthetic"]``
         records the settings.
     """
     if state not in STATES:
