@@ -71,11 +71,11 @@ def run(m: int, **kwargs) -> dict:
     wall = time.perf_counter() - t0
     err = np.linalg.norm(res.cross_covariance - C_star) / np.linalg.norm(C_star)
     return dict(wall=wall, rhat=res.rhat, ess=res.ess, ess_per_s=res.ess / wall, rel_err=err,
-                rank=res.K_mean.shape[0] if False else None)
+                rank=res.sampled_rank)
 
 
 def fmt(label: str, out: dict) -> str:
-    return (f"{label:<58s} {out['wall']:6.2f} s  R-hat {out['rhat']:.3f}  ESS {out['ess']:7.1f}  "
+    return (f"{label:<58s} r = {out['rank']:3d}  {out['wall']:6.2f} s  R-hat {out['rhat']:.3f}  ESS {out['ess']:7.1f}  "
             f"ESS/s {out['ess_per_s']:7.1f}  rel.err(C) {out['rel_err']:.4f}")
 
 
