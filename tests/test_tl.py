@@ -204,3 +204,22 @@ def test_paper_coupling_runs_in_the_pipeline(small_sim):
     # independent (0) and the optimal-transport cross-covariance.
     ot = sg.inference.ot_cross_covariance(S0, S1)
     assert np.linalg.norm(C - ot) > 0.1 * np.linalg.norm(ot)
+
+
+def test_hit_and_run_coupling_in_the_pipeline(small_sim):
+    pert = sorted(small_sim.uns["simulation"]["target_gene"])[0]
+    har = _run(small_sim, coupling="hit_and_run", perturbations=[pert])
+    rec = har.uns["scotgm"]["results"][pert]
+    assert rec["coupling_rhat"] < 1.1 and rec["coupling_ess"] > 50
+    S0, S1 = rec["covariances"]
+    ot = sg.inference.ot_cross_covariance(S0, S1)
+    # posterior-mean plan at the default temperature: close to, but not exactly, the OT plan
+    rel = np.linalg.norm(rec["cross_covariance"] - ot) / np.linalg.norm(ot)
+    assert 0 < rel < 0.05
+    # the spread of plans widens the perturbation distribution beyond the OT one, below independent
+    tr = np.trace(rec["perturbation_cov"])
+    tr_ot = np.trace(S0 + S1 - ot - ot.T)
+    assert tr_ot < tr < np.trace(S0 + S1)
+    w2 = sg.inference.gaussian_w2(*rec["means"][:1], S0, rec["means"][1], S1)
+    assert rec["coupling_cost_mean"] >= w2 - 1e-9
+    assert rec["coupling_cost_sd"] > 0
