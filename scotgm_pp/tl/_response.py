@@ -32,7 +32,7 @@ def analyse_pair(
     em_regularization: str = "map",
     random_state=None,
     coupling_kwargs: dict | None = None,
-    rank_by: str = "score",
+    rank_by: str = "shift",
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
