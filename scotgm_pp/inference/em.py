@@ -447,6 +447,16 @@ def _initial_responsibilities(X, fixed, K, rng):
     return R
 
 
+def validate_scores(X) -> np.ndarray:
+    """Cells x features as a finite float array, or an error naming the problem."""
+    X = np.asarray(X, dtype=float)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (cells x features), got shape {X.shape}.")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("X contains non-finite values; remove or impute them before fitting.")
+    return X
+
+
 def validate_fixed_state(fixed_state, n_cells: int, n_states: int) -> np.ndarray:
     """Check ``fixed_state`` and return it as an integer array (``-1`` free, ``k`` pinned to state ``k``).
 
@@ -539,11 +549,7 @@ def fit_em(
     -------
     EMResult
     """
-    X = np.asarray(X, dtype=float)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (cells x features), got shape {X.shape}.")
-    if not np.all(np.isfinite(X)):
-        raise ValueError("X contains non-finite values; remove or impute them before fitting.")
+    X = validate_scores(X)
     n, d = X.shape
     if regularization not in ("map", "paper"):
         raise ValueError(f"regularization must be 'map' or 'paper', got {regularization!r}.")

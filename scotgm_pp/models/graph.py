@@ -35,7 +35,7 @@ import pymc as pm
 import pytensor.tensor as pt
 from pymc.logprob.transforms import Transform
 
-from ..inference.em import NormalWishartPrior, default_prior, validate_fixed_state
+from ..inference.em import NormalWishartPrior, default_prior, validate_fixed_state, validate_scores
 
 __all__ = [
     "LogCholeskyTransform",
@@ -179,11 +179,7 @@ def build_model(
         (``contrast, pc``) = ``mean_a - mean_b`` and ``perturbation_cov_independent``
         (``contrast, pc, pc_bis``) = ``Sigma_a + Sigma_b`` (the independent coupling).
     """
-    X = np.asarray(X, dtype=float)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (cells x PCs), got shape {X.shape}.")
-    if not np.all(np.isfinite(X)):
-        raise ValueError("X contains non-finite values; remove or impute them first.")
+    X = validate_scores(X)
     n, d = X.shape
     if int(n_states) != n_states or n_states < 1:
         raise ValueError(f"n_states must be a positive integer, got {n_states!r}.")
