@@ -136,7 +136,10 @@ def fit_states(
         random_state=random_state,
     )
     if init is not None:
+        # The states come from the tied EM; the full-model step given them is closed form, so
+        # the iteration count and convergence reported are the tied EM's.
         em.responsibilities = init
+        em.n_iter, em.converged = tied.n_iter, tied.converged
     return em, info
 
 
