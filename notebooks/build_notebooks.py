@@ -1,4 +1,5 @@
 """Write and execute the notebooks in notebooks/ (saved with outputs). Usage: python notebooks/build_notebooks.py"""
+from pathlib import Path
 import sys, time
 import nbformat as nbf
 from nbclient import NotebookClient
@@ -217,7 +218,7 @@ for name in which:
     n = nb(books[name])
     t = time.time()
     NotebookClient(n, timeout=300, kernel_name="python3", resources={"metadata": {"path": "/work/main/notebooks"}}).execute()
-    nbf.write(n, f"/work/main/notebooks/{name}.ipynb")
+    nbf.write(n, str(Path(__file__).resolve().parent / f"{name}.ipynb"))
     print(name, f"{time.time() - t:.1f}s")
     for c in n.cells:
         for o in c.get("outputs", []):
