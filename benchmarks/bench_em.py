@@ -9,8 +9,8 @@ use two OpenBLAS thread pools that otherwise thrash each other (which flatters o
 
 Run::
 
-    /work/venv/bin/python benchmarks/bench_em.py            # 3000 x 20 and 400 x 10
-    /work/venv/bin/python benchmarks/bench_em.py --iters 50 --repeat 5
+    python benchmarks/bench_em.py            # 3000 x 20 and 400 x 10
+    python benchmarks/bench_em.py --iters 50 --repeat 5
 
 Prints one line a size: times in ms, and the ratio ours / sklearn (< 1: ours faster).
 """

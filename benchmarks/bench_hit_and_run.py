@@ -13,7 +13,7 @@ Prints, on one core (BLAS limited to one thread), all in this process:
   adapted directions against the original isotropic kernel at the same budget and the default
   (low) temperature without cell counts.
 
-Run: ``/work/venv/bin/python benchmarks/bench_hit_and_run.py``
+Run: ``python benchmarks/bench_hit_and_run.py``
 """
 
 from __future__ import annotations

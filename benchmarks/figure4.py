@@ -14,7 +14,7 @@ iterations:
 
 Writes ``figure4.png`` and ``figure4.csv`` (columns d, iteration, method, rel_error, seconds) to --out.
 
-Run: ``/work/venv/bin/python benchmarks/figure4.py --out benchmarks/out``
+Run: ``python benchmarks/figure4.py --out benchmarks/out``
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every configuration runs on the same draws as the baselines (run_benchmark's protocol: 60 guide
 cells, 300 controls, seeds 0-9). Nothing is chosen per perturbation or with the true target.
 
-    /work/venv/bin/python benchmarks/papalexi_levers.py [--seeds 10] [--out benchmarks/out/levers]
+    python benchmarks/papalexi_levers.py [--seeds 10] [--out benchmarks/out/levers]
     [--only NAME ...] [--deg]
 """
 

@@ -217,7 +217,7 @@ which = sys.argv[1:] or list(books)
 for name in which:
     n = nb(books[name])
     t = time.time()
-    NotebookClient(n, timeout=300, kernel_name="python3", resources={"metadata": {"path": "/work/main/notebooks"}}).execute()
+    NotebookClient(n, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(Path(__file__).resolve().parent)}}).execute()
     nbf.write(n, str(Path(__file__).resolve().parent / f"{name}.ipynb"))
     print(name, f"{time.time() - t:.1f}s")
     for c in n.cells:
