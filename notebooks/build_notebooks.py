@@ -27,8 +27,8 @@ warnings.simplefilter("ignore")  # quiet notebook output (the library itself set
 import numpy as np
 import scotgm_pp as sg
 from scotgm_pp import pl
-from scotgm_pp.tl._predict import predict_response, observed_response
-from scotgm_pp.tl._synthetic import sample_cells
+from scotgm_pp.tl import observed_response, predict_response
+from scotgm_pp.tl import sample_cells
 
 adata = sg.datasets.read(sg.datasets.papalexi_path(), perturbation_key="target", control="non-targeting")
 adata""",
