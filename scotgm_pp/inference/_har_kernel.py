@@ -69,13 +69,7 @@ def refresh(K, Minv, acc, measure):
     A = np.linalg.inv(N)
     A = 0.5 * (A + A.T)
     if measure:
-        num = 0.0
-        den = 0.0
-        for i in range(m):
-            for j in range(m):
-                num = max(num, abs(A[i, j] - Minv[i, j]))
-                den = max(den, abs(A[i, j]))
-        acc[DRIFT] = max(acc[DRIFT], num / den)
+        _record_drift(A, Minv, acc)
     E = A @ K
     B = np.eye(m) + K.T @ E
     B = 0.5 * (B + B.T)
@@ -85,6 +79,19 @@ def refresh(K, Minv, acc, measure):
     Minv[m:, :m] = -E.T
     acc[LOST] = 0.0
     acc[NORM] = math.sqrt(np.sum(Minv * Minv))
+
+
+@njit(cache=True)
+def _record_drift(A, Minv, acc):
+    """Largest relative entry-wise gap between the exact inverse block ``A`` and the running one."""
+    m = A.shape[0]
+    num = 0.0
+    den = 0.0
+    for i in range(m):
+        for j in range(m):
+            num = max(num, abs(A[i, j] - Minv[i, j]))
+            den = max(den, abs(A[i, j]))
+    acc[DRIFT] = max(acc[DRIFT], num / den)
 
 
 @njit(cache=True)
@@ -100,13 +107,7 @@ def refresh_svd(K, Minv, acc, measure):
     inv = 1.0 / ((1.0 - sig) * (1.0 + sig))
     A = (U * inv) @ U.T
     if measure:
-        num = 0.0
-        den = 0.0
-        for i in range(m):
-            for j in range(m):
-                num = max(num, abs(A[i, j] - Minv[i, j]))
-                den = max(den, abs(A[i, j]))
-        acc[DRIFT] = max(acc[DRIFT], num / den)
+        _record_drift(A, Minv, acc)
     E = (U * (inv * sig)) @ Vt
     B = (Vt.T * inv) @ Vt
     Minv[:m, :m] = A
