@@ -6,7 +6,16 @@ on first use, so ``import scotgm_pp.inference`` stays light.
 
 from importlib import import_module
 
-from .em import EMResult, NormalWishartPrior, default_prior, fit_em, gaussian_logpdf, log_density, validate_fixed_state
+from .em import (
+    EMResult,
+    NormalWishartPrior,
+    default_prior,
+    fit_em,
+    free_responsibilities,
+    gaussian_logpdf,
+    log_density,
+    validate_fixed_state,
+)
 from .gibbs import GibbsResult, sample_gibbs
 from .hit_and_run import (
     CouplingResult,
@@ -29,6 +38,7 @@ __all__ = [
     "default_prior",
     "fit_em",
     "log_density",
+    "free_responsibilities",
     "gaussian_logpdf",
     "validate_fixed_state",
     "GibbsResult",

@@ -320,6 +320,15 @@ def _mixture_terms(logN, weights, free, fixed):
     return loglik, R
 
 
+def free_responsibilities(X: np.ndarray, weights, means, covariances) -> np.ndarray:
+    """State posteriors ``(n, K)`` of cells treated as free (no pinned state), e.g. new cells or
+    controls with their label hidden."""
+    X = np.asarray(X, float)
+    n = X.shape[0]
+    logN = _log_gaussians(X, means, covariances)
+    return _mixture_terms(logN, np.asarray(weights, float), np.ones(n, bool), np.full(n, -1))[1]
+
+
 def log_density(
     X: np.ndarray,
     weights: np.ndarray,

@@ -20,11 +20,9 @@ import xarray as xr
 
 from ..inference.em import (
     NormalWishartPrior,
-    _inverse_cholesky,
-    _log_gaussians_from,
-    _mixture_terms,
     default_prior,
     fit_em,
+    free_responsibilities,
     validate_fixed_state,
 )
 from .graph import default_contrasts, default_state_names
@@ -418,12 +416,9 @@ class ScOTGM:
         w, m, c = self._draws()
         if X.ndim != 2 or X.shape[1] != m.shape[2]:
             raise ValueError(f"X must be cells x {m.shape[2]} PCs (the fitted space), got shape {X.shape}.")
-        free = np.ones(X.shape[0], dtype=bool)
-        fixed = np.full(X.shape[0], -1)
         out = np.zeros((X.shape[0], m.shape[1]))
         for s in range(len(w)):
-            Linv, hl = _inverse_cholesky(c[s])
-            out += _mixture_terms(_log_gaussians_from(X, m[s], Linv, hl), w[s], free, fixed)[1]
+            out += free_responsibilities(X, w[s], m[s], c[s])
         return out / len(w)
 
     @property

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..inference.em import EMResult, default_prior, fit_em, gaussian_logpdf
+from ..inference.em import EMResult, default_prior, fit_em, free_responsibilities
 from ..inference.ot import ot_cross_covariance, perturbation_covariance
 
 __all__ = [
@@ -270,14 +270,7 @@ def gene_statistics(
 def unpinned_posterior(scores: np.ndarray, em: EMResult) -> np.ndarray:
     """Posterior probability of the perturbed state for every cell as if its label were hidden
     (uses the fitted weights of the guide cells); for controls this measures how many look perturbed."""
-    logN = np.stack([gaussian_logpdf(scores, em.means[k], em.covariances[k]) for k in range(len(em.means))],
-                    axis=1)
-    with np.errstate(divide="ignore"):
-        a = logN + np.log(em.weights)
-    a -= a.max(axis=1, keepdims=True)
-    p = np.exp(a)
-    p /= p.sum(axis=1, keepdims=True)
-    return p[:, PERTURBED]
+    return free_responsibilities(scores, em.weights, em.means, em.covariances)[:, PERTURBED]
 
 
 def state_shift(lognorm, p_perturbed: np.ndarray) -> np.ndarray:
