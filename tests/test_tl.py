@@ -53,11 +53,16 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
     assert uns["params"]["control"] == "control"
     assert uns["skipped"] == {}
     tab = uns["rankings"]
-    assert list(tab.columns[:8]) == ["perturbation", "gene", "mu", "sigma", "score", "shift", "rank", "abs_rank"]
+    assert list(tab.columns) == ["perturbation", "gene", "mu", "sigma", "score", "shift", "lfc", "lfc_se", "lfc_z",
+                                 "lfc_bound", "dispersion", "lfc_perturbed", "lfc_perturbed_se", "rank", "abs_rank"]
     for _, sub in tab.groupby("perturbation"):
         assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
         assert np.allclose(sub["score"], sub["mu"] / sub["sigma"])
-        assert sub.sort_values("rank")["shift"].is_monotonic_increasing  # rank_by="shift" (default)
+        # rank_by="lfc_bound" (default): by the bound, ties (bound 0) by lfc_z
+        order = sub.sort_values("rank")
+        assert order["lfc_bound"].is_monotonic_increasing
+        zero = order[order["lfc_bound"] == 0]
+        assert zero["lfc_z"].is_monotonic_increasing
     rec = next(iter(uns["results"].values()))
     m = rec["n_pcs"]
     assert rec["covariances"].shape == (2, m, m)
@@ -176,8 +181,30 @@ def test_score_ranking_is_available(small_sim):
         sg.tl.perturbation_response(small_sim, "perturbation", "control", rank_by="pvalue")
 
 
+def test_count_layer_matches_count_shift_and_batches_are_validated(small_sim):
+    truth = small_sim.uns["simulation"]["target_gene"]
+    pert = sorted(truth)[0]
+    labels = small_sim.obs["perturbation"].astype(str).to_numpy()
+    ad = small_sim.copy()
+    ad.obs["rep"] = np.where(np.arange(ad.n_obs) % 2 == 0, "r1", "r2")
+    out = _run(ad, perturbations=[pert], batch_key="rep")
+    assert out.uns["scotgm"]["params"]["batch_key"] == "rep"
+    tab = sg.tl.get_rankings(out).set_index("gene")
+    assert tab.loc[truth[pert], "rank"] == 1
+    # the table is count_shift on the same cells and genes (no gene or cell of this simulation is filtered)
+    cells = np.isin(labels, ["control", pert])
+    sub = ad[cells]
+    want = sg.tl.count_shift(sub.X, labels[cells] == "control", batch=sub.obs["rep"].to_numpy())
+    want.index = sub.var_names
+    got = tab.loc[sub.var_names]
+    np.testing.assert_allclose(got["lfc"], want["lfc"], rtol=1e-10)
+    np.testing.assert_allclose(got["lfc_bound"], want["lfc_bound"], rtol=1e-10, atol=1e-14)
+    with pytest.raises(InputError, match="batch_key 'replicate' is not a column of adata.obs"):
+        sg.tl.perturbation_response(small_sim, "perturbation", "control", batch_key="replicate")
+
+
 def test_gene_space_shift_ranks_targets_and_matches_weighted_means(small_sim):
-    out = _run(small_sim)
+    out = _run(small_sim, rank_by="shift")
     tab = sg.tl.get_rankings(out)
     truth = small_sim.uns["simulation"]["target_gene"]
     assert all(tab[(tab.perturbation == p) & (tab.gene == g)]["rank"].iloc[0] == 1 for p, g in truth.items())

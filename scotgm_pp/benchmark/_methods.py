@@ -16,15 +16,18 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
+from scipy import stats
 
 from ..pp import PreprocessParams, normalize_log
 from ..tl import COUPLINGS, analyse_pair
+from ..tl._counts import bound_order_score
 
 __all__ = [
     "Pair",
     "make_pair",
     "scanpy_method",
     "logfc_method",
+    "van_elteren_method",
     "scotgm_method",
     "resolve_methods",
     "DEFAULT_METHODS",
@@ -32,15 +35,15 @@ __all__ = [
     "SCOTGM_SCORES",
 ]
 
-DEFAULT_SCOTGM = "scotgm-ot:state_shift"
-"""The package default: ot coupling, escape model, genes ranked by the gene-space state shift
-(``perturbation_response(..., rank_by="shift")``)."""
-"""The row of the package's default sc-OTGM configuration."""
+DEFAULT_SCOTGM = "scotgm-ot:lfc_bound"
+"""The row of the package's default configuration (``perturbation_response`` defaults: ot
+coupling, escape model, genes ranked by the count layer's bound, ``rank_by="lfc_bound"``)."""
 
-DEFAULT_METHODS = ("scotgm-ot", "scotgm-independent", "scotgm-ot:state_shift", "t-test", "wilcoxon", "logfc")
+DEFAULT_METHODS = ("scotgm-ot:lfc_bound", "scotgm-ot", "scotgm-independent", "scotgm-ot:state_shift", "t-test",
+                   "wilcoxon", "van-elteren", "logfc")
 """Fast methods run by default; ``scotgm-hit_and_run`` and ``scotgm-paper`` are opt-in (slow)."""
 
-SCOTGM_SCORES = ("model", "state_t", "state_shift")
+SCOTGM_SCORES = ("model", "lfc_bound", "state_t", "state_shift")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Pair:
     lognorm: AnnData
     seed: int
     params: PreprocessParams
+    batch: np.ndarray | None = None
     cache: dict = field(default_factory=dict)
 
     @property
@@ -60,11 +64,14 @@ class Pair:
         return self.is_control[kept]
 
 
-def make_pair(counts: AnnData, is_control: np.ndarray, seed: int, params: PreprocessParams) -> Pair:
-    """Log-normalise (with :func:`scotgm_pp.pp.normalize_log`) once for every baseline."""
+def make_pair(counts: AnnData, is_control: np.ndarray, seed: int, params: PreprocessParams,
+              batch: np.ndarray | None = None) -> Pair:
+    """Log-normalise (with :func:`scotgm_pp.pp.normalize_log`) once for every baseline.
+
+    ``batch``: optional stratum label per cell of ``counts`` (used by the methods that can)."""
     lognorm, _ = normalize_log(counts, params)
     return Pair(counts=counts, is_control=np.asarray(is_control, bool), lognorm=lognorm, seed=int(seed),
-                params=params)
+                params=params, batch=None if batch is None else np.asarray(batch).astype(str))
 
 
 def scanpy_method(test: str) -> Callable[[Pair], pd.Series]:
@@ -96,6 +103,52 @@ def logfc_method(pair: Pair) -> pd.Series:
     c = pair.lognorm_is_control
     diff = np.asarray(X[~c].mean(axis=0)).ravel() - np.asarray(X[c].mean(axis=0)).ravel()
     return pd.Series(diff.astype(float), index=pair.lognorm.var_names.astype(str))
+
+
+def van_elteren_method(pair: Pair) -> pd.Series:
+    """Stratified Mann-Whitney (van Elteren) z of guide against control cells, log-normalised values.
+
+    Within each batch of ``pair.batch`` the Mann-Whitney U (ties: mid-ranks) is centred and
+    weighted by ``1 / (n + 1)``; the weighted sum is divided by its null standard deviation (with
+    the tie correction). Without batches it is the tie-corrected Mann-Whitney z, scanpy's
+    ``wilcoxon`` score. A baseline that uses the batches as the count layer does.
+    """
+    X = pair.lognorm.X
+    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, float)
+    c = pair.lognorm_is_control
+    if pair.batch is None:
+        strata = np.zeros(len(c), dtype=int)
+    else:
+        kept = pair.counts.obs_names.get_indexer(pair.lognorm.obs_names)
+        strata = pd.factorize(pair.batch[kept])[0]
+    num = np.zeros(X.shape[1])
+    var = np.zeros(X.shape[1])
+    for s_ in np.unique(strata):
+        m = strata == s_
+        Xm, cm = X[m], c[m]
+        n1, n0 = int((~cm).sum()), int(cm.sum())
+        if n1 == 0 or n0 == 0:
+            continue
+        n = n0 + n1
+        r = stats.rankdata(Xm, axis=0)
+        u = r[~cm].sum(axis=0) - n1 * (n1 + 1) / 2.0
+        ties = np.array([_tie_sum(col) for col in Xm.T])
+        v = n0 * n1 / 12.0 * ((n + 1) - ties / (n * (n - 1)))
+        w = 1.0 / (n + 1)
+        num += w * (u - n0 * n1 / 2.0)
+        var += w**2 * v
+    z = np.where(var > 0, num / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
+    return pd.Series(z, index=pair.lognorm.var_names.astype(str))
+
+
+def _tie_sum(col: np.ndarray) -> float:
+    t = np.unique(col, return_counts=True)[1].astype(float)
+    return float((t**3 - t).sum())
+
+
+def _lfc_bound(pair: Pair, genes: pd.DataFrame) -> pd.Series:
+    """The count layer's ranking (``rank_by="lfc_bound"``) as one sortable number per gene."""
+    return pd.Series(bound_order_score(genes["lfc_bound"], genes["lfc_z"]), index=genes["gene"].astype(str).to_numpy())
 
 
 def _state_stats(pair: Pair, p: pd.Series):
@@ -156,6 +209,8 @@ def scotgm_method(
         Preprocessing; the pair's (benchmark-wide) params when None.
     score
         ``"model"``: the model's standardised shift ``mu / sigma`` (``genes["score"]``).
+        ``"lfc_bound"``: the count layer's bound on the log fold change, the package default
+        (:func:`scotgm_pp.tl.count_shift`; stratified by ``pair.batch`` when given).
         ``"state_shift"``: the gene-space mean shift of the fitted perturbed state from the basal
         state, in log-normalised units (see ``_state_shift``).
         ``"state_t"``: the Welch statistic of the fitted perturbed state against the basal state
@@ -172,8 +227,11 @@ def scotgm_method(
         if key not in pair.cache:
             pair.cache[key] = analyse_pair(pair.counts, pair.is_control, params=prm, coupling=coupling,
                                            escape_model=escape_model, regularization=regularization,
-                                           random_state=pair.seed, coupling_kwargs=coupling_kwargs)
+                                           random_state=pair.seed, coupling_kwargs=coupling_kwargs,
+                                           batch=pair.batch)
         _, genes, p = pair.cache[key]
+        if score == "lfc_bound":
+            return _lfc_bound(pair, genes)
         if score == "state_t":
             return _state_t(pair, p)
         if score == "state_shift":
@@ -185,7 +243,7 @@ def scotgm_method(
 
 
 def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
-    """Method names (``scotgm-<coupling>[:<score>]``, ``t-test``, ``wilcoxon``, ``logfc``) or a mapping
+    """Method names (``scotgm-<coupling>[:<score>]``, ``t-test``, ``wilcoxon``, ``van-elteren``, ``logfc``) or a mapping
     name -> callable, to a mapping name -> callable. ``None``: :data:`DEFAULT_METHODS`."""
     if methods is None:
         methods = DEFAULT_METHODS
@@ -199,6 +257,8 @@ def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
             out[name] = scanpy_method(name)
         elif name == "logfc":
             out[name] = logfc_method
+        elif name == "van-elteren":
+            out[name] = van_elteren_method
         elif isinstance(name, str) and name.startswith("scotgm-"):
             coupling, _, score = name[len("scotgm-"):].partition(":")
             if coupling not in COUPLINGS or (score and score not in SCOTGM_SCORES):
@@ -206,6 +266,6 @@ def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
                                  f"coupling in {COUPLINGS} and score in {SCOTGM_SCORES}.")
             out[name] = scotgm_method(coupling, score=score or "model")
         else:
-            valid = ["t-test", "wilcoxon", "logfc"] + [f"scotgm-{c}[:<score>]" for c in COUPLINGS]
+            valid = ["t-test", "wilcoxon", "van-elteren", "logfc"] + [f"scotgm-{c}[:<score>]" for c in COUPLINGS]
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(valid)} or pass callables.")
     return out

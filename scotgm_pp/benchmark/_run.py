@@ -119,6 +119,7 @@ def run_benchmark(
     deg: bool = True,
     n_top_genes: int = TOP_GENES,
     blas_threads: int | None = 1,
+    batch_key: str | None = None,
 ) -> BenchmarkResult:
     """Small-sample benchmark of target-gene ranking and DEG recovery (the paper's Tables 1 and 3).
 
@@ -159,6 +160,9 @@ def run_benchmark(
         Also compute the DEG table (Table 3 analogue).
     n_top_genes
         Each method's selected genes for the DEG table: its top ``n_top_genes`` by ``|score|``.
+    batch_key
+        Optional ``.obs`` column of batches (e.g. biological replicates). The scotgm count layer
+        and the ``van-elteren`` row stratify by it; scanpy's tests and ``logfc`` cannot.
     blas_threads
         BLAS threads during the run (restored afterwards). The per-experiment linear algebra is
         small, and multi-threaded BLAS made it ~5x slower on a shared 2-core machine; ``None``
@@ -173,8 +177,13 @@ def run_benchmark(
             return run_benchmark(adata, perturbation_key, control, n_target=n_target, n_control=n_control,
                                  seeds=seeds, first_seed=first_seed, methods=methods, targets=targets,
                                  out_dir=out_dir, progress=progress, params=params, deg=deg,
-                                 n_top_genes=n_top_genes, blas_threads=None)
+                                 n_top_genes=n_top_genes, blas_threads=None, batch_key=batch_key)
     validate_screen(adata, perturbation_key, control)
+    batch = None
+    if batch_key is not None:
+        if batch_key not in adata.obs.columns:
+            raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)[:20]}.")
+        batch = adata.obs[batch_key].astype(str).to_numpy()
     params = params or PreprocessParams()
     funcs = resolve_methods(methods)
     labels = adata.obs[perturbation_key].astype(str).to_numpy()
@@ -210,7 +219,8 @@ def run_benchmark(
         guide = np.sort(rng.choice(guide_all, min(n_target, len(guide_all)), replace=False))
         idx = np.concatenate([ctrl, guide])
         try:
-            pair = make_pair(adata[idx].copy(), np.arange(len(idx)) < len(ctrl), seed, params)
+            pair = make_pair(adata[idx].copy(), np.arange(len(idx)) < len(ctrl), seed, params,
+                             batch=None if batch is None else batch[idx])
         except InputError as err:  # e.g. every cell filtered out: every method misses this experiment
             for name in funcs:
                 failures.append({"method": name, "perturbation": pert, "seed": seed, "error": f"InputError: {err}"})
@@ -247,7 +257,7 @@ def run_benchmark(
         settings={"perturbation_key": perturbation_key, "control": control, "n_target": n_target,
                   "n_control": n_control, "seeds": seeds, "first_seed": first_seed, "methods": list(funcs),
                   "perturbations": perts, "params": params.to_dict(), "default_method": DEFAULT_SCOTGM,
-                  "n_top_genes": int(n_top_genes)},
+                  "n_top_genes": int(n_top_genes), "batch_key": batch_key or ""},
     )
     if out_dir is not None:
         from ._report import write_outputs

@@ -2,6 +2,7 @@
 cells (compute only; never plot)."""
 
 from ._core import COUPLINGS, RANK_BY, PerturbationFit, fit_perturbation, gene_statistics, state_shift
+from ._counts import count_shift, universal_threshold
 from ._predict import observed_response, predict_response
 from ._response import analyse_pair, get_rankings, perturbation_response
 from ._synthetic import sample_cells
@@ -11,6 +12,7 @@ __all__ = [
     "RANK_BY",
     "PerturbationFit",
     "analyse_pair",
+    "count_shift",
     "fit_perturbation",
     "gene_statistics",
     "get_rankings",
@@ -19,4 +21,5 @@ __all__ = [
     "predict_response",
     "sample_cells",
     "state_shift",
+    "universal_threshold",
 ]

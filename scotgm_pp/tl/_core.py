@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..inference.em import EMResult, default_prior, fit_em, free_responsibilities
 from ..inference.ot import ot_cross_covariance, perturbation_covariance
+from ._counts import bound_order_score
 
 __all__ = [
     "COUPLINGS",
@@ -26,7 +27,7 @@ __all__ = [
     "RANK_BY",
 ]
 
-RANK_BY = ("score", "shift")
+RANK_BY = ("lfc_bound", "shift", "score")
 
 COUPLINGS = ("independent", "ot", "hit_and_run", "paper")
 BASAL, PERTURBED = 0, 1
@@ -237,6 +238,7 @@ def gene_statistics(
     genes=None,
     *,
     shift: np.ndarray | None = None,
+    counts: pd.DataFrame | None = None,
     rank_by: str = "score",
 ) -> pd.DataFrame:
     """Map the perturbation distribution to genes and rank them.
@@ -245,12 +247,16 @@ def gene_statistics(
     ``score = mu / sigma``. With ``rank_by="score"`` (default) ``rank`` 1 is the most negative
     score (the strongest knock-down) and ``abs_rank`` 1 the largest ``|score|``; with
     ``rank_by="shift"`` the ranks follow the gene-space ``shift`` column instead
-    (:func:`state_shift`).
+    (:func:`state_shift`); with ``rank_by="lfc_bound"`` they follow the count layer's bound on
+    the log fold change, ties (bound 0) broken by ``lfc_z`` (``counts``: the table of
+    :func:`~scotgm_pp.tl.count_shift`, its columns are added).
     """
     if rank_by not in RANK_BY:
         raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}.")
     if rank_by == "shift" and shift is None:
         raise ValueError("rank_by='shift' needs the gene-space shift.")
+    if rank_by == "lfc_bound" and counts is None:
+        raise ValueError("rank_by='lfc_bound' needs the count table of count_shift.")
     V = np.asarray(loadings, float)
     mu = V @ mean
     var = np.einsum("gi,ij,gj->g", V, cov, V)
@@ -261,9 +267,17 @@ def gene_statistics(
                        "score": score})
     if shift is not None:
         df["shift"] = np.asarray(shift, float)
-    key = "score" if rank_by == "score" else "shift"
-    df["rank"] = df[key].rank(method="first", ascending=True).astype(int)
-    df["abs_rank"] = (-df[key].abs()).rank(method="first").astype(int)
+    if counts is not None:
+        if len(counts) != len(df):
+            raise ValueError(f"count table has {len(counts)} rows for {len(df)} genes.")
+        for col in counts.columns:
+            df[col] = counts[col].to_numpy()
+    if rank_by == "lfc_bound":
+        key = pd.Series(bound_order_score(df["lfc_bound"], df["lfc_z"]), index=df.index)
+    else:
+        key = df[rank_by]
+    df["rank"] = key.rank(method="first", ascending=True).astype(int)
+    df["abs_rank"] = (-key.abs()).rank(method="first").astype(int)
     return df
 
 
