@@ -33,3 +33,17 @@ def test_strong_phenotypes_get_a_perturbed_state(papalexi_fitted):
         assert res[t]["escape_model"] == "on" and res[t]["em_converged"]
         assert 0.4 < res[t]["fraction_perturbed"] < 0.95
     assert papalexi_fitted.obs["scotgm_p_perturbed"].notna().sum() > 8000
+
+
+def test_default_ranking_beats_scanpy_wilcoxon_on_the_small_sample_protocol(papalexi):
+    from scotgm_pp.benchmark import DEFAULT_SCOTGM, run_benchmark
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run_benchmark(papalexi, "target", "non-targeting", seeds=5, methods=[DEFAULT_SCOTGM, "wilcoxon"],
+                            deg=False, batch_key="bio_rep")
+    top = res.topk.set_index("method")
+    assert top.loc[DEFAULT_SCOTGM, "n"] == 45  # 9 measured targets x 5 seeds
+    assert top.loc[DEFAULT_SCOTGM, "top1"] >= 0.70  # measured 0.733 (33 of 45)
+    assert top.loc["wilcoxon", "top1"] == pytest.approx(31 / 45)  # scanpy's Wilcoxon: measured 0.689
+    assert top.loc[DEFAULT_SCOTGM, "top3"] >= top.loc["wilcoxon", "top3"]  # measured 0.80 vs 0.756
