@@ -105,3 +105,17 @@ def validate_screen(adata: AnnData, perturbation_key: str, control: str) -> None
     check_unique_obs_names(adata)
     check_counts(adata.X)
     check_not_all_zero(adata.X)
+
+
+def batch_labels(adata: AnnData, batch_key: str | None) -> np.ndarray | None:
+    """The batch label of every cell as strings (``None`` without a batch key); refuses a missing
+    column or missing labels."""
+    if batch_key is None:
+        return None
+    if batch_key not in adata.obs.columns:
+        raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs; columns: "
+                         f"{list(adata.obs.columns)[:20]}. Pass batch_key=None to fit without batches.")
+    column = adata.obs[batch_key]
+    if column.isna().any():
+        raise InputError(f"adata.obs[{batch_key!r}] has missing values; label every cell's batch.")
+    return column.astype(str).to_numpy()

@@ -20,6 +20,7 @@ from scipy import stats
 
 from ..pp import PreprocessParams, normalize_log
 from ..tl import COUPLINGS, analyse_pair
+from ..tl._counts import _dense as dense
 from ..tl._counts import bound_order_score
 
 __all__ = [
@@ -113,8 +114,7 @@ def van_elteren_method(pair: Pair) -> pd.Series:
     the tie correction). Without batches it is the tie-corrected Mann-Whitney z, scanpy's
     ``wilcoxon`` score. A baseline that uses the batches as the count layer does.
     """
-    X = pair.lognorm.X
-    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, float)
+    X = dense(pair.lognorm.X)
     c = pair.lognorm_is_control
     if pair.batch is None:
         strata = np.zeros(len(c), dtype=int)
@@ -153,8 +153,7 @@ def _lfc_bound(pair: Pair, genes: pd.DataFrame) -> pd.Series:
 
 def _state_stats(pair: Pair, p: pd.Series):
     ln = pair.lognorm
-    X = ln.X.toarray() if hasattr(ln.X, "toarray") else np.asarray(ln.X)
-    X = np.asarray(X, float)
+    X = dense(ln.X)
     w1 = p.reindex(ln.obs_names).fillna(0.0).to_numpy(float)
     out = []
     for w in (1.0 - w1, w1):

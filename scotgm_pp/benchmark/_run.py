@@ -14,7 +14,7 @@ from anndata import AnnData
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from .._validation import InputError, validate_screen
+from .._validation import InputError, batch_labels, validate_screen
 from ..pp import PreprocessParams, normalize_log
 from ._methods import DEFAULT_SCOTGM, make_pair, resolve_methods
 from ._metrics import direction_accuracy, fisher_overlap, rank_of, signed_f1, topk_table
@@ -179,11 +179,7 @@ def run_benchmark(
                                  out_dir=out_dir, progress=progress, params=params, deg=deg,
                                  n_top_genes=n_top_genes, blas_threads=None, batch_key=batch_key)
     validate_screen(adata, perturbation_key, control)
-    batch = None
-    if batch_key is not None:
-        if batch_key not in adata.obs.columns:
-            raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)[:20]}.")
-        batch = adata.obs[batch_key].astype(str).to_numpy()
+    batch = batch_labels(adata, batch_key)
     params = params or PreprocessParams()
     funcs = resolve_methods(methods)
     labels = adata.obs[perturbation_key].astype(str).to_numpy()

@@ -10,7 +10,7 @@ from anndata import AnnData
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from .._validation import InputError, validate_screen
+from .._validation import InputError, batch_labels, validate_screen
 from ..pp import PreprocessParams, prepare_pair
 from ._core import COUPLINGS, RANK_BY, fit_perturbation, gene_statistics, state_shift, unpinned_posterior
 from ._counts import count_shift
@@ -107,8 +107,8 @@ def _count_table(counts: AnnData, pair, p_perturbed: np.ndarray, batch) -> pd.Da
     y = counts.X[rows][:, cols]
     b = None if batch is None else np.asarray(batch)[rows]
     table = count_shift(y, pair.is_control, batch=b)
-    try:
-        state = count_shift(y, pair.is_control, batch=b, weights=p_perturbed)
+    try:  # same cells and strata, so the same dispersion: reuse it
+        state = count_shift(y, pair.is_control, batch=b, weights=p_perturbed, dispersion=table["dispersion"])
         table["lfc_perturbed"] = state["lfc"].to_numpy()
         table["lfc_perturbed_se"] = state["lfc_se"].to_numpy()
     except ValueError:  # too little perturbed weight in every stratum
@@ -234,14 +234,7 @@ def perturbation_response(
         raise InputError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
     if rank_by not in RANK_BY:
         raise InputError(f"unknown rank_by {rank_by!r}; choose one of {', '.join(RANK_BY)}.")
-    batch = None
-    if batch_key is not None:
-        if batch_key not in adata.obs.columns:
-            raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs; columns: "
-                             f"{list(adata.obs.columns)[:20]}. Pass batch_key=None to fit without batches.")
-        batch = adata.obs[batch_key].astype(str).to_numpy()
-        if pd.isna(adata.obs[batch_key]).any():
-            raise InputError(f"adata.obs[{batch_key!r}] has missing values; label every cell's batch.")
+    batch = batch_labels(adata, batch_key)
     params = params or PreprocessParams()
     overrides = {}
     if n_pcs is not None:
