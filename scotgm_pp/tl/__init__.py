@@ -4,7 +4,8 @@ cells (compute only; never plot)."""
 from ._core import COUPLINGS, RANK_BY, PerturbationFit, fit_perturbation, gene_statistics, state_shift
 from ._counts import count_shift, universal_threshold
 from ._predict import observed_response, predict_response
-from ._response import analyse_pair, get_rankings, perturbation_response
+from ._pair import analyse_pair
+from ._response import get_rankings, perturbation_response
 from ._synthetic import sample_cells
 
 __all__ = [
