@@ -15,7 +15,7 @@ keep = [rng.choice(np.flatnonzero(labels == "non-targeting"), 300, replace=False
 keep += [rng.choice(np.flatnonzero(labels == t), 150, replace=False) for t in targets]
 screen = adata[np.concatenate(keep)].copy()
 sg.tl.perturbation_response(screen, "target", "non-targeting")
-genes = screen.uns["scotgm"]["results"]["STAT1"]["genes"]
+genes = sg.tl.get_record(screen, "STAT1")["genes"]
 real_cells = screen[(screen.obs["target"] == "STAT1") & (screen.obs["scotgm_class"] == "perturbed"), genes]
 c = real_cells.X.toarray().astype(float); real = np.log1p(c / c.sum(1, keepdims=True) * 1e4)
 def cv_auc(a, b):
@@ -26,7 +26,7 @@ for st,kw in [("perturbed",{}),("perturbed",{"residual":"gaussian"}),("perturbed
     print(st,kw,len(real), round(cv_auc(real, sample_cells(screen,"STAT1",n=len(real),state=st,**kw).X),3))
 # full data version
 sg.tl.perturbation_response(adata, "target", "non-targeting", perturbations=["STAT1"])
-genes = adata.uns["scotgm"]["results"]["STAT1"]["genes"]
+genes = sg.tl.get_record(adata, "STAT1")["genes"]
 rc = adata[(adata.obs["target"] == "STAT1") & (adata.obs["scotgm_class"] == "perturbed"), genes]
 c = rc.X.toarray().astype(float); real = np.log1p(c / c.sum(1, keepdims=True) * 1e4)
 for st,kw in [("perturbed",{}),("counterfactual",{}),("basal",{})]:

@@ -32,7 +32,7 @@ for seed in range(int(sys.argv[2]) if len(sys.argv)>2 else 3):
         g_idx=rng.choice(np.flatnonzero(lab==g),60,replace=False)
         sub=ad[np.r_[c_idx,g_idx]].copy()
         tl.perturbation_response(sub,"target","non-targeting",coupling=coupling,random_state=seed)
-        rec=sub.uns["scotgm"]["results"].get(g)
+        rec=tl.get_record(sub,g) if g in sub.uns["scotgm"]["summary"].index else None
         if rec is None or g not in set(rec["genes"]) or len(deg[g])==0: continue
         pr=predict_response(sub,g,n_draws=100,random_state=seed).set_index("gene")
         d=deg[g]; d=d[d.index.isin(pr.index)]

@@ -17,7 +17,7 @@ def auc(A,B):
     clf=make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     return cross_val_score(clf,X,y,cv=StratifiedKFold(5,shuffle=True,random_state=0),scoring="roc_auc").mean()
 for p in ps:
-    rec=ad.uns["scotgm"]["results"][p]; genes=rec["genes"]
+    rec=tl.get_record(ad,p); genes=rec["genes"]
     cells=np.flatnonzero((ad.obs.perturbation==p).to_numpy() & ~ad.obs.escaped.to_numpy())
     c=_gene_counts(ad,cells,genes); real=np.log1p(c/c.sum(1,keepdims=True)*1e4)
     ctrl=np.flatnonzero((ad.obs.perturbation=="control").to_numpy())

@@ -42,10 +42,13 @@ screen = adata[np.concatenate(keep)].copy()
 screen.obs["target"].value_counts().loc[["non-targeting", *targets]]""",
 md("Fit the two-state model (controls pinned basal; guide cells perturbed or escaped) with the closed-form OT coupling."),
 """sg.tl.perturbation_response(screen, "target", "non-targeting", coupling="ot", random_state=0)
+summary = screen.uns["scotgm"]["summary"]   # one row per perturbation
 for t in targets:
-    rec = screen.uns["scotgm"]["results"][t]
-    print(f"RESULT target_rank {t} = {rec['target_rank']}  ({rec['n_pcs']} PCs, "
-          f"{rec['fraction_perturbed']:.0%} of guide cells perturbed)")""",
+    row = summary.loc[t]
+    print(f"RESULT target_rank {t} = {int(row['target_rank'])}  ({int(row['n_pcs'])} PCs, "
+          f"{row['fraction_perturbed']:.0%} of guide cells perturbed)")""",
+"""responses = sg.tl.get_responses(screen)   # perturbation x gene AnnData, one layer per statistic
+responses""",
 """sg.tl.get_rankings(screen, "scotgm", "STAT1").head(8)""",
 """pl.perturbation_distribution(screen, "STAT1", "scotgm", n_top=12)""",
 """pl.confusion_matrix(screen, "STAT1", "scotgm")""",
@@ -74,7 +77,7 @@ from sklearn.model_selection import cross_val_score, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-genes = screen.uns["scotgm"]["results"]["STAT1"]["genes"]
+genes = sg.tl.get_record(screen, "STAT1")["genes"]
 real_cells = screen[(screen.obs["target"] == "STAT1") & (screen.obs["scotgm_class"] == "perturbed"), genes]
 c = real_cells.X.toarray().astype(float)
 real = np.log1p(c / c.sum(1, keepdims=True) * 1e4)

@@ -11,6 +11,7 @@ __all__ = [
     "check_obs_key",
     "check_control",
     "check_counts",
+    "check_library_sizes",
     "check_unique_obs_names",
     "check_not_all_zero",
     "validate_screen",
@@ -45,32 +46,65 @@ def _values(X) -> np.ndarray:
     return X.data if sp.issparse(X) else np.asarray(X).ravel()
 
 
-def check_counts(X, what: str = "adata.X") -> None:
-    """Raw UMI counts: finite, non-negative integers."""
+def check_counts(X, what: str = "adata.X", *, offset: int = 0) -> None:
+    """Raw UMI counts: finite, non-negative integers (every stored value is checked).
+
+    ``offset`` is the index of the first row of ``X`` in the whole matrix (when the matrix is
+    checked block by block), so the message can name the offending cell.
+    """
     v = _values(X)
     if v.size == 0:
         return
-    if not np.issubdtype(v.dtype, np.number):
-        raise InputError(f"{what} is not numeric (dtype {v.dtype}).")
-    if not np.all(np.isfinite(v)):
-        n_bad = int(np.sum(~np.isfinite(v)))
+    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+        raise InputError(f"{what} is not a real numeric matrix (dtype {v.dtype}); raw UMI counts are needed.")
+    if np.issubdtype(v.dtype, np.bool_):
+        raise InputError(f"{what} is boolean; raw UMI counts (integers) are needed.")
+    if np.issubdtype(v.dtype, np.integer):
+        if np.any(v < 0):
+            raise InputError(
+                f"{what} contains negative values (min {v.min():g}); it looks scaled or corrected. "
+                "scotgm_pp needs raw UMI counts: pass the counts layer, e.g. adata.X = adata.layers['counts']."
+            )
+        return
+    finite = np.isfinite(v)
+    if not finite.all():
         raise InputError(
-            f"{what} contains {n_bad} non-finite values (NaN or inf); raw counts are needed. "
-            "Remove or repair those entries before running."
+            f"{what} contains {int((~finite).sum())} non-finite values (NaN or inf) in rows from {offset}; raw "
+            "counts are needed. Remove or repair those entries before running."
         )
     if np.any(v < 0):
         raise InputError(
             f"{what} contains negative values (min {v.min():g}); it looks scaled or corrected. "
             "scotgm_pp needs raw UMI counts: pass the counts layer, e.g. adata.X = adata.layers['counts']."
         )
-    if not np.issubdtype(v.dtype, np.integer):
-        sample = v[: min(v.size, 1_000_000)]
-        if np.any(np.abs(sample - np.round(sample)) > 1e-6):
-            raise InputError(
-                f"{what} holds non-integer values (e.g. {sample[np.abs(sample - np.round(sample)) > 1e-6][0]:g}); "
-                "it looks normalised or log-transformed. scotgm_pp normalises itself and needs raw UMI counts: "
-                "pass the counts layer, e.g. adata.X = adata.layers['counts'] or adata.raw.to_adata()."
-            )
+    frac = np.abs(v - np.round(v)) > 1e-6
+    if frac.any():
+        raise InputError(
+            f"{what} holds non-integer values (e.g. {v[frac][0]:g}, in rows from {offset}); it looks normalised or "
+            "log-transformed. scotgm_pp normalises itself and needs raw UMI counts: pass the counts layer, e.g. "
+            "adata.X = adata.layers['counts'] or adata.raw.to_adata()."
+        )
+
+
+MIN_LIBRARY_SPREAD = 0.01
+"""Relative spread (1st to 99th percentile over the median) of the cells' total counts below which
+a matrix is taken for normalised-then-rounded data: raw UMI totals vary several-fold between
+cells, totals rescaled to a common target (then rounded) differ by rounding noise only."""
+
+
+def check_library_sizes(library_size: np.ndarray, what: str = "adata.X") -> None:
+    """Refuse integer matrices whose cells all carry the same total (normalised, then rounded)."""
+    lib = np.asarray(library_size, float)
+    lib = lib[lib > 0]
+    if lib.size < 50:
+        return
+    lo, med, hi = np.percentile(lib, [1, 50, 99])
+    if (hi - lo) / med < MIN_LIBRARY_SPREAD:
+        raise InputError(
+            f"every cell of {what} sums to about {med:,.0f} (1st-99th percentile {lo:,.0f}-{hi:,.0f}): the matrix "
+            "looks normalised to a common total and rounded, not raw UMI counts. Pass the raw counts layer, e.g. "
+            "adata.X = adata.layers['counts']."
+        )
 
 
 def check_unique_obs_names(adata: AnnData) -> None:

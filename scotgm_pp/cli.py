@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -13,12 +15,56 @@ import numpy as np
 DESCRIPTION = """\
 sc-OTGM for single-cell CRISPR screens (Perturb-seq, CROP-seq, ECCITE-seq).
 
-For every perturbation, its guide cells and the non-targeting controls are normalised,
+For every perturbation, its guide cells and a sample of non-targeting controls are normalised,
 projected to PCA and fitted with a two-state Gaussian model (controls = basal state;
 guide cells = a mixture of escaped and perturbed cells). Genes are ranked by a
 negative-binomial count layer: the log fold change of guide against control cells,
 shrunk to the bound its standard error supports; rank 1 = strongest knock-down.
+Perturbations are fitted in parallel on Dask (local workers, or a cluster's scheduler).
 """
+
+BUG_REPORT = ("scotgm: this is a bug in scotgm_pp, not a problem with your input. Please report it with the "
+              "command you ran and the traceback above.")
+
+
+# ------------------------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"the seed must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel")
+    g.add_argument("--n-workers", type=_positive_int, default=None,
+                   help="local Dask worker processes (default: every core, once the screen is large enough for "
+                        "worker start-up to pay off; 1: no Dask)")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="address of a running dask.distributed scheduler (e.g. tcp://10.0.0.1:8786): run there")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -27,9 +73,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    choices=["independent", "ot", "hit_and_run", "paper"],
                    help="how basal and perturbed states are coupled (default: ot, closed-form optimal transport)")
     pcs = g.add_mutually_exclusive_group()
-    pcs.add_argument("--n-pcs", type=int, default=None, help="fixed number of principal components")
-    pcs.add_argument("--variance-threshold", type=float, default=None,
-                     help="keep the leading PCs explaining this share of variance (default 0.4)")
+    pcs.add_argument("--n-pcs", type=_positive_int, default=None, help="fixed number of principal components")
+    pcs.add_argument("--variance-threshold", type=_fraction, default=None,
+                     help="keep the leading PCs explaining this share of variance, in (0, 1] (default 0.4)")
     g.add_argument("--no-escape-model", action="store_true",
                    help="treat every guide cell as perturbed (no escaped-cell detection)")
     g.add_argument("--rank-by", default="lfc_bound", choices=["lfc_bound", "shift", "score"],
@@ -37,91 +83,122 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "the perturbed state's gene-space shift in log-normalised units (shift) or the "
                         "model's standardised shift mu/sigma (score)")
     g.add_argument("--batch-key", default=None,
-                   help=".obs column of batches (e.g. replicates); each gets its own baseline in the count layer")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+                   help=".obs column of batches (e.g. replicates): controls are sampled batch by batch and each "
+                        "batch gets its own baseline in the count layer")
+    g.add_argument("--n-control-cells", type=_positive_int, default=None,
+                   help="control cells each perturbation is compared with (default 1000)")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _fit(adata, key, control, args, perturbations=None):
-    from . import tl
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("outputs")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out (or an unfinished one with other settings)")
+    g.add_argument("--figures", nargs="+", default=[], metavar="P",
+                   help="also draw per-perturbation figures for these perturbations")
+    g.add_argument("--figures-top", type=int, default=None, metavar="N",
+                   help="per-perturbation figures for the N perturbations with the most perturbed cells "
+                        "(default: 0 for run, all for demo)")
+    genes = g.add_mutually_exclusive_group()
+    genes.add_argument("--top-genes", type=_positive_int, default=50,
+                       help="genes per perturbation in gene_rankings.csv (default 50)")
+    genes.add_argument("--all-genes", action="store_true", help="every gene of every perturbation in gene_rankings.csv")
+
+
+def _settings(args, perturbation_key: str, control: str):
+    from .pp import PreprocessParams
+    from .tl._plan import N_CONTROL_CELLS, RunSettings
+
+    params = PreprocessParams()
+    overrides = {k: v for k, v in (("n_pcs", args.n_pcs), ("variance_threshold", args.variance_threshold))
+                 if v is not None}
+    if overrides:
+        params = PreprocessParams(**{**params.to_dict(), **overrides})
+    return RunSettings(
+        perturbation_key=perturbation_key,
+        control=control,
+        coupling=args.coupling,
+        escape_model=not args.no_escape_model,
+        rank_by=args.rank_by,
+        batch_key=args.batch_key,
+        n_control_cells=args.n_control_cells or N_CONTROL_CELLS,
+        preprocess=params,
+        random_state=args.seed,
+    )
+
+
+def _print_table(results, key: str = "scotgm", limit: int = 40) -> None:
+    summary = results.uns[key]["summary"]
+    print(f"{'perturbation':<16}{'guide cells':>12}{'PCs':>6}{'perturbed':>11}{'target rank':>13}")
+    for pert, r in summary.head(limit).iterrows():
+        rank = r.get("target_rank", np.nan)
+        rank = "-" if not np.isfinite(rank) else str(int(rank))
+        print(f"{str(pert)[:15]:<16}{int(r['n_guide']):>12}{int(r['n_pcs']):>6}{r['fraction_perturbed']:>11.2f}"
+              f"{rank:>13}")
+    if len(summary) > limit:
+        print(f"... and {len(summary) - limit} more (see summary.json)")
+    skipped = results.uns[key]["skipped"]
+    for pert, why in zip(skipped["perturbation"].head(limit), skipped["reason"].head(limit)):
+        print(f"{str(pert)[:15]:<16} skipped: {why}")
+
+
+def _run_folder(screen, args, settings, perturbations=None, de_genes=None, figures_top_default=0):
+    from ._workflow import run_to_folder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        tl.perturbation_response(
-            adata,
-            key,
-            control,
-            perturbations=perturbations,
-            coupling=args.coupling,
-            n_pcs=args.n_pcs,
-            variance_threshold=args.variance_threshold,
-            escape_model=not args.no_escape_model,
-            rank_by=args.rank_by,
-            batch_key=args.batch_key,
-            random_state=args.seed,
-            progress=not args.quiet,
+        return run_to_folder(
+            screen, settings, args.out, perturbations=perturbations, overwrite=args.overwrite,
+            n_jobs=args.n_workers, client=args.scheduler, progress=not args.quiet, figures=args.figures,
+            figures_top=figures_top_default if args.figures_top is None else args.figures_top,
+            top_genes=None if args.all_genes else args.top_genes, de_genes=de_genes, command=args.command,
         )
-
-
-def _print_table(adata, truth: dict | None = None) -> None:
-    res = adata.uns["scotgm"]["results"]
-    print(f"{'perturbation':<16}{'guide cells':>12}{'PCs':>6}{'perturbed':>11}{'target rank':>13}")
-    for pert, r in res.items():
-        rank = r.get("target_rank", "-")
-        print(f"{pert:<16}{r['n_guide']:>12}{r['n_pcs']:>6}{r['fraction_perturbed']:>11.2f}{rank!s:>13}")
-    for pert, why in adata.uns["scotgm"]["skipped"].items():
-        print(f"{pert:<16} skipped: {why}")
 
 
 def cmd_demo(args) -> int:
     from . import datasets
-    from .io import write_outputs
+    from ._screen import screen_from_anndata
 
     t0 = time.perf_counter()
     adata = datasets.simulate(random_state=args.seed)
     sim = adata.uns["simulation"]
     print(f"simulated screen: {adata.n_obs} cells x {adata.n_vars} genes, "
           f"{len(sim['target_gene'])} knock-downs, control label {sim['control']!r}")
-    _fit(adata, "perturbation", sim["control"], args)
-    _print_table(adata)
-    res = adata.uns["scotgm"]["results"]
-    top1 = np.mean([r.get("target_rank") == 1 for r in res.values()])
-    guide = adata.obs["perturbation"].astype(str) != sim["control"]
-    p = adata.obs["scotgm_p_perturbed"][guide].to_numpy()
-    escaped = adata.obs["escaped"][guide].to_numpy()
+    settings = _settings(args, "perturbation", sim["control"])
+    results, paths = _run_folder(screen_from_anndata(adata), args, settings, de_genes=sim["de_genes"],
+                                 figures_top_default=len(sim["target_gene"]))
+    _print_table(results)
+    summary = results.uns["scotgm"]["summary"]
+    top1 = float(np.mean(summary["target_rank"].to_numpy() == 1))
+    guide = adata.obs["perturbation"].astype(str).to_numpy() != sim["control"]
+    p = results.obs["scotgm_p_perturbed"].to_numpy()[guide]
+    escaped = adata.obs["escaped"].to_numpy()[guide]
     ok = np.isfinite(p)
-    called = p[ok] >= 0.5
-    acc = float(np.mean(called == ~escaped[ok]))
+    acc = float(np.mean((p[ok] >= 0.5) == ~escaped[ok]))
     print(f"true target ranked first: {top1:.0%} of perturbations; "
           f"escaped/perturbed calls correct for {acc:.0%} of guide cells")
-    paths = write_outputs(adata, args.out)
-    print(f"outputs in {Path(args.out).resolve()} ({', '.join(p.name for p in paths.values() if isinstance(p, Path))}); "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(f"outputs in {Path(args.out).resolve()} ({', '.join(sorted(paths))}); {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_run(args) -> int:
-    from . import datasets
-    from .io import write_outputs
+    from ._screen import screen_from_h5ad
 
     t0 = time.perf_counter()
-    adata = datasets.read(args.data, args.perturbation_key, args.control, layer=args.layer)
-    print(f"read {adata.n_obs} cells x {adata.n_vars} genes from {args.data}")
-    _fit(adata, args.perturbation_key, args.control, args, perturbations=args.perturbations)
-    _print_table(adata)
-    write_outputs(adata, args.out)
+    screen = screen_from_h5ad(args.data, layer=args.layer)
+    print(f"{args.data}: {screen.n_obs} cells x {len(screen.var_names)} genes (counts read by rows as needed)")
+    settings = _settings(args, args.perturbation_key, args.control)
+    results, _ = _run_folder(screen, args, settings, perturbations=args.perturbations)
+    _print_table(results)
     print(f"outputs in {Path(args.out).resolve()}; {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_benchmark(args) -> int:
     from . import datasets
+    from .benchmark import run_benchmark
 
-    try:
-        from .benchmark import run_benchmark
-    except ImportError as err:  # pragma: no cover
-        print(f"benchmark unavailable: {err}", file=sys.stderr)
-        return 2
     adata = datasets.read(args.data, args.perturbation_key, args.control)
     t0 = time.perf_counter()
     result = run_benchmark(
@@ -136,6 +213,8 @@ def cmd_benchmark(args) -> int:
         batch_key=args.batch_key,
         out_dir=args.out,
         progress=not args.quiet,
+        n_jobs=args.n_workers,
+        client=args.scheduler,
     )
     print(result.topk.to_string(index=False))
     print(f"outputs in {Path(args.out).resolve()}; {time.perf_counter() - t0:.1f} s")
@@ -155,12 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "downstream genes; analyse it; report how often the true target ranks first.")
     demo.add_argument("--out", default="scotgm_demo", help="output folder (default: scotgm_demo)")
     _add_model_options(demo)
+    _add_parallel_options(demo)
+    _add_output_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="analyse a screen stored as .h5ad",
                          description="Analyse every perturbation of a screen (raw UMI counts in .X) against "
-                                     "its control cells. Writes DIR/results.h5ad, DIR/gene_rankings.csv, "
-                                     "DIR/summary.json and DIR/figures/.")
+                                     "its control cells. Writes DIR/results.h5ad, DIR/responses.h5ad, "
+                                     "DIR/gene_rankings.csv, DIR/records/, DIR/figures/ and, last, "
+                                     "DIR/summary.json. Rerunning the same command resumes an interrupted run.")
     run.add_argument("data", help="the screen, an .h5ad file with raw counts")
     run.add_argument("--perturbation-key", required=True, help=".obs column holding each cell's perturbation")
     run.add_argument("--control", required=True, help="label of the non-targeting control cells in that column")
@@ -168,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--perturbations", nargs="+", default=None, help="analyse only these perturbations")
     run.add_argument("--layer", default=None, help="take the counts from this layer instead of .X")
     _add_model_options(run)
+    _add_parallel_options(run)
+    _add_output_options(run)
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("benchmark", help="compare scotgm with scanpy's tests on the small-sample protocol",
@@ -177,16 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("data", help="the screen, an .h5ad file with raw counts")
     bench.add_argument("--perturbation-key", required=True)
     bench.add_argument("--control", required=True)
-    bench.add_argument("--n-target", type=int, default=60, help="guide cells drawn per perturbation (default 60)")
-    bench.add_argument("--n-control", type=int, default=300, help="control cells drawn (default 300)")
-    bench.add_argument("--seeds", type=int, default=10, help="number of random draws (default 10)")
-    bench.add_argument("--first-seed", type=int, default=0)
+    bench.add_argument("--n-target", type=_positive_int, default=60, help="guide cells drawn per perturbation (default 60)")
+    bench.add_argument("--n-control", type=_positive_int, default=300, help="control cells drawn (default 300)")
+    bench.add_argument("--seeds", type=_positive_int, default=10, help="number of random draws (default 10)")
+    bench.add_argument("--first-seed", type=_seed, default=0)
     bench.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: all fast ones)")
     bench.add_argument("--batch-key", default=None,
                        help=".obs column of batches (e.g. bio_rep): the scotgm count layer and the van-elteren "
                             "row stratify by it; scanpy's tests cannot")
     bench.add_argument("--out", required=True, help="output folder")
     bench.add_argument("--quiet", action="store_true")
+    _add_parallel_options(bench)
     bench.set_defaults(func=cmd_benchmark)
     return parser
 
@@ -198,9 +283,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (InputError, FileNotFoundError) as err:
-        print(f"scotgm {args.command}: error: {err}", file=sys.stderr)
+    except (InputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
+        message = " ".join(str(err).split())
+        print(f"scotgm {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"scotgm {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - unexpected: keep the traceback, ask for a report
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,8 @@ __all__ = [
     "confusion_matrix",
     "coupling_diagnostics",
     "target_ranks",
+    "screen_summary",
+    "figure_perturbations",
     "save_run_figures",
 ]
 
@@ -33,13 +35,15 @@ def _record(adata: AnnData, perturbation: str, key: str) -> dict:
 
 
 def _gene_table(adata: AnnData, perturbation: str, key: str) -> pd.DataFrame:
-    if key not in adata.uns or "rankings" not in adata.uns[key]:
-        raise KeyError(f"no scotgm results under adata.uns[{key!r}]; run scotgm_pp.tl.perturbation_response first.")
-    df = adata.uns[key]["rankings"]
-    df = df[df["perturbation"].astype(str) == str(perturbation)]
-    if df.empty:
-        raise KeyError(f"perturbation {perturbation!r} has no rankings under adata.uns[{key!r}].")
-    return df
+    from .tl import get_rankings
+
+    return get_rankings(adata, key, perturbation=str(perturbation))
+
+
+def _summary(adata: AnnData, key: str) -> pd.DataFrame:
+    from .tl._response import _uns
+
+    return _uns(adata, key)["summary"]
 
 
 def _new_figure(figsize) -> tuple[Figure, object]:
@@ -89,10 +93,10 @@ def perturbation_distribution(
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlabel("mu: mean change (scaled expression)")
     ax.set_ylabel("sigma: sd of the change (scaled expression)")
-    rec = adata.uns[key]["results"].get(str(perturbation), {})
+    row = _summary(adata, key).loc[str(perturbation)]
     title = f"{perturbation}: perturbation distribution per gene"
-    if "target_rank" in rec:
-        title += f" (target rank {rec['target_rank']})"
+    if "target_rank" in row.index and np.isfinite(row["target_rank"]):
+        title += f" (target rank {int(row['target_rank'])})"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left", frameon=False)
     return fig
@@ -242,8 +246,9 @@ def coupling_diagnostics(idata, var_names=("transport_cost",), *, figsize=(10.0,
 
 def target_ranks(adata: AnnData, key: str = "scotgm", *, figsize=(6.0, 3.2)) -> Figure:
     """Rank of the target gene among all genes, for perturbations whose label is a measured gene."""
-    res = adata.uns[key]["results"]
-    items = sorted((p, int(r["target_rank"])) for p, r in res.items() if "target_rank" in r)
+    summary = _summary(adata, key)
+    ranks = summary["target_rank"] if "target_rank" in summary else pd.Series(dtype=float)
+    items = sorted((str(p), int(r)) for p, r in ranks.items() if np.isfinite(r))
     fig, ax = _new_figure(figsize)
     if items:
         names, ranks = zip(*items)
@@ -259,8 +264,37 @@ def target_ranks(adata: AnnData, key: str = "scotgm", *, figsize=(6.0, 3.2)) -> 
     return fig
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+def screen_summary(adata: AnnData, key: str = "scotgm", *, figsize=(6.4, 3.2)) -> Figure:
+    """One point per analysed perturbation: guide cells against the fraction called perturbed."""
+    summary = _summary(adata, key)
+    fig, ax = _new_figure(figsize)
+    n = summary["n_guide"].to_numpy(float)
+    f = summary["fraction_perturbed"].to_numpy(float)
+    ax.scatter(n, f, s=10, color=_DOWN, alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("guide cells analysed")
+    ax.set_ylabel("fraction called perturbed")
+    n_skipped = len(_uns_skipped(adata, key))
+    ax.set_title(f"{len(summary)} perturbations analysed, {n_skipped} skipped", fontsize=10)
+    return fig
+
+
+def _uns_skipped(adata: AnnData, key: str) -> pd.DataFrame:
+    from .tl._response import _uns
+
+    return _uns(adata, key)["skipped"]
+
+
+def figure_perturbations(adata: AnnData, key: str = "scotgm", *, named=None, top: int = 0) -> list[str]:
+    """The perturbations that get their own figures: those ``named`` (that were analysed), then the
+    ``top`` with the largest fraction of perturbed guide cells."""
+    summary = _summary(adata, key)
+    chosen = [str(p) for p in (named or []) if str(p) in summary.index]
+    if top:
+        order = summary["fraction_perturbed"].sort_values(ascending=False, kind="stable").index
+        chosen += [str(p) for p in order if str(p) not in chosen][: int(top)]
+    return chosen
 
 
 def save_run_figures(
@@ -268,17 +302,22 @@ def save_run_figures(
     key: str = "scotgm",
     out_dir: str | Path = "figures",
     *,
+    perturbations=None,
+    top: int = 0,
     de_genes: dict | None = None,
     observed: bool = True,
     dpi: int = 110,
 ) -> list[Path]:
-    """Write the standard figures of a run as PNGs; return their paths.
+    """Write the figures of a run as PNGs; return their paths.
 
-    Per analysed perturbation: ``<pert>_distribution.png`` (:func:`perturbation_distribution`),
-    ``<pert>_confusion.png`` (:func:`confusion_matrix`), and, when the perturbation's label is a
-    measured gene and ``observed`` (raw counts in ``adata.X``), ``<pert>_predicted_vs_observed.png``
-    (point predictions of equation 5 against observed mean changes of the DEGs). Plus
-    ``target_ranks.png`` when any target is measured.
+    Screen-level figures always: ``screen_summary.png`` (:func:`screen_summary`) and, when any
+    perturbation's label is a measured gene, ``target_ranks.png``. Per-perturbation figures only
+    for the perturbations named in ``perturbations`` and the ``top`` ones with the largest
+    fraction of perturbed cells (:func:`figure_perturbations`): ``<key>_distribution.png``
+    (:func:`perturbation_distribution`), ``<key>_confusion.png`` (:func:`confusion_matrix`) and,
+    when the label is a measured gene and ``observed`` (raw counts in ``adata.X``),
+    ``<key>_predicted_vs_observed.png``. ``<key>`` is the perturbation's safe key
+    (``responses.obs["key"]``), so labels such as ``"A/B"`` never become paths.
 
     Parameters
     ----------
@@ -296,21 +335,22 @@ def save_run_figures(
         fig.savefig(path, dpi=dpi)
         written.append(path)
 
-    results = adata.uns[key]["results"]
-    for pert in sorted(results):
-        rec = results[pert]
-        tag = _safe(pert)
+    summary = _summary(adata, key)
+    save(screen_summary(adata, key), "screen_summary.png")
+    if "target_rank" in summary and summary["target_rank"].notna().any():
+        save(target_ranks(adata, key), "target_ranks.png")
+    for pert in figure_perturbations(adata, key, named=perturbations, top=top):
+        tag = summary.loc[pert, "key"]
         save(perturbation_distribution(adata, pert, key, de_genes=(de_genes or {}).get(pert)),
              f"{tag}_distribution.png")
         save(confusion_matrix(adata, pert, key), f"{tag}_confusion.png")
-        if observed and str(pert) in set(np.asarray(rec["genes"]).astype(str)):
+        genes = set(np.asarray(_record(adata, pert, key)["genes"]).astype(str))
+        if observed and adata.X is not None and pert in genes:
             try:
                 obs = observed_response(adata, pert, key=key)
                 pred = predict_response(adata, pert, key=key, n_draws=0)
             except (KeyError, ValueError):
                 continue
-            fig = predicted_vs_observed(adata, pert, key, prediction=pred, observed=obs)
-            save(fig, f"{tag}_predicted_vs_observed.png")
-    if any("target_rank" in r for r in results.values()):
-        save(target_ranks(adata, key), "target_ranks.png")
+            save(predicted_vs_observed(adata, pert, key, prediction=pred, observed=obs),
+                 f"{tag}_predicted_vs_observed.png")
     return written

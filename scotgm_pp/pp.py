@@ -84,8 +84,46 @@ class PreprocessParams:
     variance_threshold: float = 0.4
     max_pcs: int = 100
 
+    def __post_init__(self):
+        _check_int(self.min_genes, "min_genes", 0, allow_none=True)
+        _check_int(self.min_cells, "min_cells", 0)
+        _check_int(self.n_pcs, "n_pcs", 1, allow_none=True)
+        _check_int(self.max_pcs, "max_pcs", 1)
+        _check_float(self.target_sum, "target_sum", lower=0.0, strict=True)
+        for name in ("hvg_min_mean", "hvg_max_mean", "hvg_min_disp"):
+            _check_float(getattr(self, name), name)
+        if self.max_value is not None:
+            _check_float(self.max_value, "max_value", lower=0.0, strict=True)
+        _check_float(self.variance_threshold, "variance_threshold", lower=0.0, upper=1.0, strict=True)
+        if not isinstance(self.use_highly_variable, (bool, np.bool_)):
+            raise InputError(f"use_highly_variable must be True or False, got {self.use_highly_variable!r}.")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_int(value, name: str, minimum: int, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}.")
+
+
+def _check_float(value, name: str, *, lower: float | None = None, upper: float | None = None,
+                 strict: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    ok = ok and bool(np.isfinite(value))
+    if ok and lower is not None:
+        ok = value > lower if strict else value >= lower
+    if ok and upper is not None:
+        ok = value <= upper
+    if not ok:
+        span = ""
+        if lower is not None and upper is not None:
+            span = f" in ({lower:g}, {upper:g}]" if strict else f" in [{lower:g}, {upper:g}]"
+        elif lower is not None:
+            span = f" {'>' if strict else '>='} {lower:g}"
+        raise InputError(f"{name} must be a finite number{span}, got {value!r}.")
 
 
 def resolve_min_genes(params: PreprocessParams, n_genes: int) -> int:
@@ -138,44 +176,72 @@ class PreparedPair:
     record: dict
 
 
-def normalize_log(adata: ad.AnnData, params: PreprocessParams) -> tuple[ad.AnnData, dict]:
-    """Steps 1-3 on a copy: filter, normalise, log1p, flag highly variable genes."""
-    work = adata.copy()
-    if not sp.issparse(work.X):
-        work.X = sp.csr_matrix(work.X)
-    work.X = work.X.astype(np.float32)
-    n_cells0, n_genes0 = work.shape
+def normalize_log(
+    adata: ad.AnnData,
+    params: PreprocessParams,
+    *,
+    library_size: np.ndarray | None = None,
+    highly_variable: bool = True,
+) -> tuple[ad.AnnData, dict]:
+    """Steps 1-3 on a copy: filter, normalise, log1p (and flag highly variable genes).
+
+    Parameters
+    ----------
+    adata
+        Raw counts; not modified.
+    params
+        Thresholds (:class:`PreprocessParams`).
+    library_size
+        Each cell's total count over every gene of the screen, when known (the screen driver
+        computes it once); by default the row sums of ``adata.X``. Cells are normalised to
+        ``target_sum`` by it.
+    highly_variable
+        Flag highly variable genes (scanpy's ``seurat`` flavour) in ``.var["highly_variable"]``.
+    """
+    X = adata.X
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True) if not sp.issparse(X) or X.format != "csr" else X.astype(np.float32)
+    X.eliminate_zeros()
+    n_cells0, n_genes0 = X.shape
+    lib = np.asarray(X.sum(axis=1)).ravel().astype(float) if library_size is None else np.asarray(library_size, float)
+    if lib.shape != (n_cells0,):
+        raise ValueError(f"library_size has {lib.size} entries for {n_cells0} cells.")
     min_genes = resolve_min_genes(params, n_genes0)
-    sc.pp.filter_cells(work, min_genes=min_genes)
-    sc.pp.filter_genes(work, min_cells=params.min_cells)
-    if work.n_obs == 0:
+    cells = (np.diff(X.indptr) >= min_genes) & (lib > 0)
+    if not cells.any():
         raise InputError(
             f"no cell has at least {min_genes} detected genes; lower min_genes (PreprocessParams(min_genes=...))."
         )
-    if work.n_vars < 2:
+    X = X[cells]
+    lib = lib[cells]
+    genes = np.bincount(X.indices, minlength=n_genes0) >= params.min_cells
+    if genes.sum() < 2:
         raise InputError(
-            f"fewer than 2 genes are detected in at least {params.min_cells} cells; "
-            "the cells carry almost no counts (lower min_cells or check the data)."
+            f"fewer than 2 genes are detected in at least {params.min_cells} of the {int(cells.sum())} cells analysed "
+            "together; the experiment needs at least 2 measured genes with counts (lower PreprocessParams(min_cells=...) "
+            "or check that the matrix holds the genes)."
         )
-    sc.pp.normalize_total(work, target_sum=params.target_sum)
-    sc.pp.log1p(work)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.highly_variable_genes(
-            work,
-            flavor="seurat",
-            min_mean=params.hvg_min_mean,
-            max_mean=params.hvg_max_mean,
-            min_disp=params.hvg_min_disp,
-        )
+    X = X[:, genes]
+    X = sp.csr_matrix(sp.diags((params.target_sum / lib).astype(np.float32)) @ X)
+    np.log1p(X.data, out=X.data)
+    work = ad.AnnData(X=X, obs=adata.obs.iloc[np.flatnonzero(cells)].copy(), var=adata.var.iloc[np.flatnonzero(genes)].copy())
     record = {
         "n_cells_in": int(n_cells0),
         "n_genes_in": int(n_genes0),
         "min_genes": int(min_genes),
         "n_cells_kept": int(work.n_obs),
         "n_genes_kept": int(work.n_vars),
-        "n_highly_variable": int(work.var["highly_variable"].sum()),
     }
+    if highly_variable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.highly_variable_genes(
+                work,
+                flavor="seurat",
+                min_mean=params.hvg_min_mean,
+                max_mean=params.hvg_max_mean,
+                min_disp=params.hvg_min_disp,
+            )
+        record["n_highly_variable"] = int(work.var["highly_variable"].sum())
     return work, record
 
 
@@ -193,6 +259,41 @@ def _gene_mean_std(X) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(float), std.astype(float)
 
 
+EXACT_PCA_MAX = 600
+"""Up to this many cells or genes (the smaller side) the PCA is exact (eigen-decomposition of
+the smaller Gram matrix); above it, a seeded randomized truncated SVD computes only the PCs
+that can be kept."""
+
+
+def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` leading right singular vectors of ``Z`` (genes x k) and their squared singular values.
+
+    Exact when the smaller side of ``Z`` is at most :data:`EXACT_PCA_MAX`; otherwise a randomized
+    range finder with oversampling and power iterations (Halko, Martinsson & Tropp 2011), whose
+    cost is ``n x g x k``: no genes x genes matrix is formed.
+    """
+    n, g = Z.shape
+    if min(n, g) <= EXACT_PCA_MAX:
+        if g <= n:
+            vals, vecs = np.linalg.eigh(Z.T @ Z)
+            order = np.argsort(vals)[::-1][:k]
+            return vecs[:, order], np.clip(vals[order], 0.0, None)
+        vals, U = np.linalg.eigh(Z @ Z.T)  # cells x cells: right vectors are Z^T u / s
+        order = np.argsort(vals)[::-1][:k]
+        vals = np.clip(vals[order], 0.0, None)
+        s = np.sqrt(vals)
+        V = (Z.T @ U[:, order]) / np.where(s > 0, s, 1.0)
+        return V, vals
+    width = min(min(n, g), k + max(10, k // 2))
+    Y = Z @ rng.standard_normal((g, width))
+    Q, _ = np.linalg.qr(Y)
+    for _ in range(4):  # power iterations, re-orthonormalised each time
+        Q, _ = np.linalg.qr(Z.T @ Q)
+        Q, _ = np.linalg.qr(Z @ Q)
+    _, s, Vt = np.linalg.svd(Q.T @ Z, full_matrices=False)
+    return Vt[:k].T, s[:k] ** 2
+
+
 def pca_projection(
     X,
     *,
@@ -201,8 +302,14 @@ def pca_projection(
     variance_threshold: float = 0.4,
     max_pcs: int = 100,
     max_value: float | None = 10.0,
+    random_state: int | np.random.Generator | None = 0,
 ) -> PCAResult:
     """Scale, fit a PCA and project every gene onto the kept PCs.
+
+    Only the PCs that can be kept are computed (at most ``max_pcs``), exactly for small
+    experiments and by a seeded randomized truncated SVD for large ones (see
+    :func:`_leading_pcs`); the explained variance ratios are exact fractions of the total
+    variance of the scaled genes.
 
     Parameters
     ----------
@@ -214,6 +321,8 @@ def pca_projection(
         How many PCs to keep (see :class:`PreprocessParams`).
     max_value
         Clip of the scaled values.
+    random_state
+        Seed of the randomized SVD (used only above :data:`EXACT_PCA_MAX` cells and genes).
     """
     n, g = X.shape
     mean, std = _gene_mean_std(X)
@@ -222,20 +331,21 @@ def pca_projection(
         mask = np.ones(g, bool)
     Xp = X[:, mask]
     Xp = Xp.toarray() if sp.issparse(Xp) else np.array(Xp, dtype=float)
-    Z = (Xp - mean[mask]) / std[mask]
+    Z = (np.asarray(Xp, dtype=float) - mean[mask]) / std[mask]
     if max_value is not None:
         np.clip(Z, -max_value, max_value, out=Z)
     Z -= Z.mean(axis=0)
-    # Eigen-decomposition of the (genes x genes) Gram matrix: the PCA of a tall matrix at the cost
-    # of one small symmetric problem; scores = Z v_k, with squared singular values var_k.
-    gram_vals, gram_vecs = np.linalg.eigh(Z.T @ Z)
-    order = np.argsort(gram_vals)[::-1]
-    var = np.clip(gram_vals[order], 0.0, None)
-    vecs = gram_vecs[:, order]
-    s = np.sqrt(var)
-    evr = var / var.sum() if var.sum() > 0 else np.zeros_like(var)
+    total = float(np.einsum("ij,ij->", Z, Z))
+    k = int(max(1, min(max_pcs, n - 1, Z.shape[1])))
+    if n_pcs is not None:
+        k = int(max(1, min(k, n_pcs)))
+    vecs, var = _leading_pcs(Z, k, np.random.default_rng(random_state))
+    # One sign per PC (largest loading positive), whichever solver found it.
+    flip = np.sign(vecs[np.abs(vecs).argmax(axis=0), np.arange(vecs.shape[1])])
+    vecs = vecs * np.where(flip == 0, 1.0, flip)
+    evr = var / total if total > 0 else np.zeros_like(var)
     n_informative = int(np.sum(var > 1e-10 * max(var[0], 1e-300)))
-    limit = max(1, min(max_pcs, n_informative, n - 1))
+    limit = max(1, min(k, n_informative))
     if n_pcs is not None:
         m = int(min(n_pcs, limit))
     else:
@@ -291,19 +401,29 @@ def ks_check(scores: np.ndarray, is_control: np.ndarray) -> pd.DataFrame:
     return df
 
 
-def prepare_pair(adata: ad.AnnData, is_control: np.ndarray, params: PreprocessParams) -> PreparedPair:
+def prepare_pair(
+    adata: ad.AnnData,
+    is_control: np.ndarray,
+    params: PreprocessParams,
+    *,
+    library_size: np.ndarray | None = None,
+    random_state: int | np.random.Generator | None = 0,
+) -> PreparedPair:
     """Preprocess the cells of one experiment (controls + one perturbation) and project them.
 
-    ``adata`` holds raw counts of exactly those cells; it is not modified.
+    ``adata`` holds raw counts of exactly those cells; it is not modified. ``library_size``:
+    each cell's total count over every gene of the screen (default: the row sums of
+    ``adata.X``). ``random_state`` seeds the randomized PCA of large experiments.
     """
     is_control = np.asarray(is_control, bool)
-    work, record = normalize_log(adata, params)
+    work, record = normalize_log(adata, params, library_size=library_size,
+                                 highly_variable=params.use_highly_variable)
     kept = adata.obs_names.get_indexer(work.obs_names)
     ctrl = is_control[kept]
     n_ctrl, n_guide = int(ctrl.sum()), int((~ctrl).sum())
     if n_ctrl == 0 or n_guide == 0:
         raise InputError(f"after filtering, {n_ctrl} control and {n_guide} guide cells remain; need both.")
-    hv = work.var["highly_variable"].to_numpy(bool)
+    hv = work.var["highly_variable"].to_numpy(bool) if params.use_highly_variable else np.ones(work.n_vars, bool)
     limit = max(1, min(params.max_pcs, min(n_ctrl, n_guide) // 3))
     pca = pca_projection(
         work.X,
@@ -312,6 +432,7 @@ def prepare_pair(adata: ad.AnnData, is_control: np.ndarray, params: PreprocessPa
         variance_threshold=params.variance_threshold,
         max_pcs=limit,
         max_value=params.max_value,
+        random_state=random_state,
     )
     ks = ks_check(pca.scores, ctrl)
     record.update(

@@ -20,14 +20,14 @@ def papalexi_fitted(papalexi):
 
 
 def test_knocked_out_gene_ranks_first_for_most_measured_targets(papalexi_fitted):
-    res = papalexi_fitted.uns["scotgm"]["results"]
-    ranks = {t: res[t]["target_rank"] for t in MEASURED_TARGETS}
+    res = papalexi_fitted.uns["scotgm"]["summary"]
+    ranks = {t: res.loc[t, "target_rank"] for t in MEASURED_TARGETS}
     assert sum(r == 1 for r in ranks.values()) >= 7, ranks
     assert np.median(list(ranks.values())) == 1
 
 
 def test_strong_phenotypes_get_a_perturbed_state(papalexi_fitted):
-    res = papalexi_fitted.uns["scotgm"]["results"]
+    res = papalexi_fitted.uns["scotgm"]["summary"].T
     # IFN-gamma pathway knock-outs (JAK2, STAT1, IFNGR2) have a clear transcriptional phenotype.
     for t in ("JAK2", "STAT1", "IFNGR2"):
         assert res[t]["escape_model"] == "on" and res[t]["em_converged"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+import scotgm_pp as sg
 from scotgm_pp import pl
 from scotgm_pp.inference.hit_and_run import sample_coupling
 from scotgm_pp.tl._predict import observed_response, predict_response
@@ -13,7 +14,7 @@ from scotgm_pp.tl._predict import observed_response, predict_response
 
 @pytest.fixture(scope="module")
 def pert(sim_fitted):
-    return sorted(sim_fitted.uns["scotgm"]["results"])[0]
+    return sorted(sim_fitted.uns["scotgm"]["summary"].index)[0]
 
 
 def test_perturbation_distribution(sim_fitted, pert):
@@ -22,7 +23,7 @@ def test_perturbation_distribution(sim_fitted, pert):
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     sizes = [len(c.get_offsets()) for c in ax.collections]
-    n_genes = len(sim_fitted.uns["scotgm"]["results"][pert]["genes"])
+    n_genes = len(sg.tl.get_record(sim_fitted, pert)["genes"])
     assert sizes == [n_genes, len(de), 5]
     assert len(ax.texts) == 5
     assert "target rank" in ax.get_title()
@@ -44,7 +45,7 @@ def test_predicted_vs_observed(sim_fitted, pert):
 
 def test_confusion_matrix(sim_fitted, pert):
     fig = pl.confusion_matrix(sim_fitted, pert, "scotgm")
-    M = sim_fitted.uns["scotgm"]["results"][pert]["confusion"]
+    M = sg.tl.get_record(sim_fitted, pert)["confusion"]
     texts = [t.get_text().split("\n")[0] for t in fig.axes[0].texts]
     assert sorted(map(int, texts)) == sorted(int(v) for v in np.ravel(M))
 
@@ -62,10 +63,17 @@ def test_coupling_diagnostics():
 
 
 def test_save_run_figures(sim_fitted, tmp_path):
-    paths = pl.save_run_figures(sim_fitted, "scotgm", tmp_path / "figures",
+    summary = sim_fitted.uns["scotgm"]["summary"]
+    screen_only = pl.save_run_figures(sim_fitted, "scotgm", tmp_path / "screen")
+    assert sorted(p.name for p in screen_only) == ["screen_summary.png", "target_ranks.png"]
+    named = summary.index[[2, 5]].tolist()
+    paths = pl.save_run_figures(sim_fitted, "scotgm", tmp_path / "figures", perturbations=named, top=2,
                                 de_genes=sim_fitted.uns["simulation"]["de_genes"])
-    n_pert = len(sim_fitted.uns["scotgm"]["results"])
-    # distribution + confusion + predicted-vs-observed per perturbation (targets are measured), + target ranks
-    assert len(paths) == 3 * n_pert + 1
+    chosen = pl.figure_perturbations(sim_fitted, "scotgm", named=named, top=2)
+    assert chosen[:2] == named and len(chosen) == 4 and len(set(chosen)) == 4
+    # distribution + confusion + predicted-vs-observed per chosen perturbation (targets are measured),
+    # + the two screen figures; files are named by the perturbation's safe key
+    assert len(paths) == 3 * 4 + 2
+    assert {p.name for p in paths} >= {f"{summary.loc[c, 'key']}_confusion.png" for c in chosen}
     for p in paths:
         assert p.exists() and p.suffix == ".png" and p.read_bytes()[:4] == b"\x89PNG"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from scotgm_pp._validation import InputError
@@ -27,7 +28,7 @@ def _direction_accuracy(pred, de: dict, target: str) -> float:
 
 
 def test_equation_5_closed_form(sim_fitted):
-    pert = next(iter(sim_fitted.uns["scotgm"]["results"]))
+    pert = sim_fitted.uns["scotgm"]["summary"].index[0]
     rec = get_record(sim_fitted, pert)
     df = predict_response(sim_fitted, pert, n_draws=0)
     V = np.asarray(rec["loadings"], float)
@@ -43,7 +44,7 @@ def test_equation_5_closed_form(sim_fitted):
 
 
 def test_prediction_is_linear_in_delta(sim_fitted):
-    pert = next(iter(sim_fitted.uns["scotgm"]["results"]))
+    pert = sim_fitted.uns["scotgm"]["summary"].index[0]
     a = predict_response(sim_fitted, pert, delta=1.0, n_draws=20, random_state=3)
     b = predict_response(sim_fitted, pert, delta=-2.0, n_draws=20, random_state=3)
     np.testing.assert_allclose(b["delta"], -2.0 * a["delta"], rtol=1e-10, atol=1e-12)
@@ -75,7 +76,7 @@ def test_band_is_reproducible_and_brackets_the_point(sim_fitted, truth):
 
 
 def test_parameter_draws_centre_on_the_fit(sim_fitted):
-    pert = next(iter(sim_fitted.uns["scotgm"]["results"]))
+    pert = sim_fitted.uns["scotgm"]["summary"].index[0]
     rec = get_record(sim_fitted, pert)
     draws = draw_parameters(rec, 300, np.random.default_rng(0))
     n0, n1 = state_cell_counts(rec)
@@ -102,18 +103,23 @@ def test_observed_response_finds_the_true_directions(sim_fitted, truth):
 
 
 def test_errors_name_the_fix(sim_fitted):
-    pert = next(iter(sim_fitted.uns["scotgm"]["results"]))
+    pert = sim_fitted.uns["scotgm"]["summary"].index[0]
     with pytest.raises(InputError, match="not among"):
         predict_response(sim_fitted, pert, gene="no-such-gene", n_draws=0)
     with pytest.raises(KeyError, match="perturbation_response"):
         predict_response(sim_fitted, pert, key="nothing-here")
     with pytest.raises(KeyError, match="Fitted perturbations"):
         predict_response(sim_fitted, "not-a-perturbation")
-    sim_fitted.uns["scotgm"]["results"]["unmeasured"] = sim_fitted.uns["scotgm"]["results"][pert]
+    uns = sim_fitted.uns["scotgm"]
+    summary = uns["summary"]
+    uns["summary"] = pd.concat([summary, summary.loc[[pert]].rename(index={pert: "unmeasured"})])
+    uns["summary"].loc["unmeasured", "key"] = "p_unmeasured"
+    uns["records"]["p_unmeasured"] = uns["records"][summary.loc[pert, "key"]]
     try:
         with pytest.raises(InputError, match="pass gene="):
             predict_response(sim_fitted, "unmeasured", n_draws=0)
         df = predict_response(sim_fitted, "unmeasured", gene=pert, n_draws=0)
         assert df.attrs["gene"] == pert
     finally:
-        del sim_fitted.uns["scotgm"]["results"]["unmeasured"]
+        uns["summary"] = summary
+        del uns["records"]["p_unmeasured"]

@@ -33,7 +33,7 @@ def _cv_auc(A: np.ndarray, B: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def pert(sim_fitted):
-    return sorted(sim_fitted.uns["scotgm"]["results"])[0]
+    return sorted(sim_fitted.uns["scotgm"]["summary"].index)[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ def _run(adata, **kw):
 
 
 def test_true_targets_rank_first_on_the_default_simulation(sim_fitted):
-    res = sim_fitted.uns["scotgm"]["results"]
+    summary = sim_fitted.uns["scotgm"]["summary"]
     truth = sim_fitted.uns["simulation"]["target_gene"]
-    ranks = [res[p]["target_rank"] for p in truth]
+    ranks = [summary.loc[p, "target_rank"] for p in truth]
     assert np.mean(np.array(ranks) == 1) >= 0.9
     assert max(ranks) <= 3
 
@@ -32,7 +32,7 @@ def test_escaped_cells_are_detected(sim_fitted):
     auc = roc_auc_score(~obs.loc[guide, "escaped"], p)
     assert auc >= 0.88
     # Fraction called perturbed is close to the simulated 70%.
-    fr = [r["fraction_perturbed"] for r in sim_fitted.uns["scotgm"]["results"].values()]
+    fr = sim_fitted.uns["scotgm"]["summary"]["fraction_perturbed"]
     assert abs(np.mean(fr) - 0.7) < 0.08
     assert set(obs["scotgm_class"].cat.categories) == {"control", "perturbed", "escaped"}
 
@@ -51,10 +51,17 @@ def test_downstream_directions_are_recovered(sim_fitted):
 def test_result_slots_and_ranking_table(sim, sim_fitted):
     uns = sim_fitted.uns["scotgm"]
     assert uns["params"]["control"] == "control"
-    assert uns["skipped"] == {}
-    tab = uns["rankings"]
-    assert list(tab.columns) == ["perturbation", "gene", "mu", "sigma", "score", "shift", "lfc", "lfc_se", "lfc_z",
-                                 "lfc_bound", "dispersion", "lfc_perturbed", "lfc_perturbed_se", "rank", "abs_rank"]
+    assert len(uns["skipped"]) == 0
+    resp = sg.tl.get_responses(sim_fitted)
+    assert resp.shape == (8, sim.n_vars) and list(resp.var_names) == list(sim.var_names)
+    assert list(resp.obs_names) == sorted(sim.uns["simulation"]["target_gene"])
+    assert list(resp.layers) == ["mu", "sigma", "score", "shift", "lfc", "lfc_se", "lfc_z", "lfc_bound", "dispersion",
+                                 "lfc_perturbed", "lfc_perturbed_se", "rank", "abs_rank"]
+    tab = sg.tl.get_rankings(sim_fitted)
+    assert list(tab.columns) == ["perturbation", "gene", *resp.layers]
+    assert len(tab) == 8 * sim.n_vars
+    top = sg.tl.get_rankings(sim_fitted, top=3)
+    assert len(top) == 24 and top.groupby("perturbation")["rank"].apply(list).map(lambda r: r == [1, 2, 3]).all()
     for _, sub in tab.groupby("perturbation"):
         assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
         assert np.allclose(sub["score"], sub["mu"] / sub["sigma"])
@@ -63,7 +70,7 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
         assert order["lfc_bound"].is_monotonic_increasing
         zero = order[order["lfc_bound"] == 0]
         assert zero["lfc_z"].is_monotonic_increasing
-    rec = next(iter(uns["results"].values()))
+    rec = sg.tl.get_record(sim_fitted, resp.obs_names[0])
     m = rec["n_pcs"]
     assert rec["covariances"].shape == (2, m, m)
     assert np.allclose(rec["perturbation_mean"], rec["means"][1] - rec["means"][0])
@@ -83,16 +90,17 @@ def test_x_is_never_overwritten_and_seed_reproduces(small_sim):
         sg.tl.perturbation_response(adata, "perturbation", "control", random_state=3)
     assert (adata.X != before).nnz == 0
     again = _run(small_sim, random_state=3)
-    pd.testing.assert_frame_equal(adata.uns["scotgm"]["rankings"], again.uns["scotgm"]["rankings"])
+    pd.testing.assert_frame_equal(sg.tl.get_rankings(adata), sg.tl.get_rankings(again))
     np.testing.assert_array_equal(adata.obs["scotgm_p_perturbed"], again.obs["scotgm_p_perturbed"])
 
 
 def test_ot_coupling_shrinks_the_perturbation_covariance(small_sim):
     ind = _run(small_sim, coupling="independent")
     ot = _run(small_sim, coupling="ot")
-    for pert, rec in ot.uns["scotgm"]["results"].items():
+    for pert in ot.uns["scotgm"]["summary"].index:
+        rec = sg.tl.get_record(ot, pert)
         tr_ot = np.trace(rec["perturbation_cov"])
-        tr_ind = np.trace(ind.uns["scotgm"]["results"][pert]["perturbation_cov"])
+        tr_ind = np.trace(sg.tl.get_record(ind, pert)["perturbation_cov"])
         assert tr_ot < tr_ind
         S0, S1 = rec["covariances"]
         assert np.allclose(rec["cross_covariance"], sg.inference.ot_cross_covariance(S0, S1))
@@ -132,9 +140,12 @@ def test_too_few_cells_is_a_recorded_skip_or_an_error(small_sim):
     adata = adata[keep].copy()
     with pytest.warns(UserWarning, match="skipped 1 perturbation"):
         sg.tl.perturbation_response(adata, "perturbation", "control")
-    assert "5 guide cells" in adata.uns["scotgm"]["skipped"][first]
-    assert first not in adata.uns["scotgm"]["results"]
-    assert len(adata.uns["scotgm"]["results"]) == 2
+    skipped = adata.uns["scotgm"]["skipped"].set_index("perturbation")["reason"]
+    assert "5 guide cells" in skipped[first]
+    assert first not in adata.uns["scotgm"]["summary"].index
+    assert len(adata.uns["scotgm"]["summary"]) == 2
+    with pytest.raises(KeyError, match="was skipped: 5 guide cells"):
+        sg.tl.get_record(adata, first)
     with pytest.raises(InputError, match="no perturbation could be analysed"):
         sg.tl.perturbation_response(adata, "perturbation", "control", perturbations=[first])
     few_controls = small_sim[(small_sim.obs["perturbation"] != "control").to_numpy() | (np.arange(small_sim.n_obs) < 5)]
@@ -197,8 +208,9 @@ def test_count_layer_matches_count_shift_and_batches_are_validated(small_sim):
     want = sg.tl.count_shift(sub.X, labels[cells] == "control", batch=sub.obs["rep"].to_numpy())
     want.index = sub.var_names
     got = tab.loc[sub.var_names]
-    np.testing.assert_allclose(got["lfc"], want["lfc"], rtol=1e-10)
-    np.testing.assert_allclose(got["lfc_bound"], want["lfc_bound"], rtol=1e-10, atol=1e-14)
+    # (the responses hold gene statistics in float32)
+    np.testing.assert_allclose(got["lfc"], want["lfc"], rtol=1e-6)
+    np.testing.assert_allclose(got["lfc_bound"], want["lfc_bound"], rtol=1e-6, atol=1e-7)
     with pytest.raises(InputError, match="batch_key 'replicate' is not a column of adata.obs"):
         sg.tl.perturbation_response(small_sim, "perturbation", "control", batch_key="replicate")
 
@@ -223,7 +235,7 @@ def test_gene_space_shift_ranks_targets_and_matches_weighted_means(small_sim):
 
 def test_paper_coupling_runs_in_the_pipeline(small_sim):
     out = _run(small_sim, coupling="paper", perturbations=[sorted(small_sim.uns["simulation"]["target_gene"])[0]])
-    rec = next(iter(out.uns["scotgm"]["results"].values()))
+    rec = sg.tl.get_record(out, out.uns["scotgm"]["summary"].index[0])
     S0, S1 = rec["covariances"]
     C = rec["cross_covariance"]
     assert np.all(np.isfinite(C)) and C.shape == S0.shape
@@ -236,7 +248,7 @@ def test_paper_coupling_runs_in_the_pipeline(small_sim):
 def test_hit_and_run_coupling_in_the_pipeline(small_sim):
     pert = sorted(small_sim.uns["simulation"]["target_gene"])[0]
     har = _run(small_sim, coupling="hit_and_run", perturbations=[pert])
-    rec = har.uns["scotgm"]["results"][pert]
+    rec = sg.tl.get_record(har, pert)
     assert rec["coupling_rhat"] < 1.1 and rec["coupling_ess"] > 50
     S0, S1 = rec["covariances"]
     ot = sg.inference.ot_cross_covariance(S0, S1)

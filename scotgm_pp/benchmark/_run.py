@@ -12,7 +12,6 @@ import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from .._validation import InputError, batch_labels, validate_screen
 from ..pp import PreprocessParams, normalize_log
@@ -120,6 +119,8 @@ def run_benchmark(
     n_top_genes: int = TOP_GENES,
     blas_threads: int | None = 1,
     batch_key: str | None = None,
+    n_jobs: int | None = 1,
+    client=None,
 ) -> BenchmarkResult:
     """Small-sample benchmark of target-gene ranking and DEG recovery (the paper's Tables 1 and 3).
 
@@ -167,17 +168,24 @@ def run_benchmark(
         BLAS threads during the run (restored afterwards). The per-experiment linear algebra is
         small, and multi-threaded BLAS made it ~5x slower on a shared 2-core machine; ``None``
         leaves the setting alone.
+    n_jobs, client
+        Experiments run on Dask as in :func:`scotgm_pp.tl.perturbation_response` (``n_jobs``
+        local workers, ``None`` every core; or an existing client / scheduler address). Each
+        experiment's cells depend only on its seed, so the tables do not depend on them.
 
     Returns
     -------
     BenchmarkResult
     """
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise InputError(f"seeds must be a positive integer (the number of random draws), got {seeds!r}.")
     if blas_threads is not None:
         with threadpool_limits(limits=int(blas_threads), user_api="blas"):
             return run_benchmark(adata, perturbation_key, control, n_target=n_target, n_control=n_control,
                                  seeds=seeds, first_seed=first_seed, methods=methods, targets=targets,
                                  out_dir=out_dir, progress=progress, params=params, deg=deg,
-                                 n_top_genes=n_top_genes, blas_threads=None, batch_key=batch_key)
+                                 n_top_genes=n_top_genes, blas_threads=None, batch_key=batch_key, n_jobs=n_jobs,
+                                 client=client)
     validate_screen(adata, perturbation_key, control)
     batch = batch_labels(adata, batch_key)
     params = params or PreprocessParams()
@@ -206,39 +214,36 @@ def run_benchmark(
     seconds = {m: 0.0 for m in funcs}
     calls = {m: 0 for m in funcs}
     jobs = [(s, p) for s in range(first_seed, first_seed + seeds) for p in perts]
-    for seed, pert in tqdm(jobs, desc="benchmark", disable=not progress):
+    context = _Context(methods=funcs, params=params, known=known, universe=universe, genes=genes, deg=deg,
+                       n_top_genes=n_top_genes)
+
+    def payload(job):
         # A fresh generator per experiment: the draw depends only on the seed and the cells, not on
         # which other perturbations are benchmarked (controls: the same n_control cells per seed).
+        seed, pert = job
         rng = np.random.default_rng(seed)
         ctrl = np.sort(rng.choice(ctrl_idx, n_control, replace=False))
         guide_all = np.flatnonzero(labels == pert)
         guide = np.sort(rng.choice(guide_all, min(n_target, len(guide_all)), replace=False))
         idx = np.concatenate([ctrl, guide])
-        try:
-            pair = make_pair(adata[idx].copy(), np.arange(len(idx)) < len(ctrl), seed, params,
-                             batch=None if batch is None else batch[idx])
-        except InputError as err:  # e.g. every cell filtered out: every method misses this experiment
-            for name in funcs:
-                failures.append({"method": name, "perturbation": pert, "seed": seed, "error": f"InputError: {err}"})
-                if pert in genes:
-                    rank_rows.append({"method": name, "target": pert, "seed": seed, "rank": float("nan")})
-            continue
-        for name, fn in funcs.items():
-            t0 = time.perf_counter()
-            try:
-                scores = fn(pair)
-            except Exception as err:  # noqa: BLE001 - a failing method is recorded, not fatal
-                failures.append({"method": name, "perturbation": pert, "seed": seed,
-                                 "error": f"{type(err).__name__}: {err}"})
-                scores = None
-            seconds[name] += time.perf_counter() - t0
-            calls[name] += 1
-            if pert in genes:
-                rank = rank_of(scores, pert) if scores is not None else float("nan")
-                rank_rows.append({"method": name, "target": pert, "seed": seed, "rank": rank})
-            if deg and scores is not None:
-                deg_rows.append({"method": name, "perturbation": pert, "seed": seed,
-                                 "measured_target": pert in genes, **_deg_row(scores, known[pert], universe, n_top_genes)})
+        return _Experiment(seed=seed, perturbation=pert, counts=adata[idx].copy(), n_control=len(ctrl),
+                           batch=None if batch is None else batch[idx])
+
+    def collect(out):
+        rank_rows.extend(out["ranks"])
+        deg_rows.extend(out["deg"])
+        failures.extend(out["failures"])
+        for name, (sec, n) in out["timing"].items():
+            seconds[name] += sec
+            calls[name] += n
+
+    from ..tl._execute import map_tasks
+
+    map_tasks(jobs, payload, context, collect, fn=_run_experiment, n_jobs=n_jobs, client=client, progress=progress,
+              desc="benchmark")
+    order = {(s, p): i for i, (s, p) in enumerate(jobs)}
+    rank_rows.sort(key=lambda r: (order[(r["seed"], r["target"])], list(funcs).index(r["method"])))
+    deg_rows.sort(key=lambda r: (order[(r["seed"], r["perturbation"])], list(funcs).index(r["method"])))
 
     ranks = pd.DataFrame(rank_rows, columns=["method", "target", "seed", "rank"])
     topk = topk_table(ranks) if len(ranks) else pd.DataFrame(columns=["method"])
@@ -260,6 +265,58 @@ def run_benchmark(
 
         write_outputs(result, Path(out_dir))
     return result
+
+
+@dataclass
+class _Context:
+    methods: dict
+    params: PreprocessParams
+    known: dict
+    universe: list
+    genes: set
+    deg: bool
+    n_top_genes: int
+
+
+@dataclass
+class _Experiment:
+    seed: int
+    perturbation: str
+    counts: AnnData
+    n_control: int
+    batch: np.ndarray | None = None
+
+
+def _run_experiment(exp: _Experiment, ctx: _Context) -> dict:
+    """Every method on one drawn experiment (runs on a worker): its rank rows, DEG rows, failures
+    and timings."""
+    out = {"ranks": [], "deg": [], "failures": [], "timing": {}}
+    seed, pert = exp.seed, exp.perturbation
+    measured = pert in ctx.genes
+    try:
+        pair = make_pair(exp.counts, np.arange(exp.counts.n_obs) < exp.n_control, seed, ctx.params, batch=exp.batch)
+    except InputError as err:  # e.g. every cell filtered out: every method misses this experiment
+        for name in ctx.methods:
+            out["failures"].append({"method": name, "perturbation": pert, "seed": seed, "error": f"InputError: {err}"})
+            if measured:
+                out["ranks"].append({"method": name, "target": pert, "seed": seed, "rank": float("nan")})
+        return out
+    for name, fn in ctx.methods.items():
+        t0 = time.perf_counter()
+        try:
+            scores = fn(pair)
+        except Exception as err:  # noqa: BLE001 - a failing method is recorded, not fatal
+            out["failures"].append({"method": name, "perturbation": pert, "seed": seed,
+                                    "error": f"{type(err).__name__}: {err}"})
+            scores = None
+        out["timing"][name] = (time.perf_counter() - t0, 1)
+        if measured:
+            rank = rank_of(scores, pert) if scores is not None else float("nan")
+            out["ranks"].append({"method": name, "target": pert, "seed": seed, "rank": rank})
+        if ctx.deg and scores is not None:
+            out["deg"].append({"method": name, "perturbation": pert, "seed": seed, "measured_target": measured,
+                               **_deg_row(scores, ctx.known[pert], ctx.universe, ctx.n_top_genes)})
+    return out
 
 
 def _summarise_deg(deg: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,7 @@ from ._core import COUPLINGS, RANK_BY, PerturbationFit, fit_perturbation, gene_s
 from ._counts import count_shift, universal_threshold
 from ._predict import observed_response, predict_response
 from ._pair import analyse_pair
-from ._response import get_rankings, perturbation_response
+from ._response import get_rankings, get_record, get_responses, perturbation_response
 from ._synthetic import sample_cells
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "fit_perturbation",
     "gene_statistics",
     "get_rankings",
+    "get_record",
+    "get_responses",
     "observed_response",
     "perturbation_response",
     "predict_response",

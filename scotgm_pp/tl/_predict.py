@@ -28,29 +28,11 @@ from scipy.stats import wishart
 
 from .._validation import InputError
 from ..inference.ot import ot_cross_covariance, perturbation_covariance
+from ._response import get_record
 
 __all__ = ["predict_response", "observed_response", "ParameterDraws", "draw_parameters", "get_record"]
 
 BASAL, PERTURBED = 0, 1
-
-
-def get_record(adata: AnnData, perturbation: str, key: str = "scotgm") -> dict:
-    """The per-perturbation record written by :func:`~scotgm_pp.tl.perturbation_response`."""
-    if key not in adata.uns or "results" not in adata.uns[key]:
-        raise KeyError(
-            f"no scotgm results under adata.uns[{key!r}]; run scotgm_pp.tl.perturbation_response(..., "
-            f"key_added={key!r}) first."
-        )
-    results = adata.uns[key]["results"]
-    perturbation = str(perturbation)
-    if perturbation not in results:
-        skipped = adata.uns[key].get("skipped", {})
-        why = f" It was skipped: {skipped[perturbation]}." if perturbation in skipped else ""
-        raise KeyError(
-            f"perturbation {perturbation!r} has no fitted record under adata.uns[{key!r}]['results'].{why} "
-            f"Fitted perturbations: {sorted(results)[:20]}."
-        )
-    return results[perturbation]
 
 
 def state_cell_counts(record: dict) -> tuple[float, float]:

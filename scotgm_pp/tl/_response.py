@@ -1,33 +1,235 @@
-"""AnnData driver: map the per-experiment model over the perturbations of a screen."""
+"""The screen driver: plan -> map -> collect over the perturbations of a screen.
+
+* plan (:mod:`._plan`): validate the settings and labels; one pass over every cell checks the
+  raw counts and computes each cell's library size, detected genes and the controls'
+  dispersion; each perturbation becomes a task naming its guide cells and a bounded, seeded
+  sample of controls.
+* map (:mod:`._execute`): every task reads only its own cells and is fitted by
+  :func:`~scotgm_pp.tl.analyse_pair`, in this process or on Dask workers.
+* collect (:mod:`._collect`): gene-level numbers into perturbation x gene arrays, posteriors
+  into one column, heavy records into a store on disk or a dict.
+"""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
-from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
-from .._validation import InputError, batch_labels, validate_screen
-from ..pp import PreprocessParams
-from ._core import COUPLINGS, RANK_BY
-from ._pair import analyse_pair
+from .._screen import H5adRows, MemoryRows, Screen, scan_counts, screen_from_anndata
+from .._validation import InputError, check_library_sizes
+from ..pp import PreprocessParams, resolve_min_genes
+from ._collect import Collector
+from ._execute import ScreenContext, TaskPayload, TaskResult, map_tasks
+from ._plan import (
+    MIN_CELLS,
+    N_CONTROL_CELLS,
+    RunSettings,
+    Task,
+    make_tasks,
+    resolve_perturbations,
+    screen_labels,
+)
+from ._store import RecordStore
 
-__all__ = ["perturbation_response", "get_rankings", "MIN_CELLS"]
+__all__ = [
+    "perturbation_response",
+    "run_screen",
+    "plan_screen",
+    "execute_plan",
+    "ScreenPlan",
+    "ScreenRun",
+    "get_responses",
+    "get_rankings",
+    "get_record",
+    "MIN_CELLS",
+]
 
-MIN_CELLS = 10
-"""The fewest guide (and control) cells an experiment needs: two Gaussian states in at least
-one PC with a handful of cells each."""
+
+@dataclass
+class ScreenRun:
+    """A finished run: its settings, the collected results and the cells' labels."""
+
+    settings: RunSettings
+    perturbations: list[str]
+    collector: Collector
+    store: RecordStore | None
+    n_control_total: int
+
+    def params(self) -> dict:
+        out = self.settings.to_dict()
+        out["perturbations"] = list(self.perturbations)
+        if self.store is not None:
+            out["store"] = str(self.store.path.resolve())
+        return out
 
 
-def _skip_reason(n_guide: int, n_control: int) -> str | None:
-    if n_guide < MIN_CELLS:
-        return f"{n_guide} guide cells, fewer than the {MIN_CELLS} the two-state model needs"
-    if n_control < MIN_CELLS:
-        return f"{n_control} control cells, fewer than {MIN_CELLS}"
-    return None
+def _batch_labels(obs: pd.DataFrame, batch_key: str | None) -> np.ndarray | None:
+    if batch_key is None:
+        return None
+    if batch_key not in obs.columns:
+        raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs; columns: "
+                         f"{list(obs.columns)[:20]}. Pass batch_key=None to fit without batches.")
+    column = obs[batch_key]
+    if column.isna().any():
+        raise InputError(f"adata.obs[{batch_key!r}] has missing values; label every cell's batch.")
+    return column.astype(str).to_numpy()
+
+
+class _Payloads:
+    """Reads one task's cells. From a file, the control cells are read once into memory (the
+    pool every task samples from) and each task's guide cells are read when it is sent."""
+
+    def __init__(self, screen: Screen, batch: np.ndarray | None, pool_rows: np.ndarray):
+        self.screen = screen
+        self.batch = batch
+        self.obs_names = screen.obs_names.to_numpy()
+        self.pool = None
+        if isinstance(screen.rows, H5adRows) and pool_rows.size:
+            self.pool = MemoryRows(screen.rows.read(pool_rows))
+            self.pool_pos = np.full(screen.n_obs, -1, dtype=np.int64)
+            self.pool_pos[pool_rows] = np.arange(pool_rows.size)
+
+    def __call__(self, task: Task) -> TaskPayload:
+        guide = self.screen.rows.read(task.guide_rows)
+        if self.pool is not None:
+            ctrl = self.pool.read(self.pool_pos[task.control_rows])
+        else:
+            ctrl = self.screen.rows.read(task.control_rows)
+        rows = np.concatenate([task.guide_rows, task.control_rows])
+        order = np.argsort(rows, kind="stable")  # the cells in screen order
+        counts = sp.vstack([guide, ctrl], format="csr")[order]
+        rows = rows[order]
+        return TaskPayload(task=task, counts=counts, obs_names=self.obs_names[rows],
+                           is_control=order >= task.guide_rows.size,
+                           batch=None if self.batch is None else self.batch[rows])
+
+
+@dataclass
+class ScreenPlan:
+    """Everything decided before any fitting: settings, labels, tasks, the controls' dispersion."""
+
+    screen: Screen
+    settings: RunSettings
+    perturbations: list[str]
+    labels: object
+    batch: np.ndarray | None
+    tasks: list[Task]
+    dispersion: np.ndarray | None
+    n_control_total: int
+
+
+def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> ScreenPlan:
+    """Validate labels and batches, make the one pass over every cell (raw-count check, library
+    sizes, detected genes, the controls' dispersion) and build one task per perturbation."""
+    labels = screen_labels(screen.obs, settings.perturbation_key, settings.control)
+    chosen = resolve_perturbations(labels, settings.control, settings.perturbation_key, perturbations)
+    batch = _batch_labels(screen.obs, settings.batch_key)
+    n_control_total = int(labels.control_mask.sum())
+    if n_control_total < MIN_CELLS:
+        raise InputError(f"only {n_control_total} control cells labelled {settings.control!r}; the model needs at "
+                         f"least {MIN_CELLS}.")
+    scan = scan_counts(screen.rows, labels.control_mask, batch, what=screen.what)
+    if not np.any(scan.library_size > 0):
+        raise InputError(f"{screen.what} is all zeros: every gene has zero counts in every cell; nothing to analyse.")
+    check_library_sizes(scan.library_size, screen.what)
+    min_genes = resolve_min_genes(settings.preprocess, len(screen.var_names))
+    usable = (scan.n_detected >= min_genes) & (scan.library_size > 0)
+    tasks = make_tasks(labels, chosen, settings, usable, batch)
+    return ScreenPlan(screen=screen, settings=settings, perturbations=chosen, labels=labels, batch=batch,
+                      tasks=tasks, dispersion=scan.dispersion, n_control_total=n_control_total)
+
+
+def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, store: RecordStore | None = None,
+                 progress: bool = False) -> ScreenRun:
+    """Fit every planned perturbation (those already in ``store`` are read back, not refitted)."""
+    labels = plan.labels
+    collector = Collector(plan.perturbations, plan.screen.var_names, plan.screen.n_obs, labels.control_mask,
+                          labels.unassigned, store)
+    done = set()
+    if store is not None:
+        store.remove_temporary()
+        wanted = {t.key for t in plan.tasks}
+        for key in store.keys():
+            if key in wanted:
+                collector.add(store.read(key), stored=True)
+                done.add(key)
+    todo = []
+    for task in plan.tasks:
+        if task.key in done:
+            continue
+        if task.skip_reason is not None:
+            collector.add(TaskResult(task.perturbation, task.key, skip_reason=task.skip_reason))
+        else:
+            todo.append(task)
+    if todo:
+        pool_rows = np.unique(np.concatenate([t.control_rows for t in todo]))
+        context = ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
+                                dispersion=plan.dispersion)
+        map_tasks(todo, _Payloads(plan.screen, plan.batch, pool_rows), context, collector.add,
+                  n_jobs=_auto_workers(n_jobs, client, todo, len(plan.screen.var_names)), client=client,
+                  progress=progress)
+    return ScreenRun(settings=plan.settings, perturbations=plan.perturbations, collector=collector, store=store,
+                     n_control_total=plan.n_control_total)
+
+
+AUTO_PARALLEL_WORK = 2e8
+"""With ``n_jobs=None``, Dask workers are started only when the screen holds at least this many
+cell x gene entries to fit (summed over perturbations); below it the start-up of the workers (a
+few seconds) costs more than it saves, and the run stays in this process."""
+
+
+def _auto_workers(n_jobs, client, todo: list[Task], n_genes: int):
+    if n_jobs is not None or client is not None:
+        return n_jobs
+    work = sum(t.guide_rows.size + t.control_rows.size for t in todo) * n_genes
+    return None if work >= AUTO_PARALLEL_WORK else 1
+
+
+def run_screen(screen: Screen, settings: RunSettings, perturbations=None, *, n_jobs: int | None = None, client=None,
+               store: RecordStore | None = None, progress: bool = False) -> ScreenRun:
+    """Plan and execute one screen (the engine under :func:`perturbation_response`)."""
+    return execute_plan(plan_screen(screen, settings, perturbations), n_jobs=n_jobs, client=client, store=store,
+                        progress=progress)
+
+
+def annotate(target: AnnData, run: ScreenRun, key_added: str) -> None:
+    """Write a finished run into ``target`` (columns of ``.obs``, ``.uns[key_added]``)."""
+    col = run.collector
+    if not col.summaries:
+        raise InputError(f"no perturbation could be analysed: {dict(col.skipped)}")
+    params = run.params()
+    responses = col.responses(params)
+    target.obs[f"{key_added}_p_perturbed"] = col.p_perturbed
+    target.obs[f"{key_added}_class"] = col.cell_classes()
+    uns = {
+        "params": params,
+        "summary": col.summary_frame(),
+        "skipped": col.skipped_frame(),
+        "responses": responses,
+    }
+    if run.store is None:
+        uns["records"] = col.records
+    target.uns[key_added] = uns
+
+
+def _settings(perturbation_key, control, *, params, n_pcs, variance_threshold, **kw) -> RunSettings:
+    params = params if params is not None else PreprocessParams()
+    if not isinstance(params, PreprocessParams):
+        raise InputError(f"params must be a PreprocessParams, got {type(params).__name__}.")
+    overrides = {}
+    if n_pcs is not None:
+        overrides["n_pcs"] = n_pcs
+    if variance_threshold is not None:
+        overrides["variance_threshold"] = variance_threshold
+    if overrides:
+        params = replace(params, **overrides)
+    return RunSettings(perturbation_key=perturbation_key, control=control, preprocess=params, **kw)
 
 
 def perturbation_response(
@@ -46,29 +248,42 @@ def perturbation_response(
     coupling_kwargs: dict | None = None,
     rank_by: str = "lfc_bound",
     batch_key: str | None = None,
+    n_control_cells: int = N_CONTROL_CELLS,
+    layer: str | None = None,
     key_added: str = "scotgm",
     random_state: int = 0,
+    n_jobs: int | None = None,
+    client=None,
+    store: str | Path | None = None,
     copy: bool = False,
     progress: bool = False,
     blas_threads: int | None = 1,
 ) -> AnnData | None:
     """Fit sc-OTGM to every perturbation of a screen and rank genes by their response.
 
-    For each perturbation, its guide cells and the control cells are preprocessed together
+    For each perturbation, its guide cells and a seeded sample of at most ``n_control_cells``
+    control cells (batch-matched with ``batch_key``) are preprocessed together
     (:mod:`scotgm_pp.pp`, on a copy), projected to PCA, and fitted with the two-state model:
     controls pinned to the basal state, guide cells a mixture of basal (escaped) and perturbed.
     The perturbation distribution ``Z = Y - X`` under the chosen coupling is mapped to genes.
+    Perturbations are fitted in parallel on Dask (:func:`~scotgm_pp.tl.analyse_pair` per
+    perturbation); results do not depend on ``n_jobs`` or the scheduler, because each
+    perturbation's seed comes from ``random_state`` and its label.
 
     Parameters
     ----------
     adata
-        Raw UMI counts in ``.X``; never modified except for the slots listed under Returns.
+        Raw UMI counts in ``.X`` (or ``layer``); in memory or opened with ``backed="r"`` (then
+        each perturbation's cells are read from the file when needed). Never modified except
+        for the slots listed under Returns.
     perturbation_key
-        ``.obs`` column with each cell's perturbation label.
+        ``.obs`` column with each cell's perturbation label. Cells whose label is missing or
+        empty are not analysed (class ``"unassigned"``; a warning says how many).
     control
         Label of the control (non-targeting) cells in that column.
     perturbations
-        Which perturbations to analyse; all but the control by default.
+        Which perturbations to analyse (a list; each analysed once); all but the control by
+        default.
     params
         Preprocessing thresholds (:class:`~scotgm_pp.pp.PreprocessParams`).
     n_pcs, variance_threshold
@@ -86,15 +301,16 @@ def perturbation_response(
         ``sign * max(|lfc| - sqrt(2 ln G) * se, 0)`` (genes with bound 0 follow by ``lfc_z``).
         ``"shift"``: the gene-space mean shift of the perturbed state from the basal state in
         log-normalised units. ``"score"``: the standardised shift ``mu / sigma`` of the
-        perturbation distribution in PCA space mapped to genes (the paper's ranking). On the
-        Papalexi small-sample protocol (60 vs 300 cells, 9 measured targets, seeds 0-9) the
-        target's top-1 accuracy is 0.72 by lfc_bound with ``batch_key="bio_rep"`` (0.70
-        without), 0.59 by shift and 0.19 by score; scanpy's Wilcoxon test reaches 0.68 (seeds
-        10-19: 0.68 and 0.62 against 0.56; ``benchmarks/README.md``).
+        perturbation distribution in PCA space mapped to genes (the paper's ranking).
     batch_key
-        Optional ``.obs`` column of batches (e.g. biological replicates): the count layer gives
-        each batch its own baseline, so replicates unevenly represented among guide and control
-        cells do not read as a response.
+        Optional ``.obs`` column of batches (e.g. biological replicates): control samples are
+        drawn batch by batch in proportion to the guide cells', and the count layer gives each
+        batch its own baseline.
+    n_control_cells
+        Controls each perturbation is compared with (default 1,000; all when there are
+        fewer). The cost of a perturbation then depends on its own cells, not on the screen.
+    layer
+        Take the counts from ``.layers[layer]`` instead of ``.X``.
     regularization
         Strength of the Normal-Wishart prior (the paper's Tikhonov factor, 0.01).
     em_regularization
@@ -102,169 +318,137 @@ def perturbation_response(
     key_added
         Where results go.
     random_state
-        Seed; the same seed gives the same result.
+        Seed (an integer from 0 to 2**63 - 1); the same seed gives the same result.
+    n_jobs
+        Local Dask workers (processes, one thread each); ``None``: every core; 1: in this
+        process, without Dask. In a script, start the run under ``if __name__ == "__main__":``
+        (Dask's worker processes import the main module).
+    client
+        A ``dask.distributed.Client`` or a scheduler address such as ``"tcp://10.0.0.1:8786"``:
+        run on that cluster instead (overrides ``n_jobs``).
+    store
+        A folder for the heavy per-perturbation records (loadings, covariances, traces), one
+        file per perturbation, loadable one at a time with :func:`get_record`; memory then stays
+        flat however many perturbations the screen has. ``None``: keep them in
+        ``.uns[key_added]["records"]`` (convenient for small screens).
     copy
         Return a copy with the results instead of writing into ``adata``.
     progress
-        Show a progress bar over perturbations.
+        Show a progress bar over perturbations, with the time left.
     blas_threads
         BLAS threads while fitting (``None``: leave the setting alone). The matrices of one
-        experiment are small, and on a shared 2-core machine one thread was about 5x faster
-        than OpenBLAS's default pool.
+        experiment are small; one thread per worker is fastest.
 
     Returns
     -------
     None, or a copy when ``copy=True``. Writes
 
-    ``.uns[key_added]["params"]``
-        Every setting of the run.
-    ``.uns[key_added]["results"][perturbation]``
-        Per-perturbation record: cells used, PCs kept, KS table, EM iterations, convergence and
-        log-density trace, state parameters, coupling, cross-covariance, perturbation mean and
-        covariance, loadings and scaling (to map back to genes), confusion matrix, target rank.
-    ``.uns[key_added]["skipped"]``
-        Perturbation -> reason, for experiments that could not be fitted.
-    ``.uns[key_added]["rankings"]``
-        Tidy table: perturbation, gene, mu, sigma, score, shift, lfc, lfc_se, lfc_z, lfc_bound,
-        dispersion, lfc_perturbed, lfc_perturbed_se, rank, abs_rank (also from
-        :func:`get_rankings`).
+    ``.uns[key_added]["responses"]``
+        Perturbation x gene AnnData (:func:`get_responses`): ``obs`` one row per analysed
+        perturbation (cells, PCs, EM convergence, fraction perturbed, target rank, ...), ``var``
+        the screen's genes, one layer per gene statistic (``mu``, ``sigma``, ``score``,
+        ``shift``, ``lfc``, ``lfc_se``, ``lfc_z``, ``lfc_bound``, ``dispersion``,
+        ``lfc_perturbed``, ``lfc_perturbed_se``, ``rank``, ``abs_rank``; NaN for genes an
+        experiment did not keep).
+    ``.uns[key_added]["params"]``, ``["summary"]``, ``["skipped"]``
+        Every setting of the run; the responses' ``obs`` table; perturbations that could not
+        be fitted, with the reason.
+    ``.uns[key_added]["records"]``
+        Without ``store``: key -> per-perturbation record (:func:`get_record`).
     ``.obs[f"{key_added}_p_perturbed"]``
-        Each guide cell's posterior probability of being perturbed (NaN for cells not analysed,
-        0 for controls).
+        Each guide cell's posterior probability of being perturbed (NaN for cells not
+        analysed, 0 for controls).
     ``.obs[f"{key_added}_class"]``
-        ``control``, ``perturbed``, ``escaped`` or ``not analysed``.
+        ``control``, ``perturbed``, ``escaped``, ``no effect``, ``not analysed`` or
+        ``unassigned``.
     """
-    validate_screen(adata, perturbation_key, control)
-    if coupling not in COUPLINGS:
-        raise InputError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
-    if rank_by not in RANK_BY:
-        raise InputError(f"unknown rank_by {rank_by!r}; choose one of {', '.join(RANK_BY)}.")
-    batch = batch_labels(adata, batch_key)
-    params = params or PreprocessParams()
-    overrides = {}
-    if n_pcs is not None:
-        overrides["n_pcs"] = int(n_pcs)
-    if variance_threshold is not None:
-        overrides["variance_threshold"] = float(variance_threshold)
-    if overrides:
-        params = PreprocessParams(**{**params.to_dict(), **overrides})
-
-    labels = adata.obs[perturbation_key].astype(str).to_numpy()
-    available = [p for p in pd.unique(labels) if p != control]
-    if perturbations is None:
-        perturbations = sorted(available)
-    else:
-        perturbations = [str(p) for p in perturbations]
-        unknown = [p for p in perturbations if p not in available]
-        if unknown:
-            raise InputError(
-                f"perturbations {unknown} not found in adata.obs[{perturbation_key!r}] "
-                f"(control {control!r} excluded); available: {sorted(available)[:20]}."
-            )
-    if not perturbations:
-        raise InputError(f"adata.obs[{perturbation_key!r}] has no label other than the control {control!r}.")
-    ctrl_mask = labels == control
-    n_control = int(ctrl_mask.sum())
-    if n_control < MIN_CELLS:
-        raise InputError(f"only {n_control} control cells labelled {control!r}; the model needs at least {MIN_CELLS}.")
-
-    rng = np.random.default_rng(random_state)
-    seeds = rng.integers(2**32, size=len(perturbations))
-    results: dict[str, dict] = {}
-    skipped: dict[str, str] = {}
-    tables = []
-    p_col = pd.Series(np.nan, index=adata.obs_names)
-    p_col[ctrl_mask] = 0.0
-    limiter = threadpool_limits(limits=blas_threads, user_api="blas") if blas_threads else None
-    try:
-        _fit_all(adata, labels, perturbations, seeds, ctrl_mask, n_control, params, coupling, escape_model,
-                 regularization, em_regularization, coupling_kwargs, rank_by, progress, results, skipped, tables,
-                 p_col, batch)
-    finally:
-        if limiter is not None:
-            limiter.restore_original_limits()
-    if not results:
-        raise InputError(f"no perturbation could be analysed: {skipped}")
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} perturbation(s): {skipped}", stacklevel=2)
-
-    rankings = pd.concat(tables, ignore_index=True)
-    rankings["perturbation"] = rankings["perturbation"].astype(str)
-    rankings["gene"] = rankings["gene"].astype(str)
-    target = adata if not copy else adata.copy()
-    cls = np.full(adata.n_obs, "not analysed", dtype=object)
-    cls[ctrl_mask] = "control"
-    pv = p_col.to_numpy()
-    analysed = ~ctrl_mask & np.isfinite(pv)
-    cls[analysed & (pv >= 0.5)] = "perturbed"
-    cls[analysed & (pv < 0.5)] = "escaped"
-    target.obs[f"{key_added}_p_perturbed"] = pv
-    target.obs[f"{key_added}_class"] = pd.Categorical(cls)
-    target.uns[key_added] = {
-        "params": {
-            "perturbation_key": perturbation_key,
-            "control": control,
-            "coupling": coupling,
-            "escape_model": bool(escape_model),
-            "rank_by": rank_by,
-            **({"batch_key": batch_key} if batch_key is not None else {}),
-            "regularization": float(regularization),
-            "em_regularization": em_regularization,
-            "random_state": int(random_state),
-            "preprocess": {k: v for k, v in params.to_dict().items() if v is not None},
-        },
-        "results": results,
-        "skipped": skipped,
-        "rankings": rankings,
-    }
+    if not isinstance(key_added, str) or not key_added or "/" in key_added:
+        raise InputError(f"key_added must be a non-empty name without '/', got {key_added!r}.")
+    settings = _settings(
+        perturbation_key, control, params=params, n_pcs=n_pcs, variance_threshold=variance_threshold,
+        coupling=coupling, escape_model=escape_model, regularization=regularization,
+        em_regularization=em_regularization, coupling_kwargs=coupling_kwargs, rank_by=rank_by, batch_key=batch_key,
+        n_control_cells=n_control_cells, random_state=random_state, blas_threads=blas_threads,
+    )
+    screen = screen_from_anndata(adata, layer)
+    record_store = RecordStore(store) if store is not None else None
+    run = run_screen(screen, settings, perturbations, n_jobs=n_jobs, client=client, store=record_store,
+                     progress=progress)
+    if run.collector.skipped:
+        warnings.warn(f"skipped {len(run.collector.skipped)} perturbation(s): {dict(run.collector.skipped)}",
+                      UserWarning, stacklevel=2)
+    target = adata.copy() if copy else adata
+    annotate(target, run, key_added)
     return target if copy else None
 
 
-def _fit_all(adata, labels, perturbations, seeds, ctrl_mask, n_control, params, coupling, escape_model,
-             regularization, em_regularization, coupling_kwargs, rank_by, progress, results, skipped, tables,
-             p_col, batch=None) -> None:
-    """The loop over perturbations of :func:`perturbation_response` (fills the containers given)."""
-    for pert, seed in tqdm(list(zip(perturbations, seeds)), desc="perturbations", disable=not progress):
-        guide_mask = labels == pert
-        reason = _skip_reason(int(guide_mask.sum()), n_control)
-        if reason is not None:
-            skipped[pert] = reason
-            continue
-        idx = np.flatnonzero(ctrl_mask | guide_mask)
-        counts = adata[idx].copy()
-        try:
-            record, genes, p = analyse_pair(
-                counts,
-                ctrl_mask[idx],
-                params=params,
-                coupling=coupling,
-                escape_model=escape_model,
-                regularization=regularization,
-                em_regularization=em_regularization,
-                random_state=int(seed),
-                coupling_kwargs=coupling_kwargs,
-                rank_by=rank_by,
-                batch=None if batch is None else batch[idx],
-            )
-        except (InputError, np.linalg.LinAlgError) as err:
-            skipped[pert] = f"{type(err).__name__}: {err}"
-            continue
-        if pert in set(genes["gene"]):
-            record["target_rank"] = int(genes.loc[genes["gene"] == pert, "rank"].iloc[0])
-        results[pert] = record
-        genes.insert(0, "perturbation", pert)
-        tables.append(genes)
-        guide_cells = p.index[~ctrl_mask[adata.obs_names.get_indexer(p.index)]]
-        p_col[guide_cells] = p[guide_cells].to_numpy()
-
-
-def get_rankings(adata: AnnData, key: str = "scotgm", perturbation: str | None = None) -> pd.DataFrame:
-    """The tidy ranking table written by :func:`perturbation_response` (optionally one perturbation)."""
-    if key not in adata.uns or "rankings" not in adata.uns[key]:
+def _uns(adata: AnnData, key: str) -> dict:
+    if not isinstance(adata, AnnData) or key not in adata.uns or "responses" not in adata.uns[key]:
         raise KeyError(f"no scotgm results under adata.uns[{key!r}]; run scotgm_pp.tl.perturbation_response first.")
-    df = adata.uns[key]["rankings"]
+    return adata.uns[key]
+
+
+def get_responses(adata: AnnData, key: str = "scotgm") -> AnnData:
+    """The perturbation x gene results of :func:`perturbation_response` (an AnnData)."""
+    return _uns(adata, key)["responses"]
+
+
+def get_rankings(adata: AnnData, key: str = "scotgm", perturbation: str | None = None,
+                 top: int | None = None) -> pd.DataFrame:
+    """Tidy table of the gene rankings: one row per perturbation and gene, sorted by rank.
+
+    Parameters
+    ----------
+    adata
+        The screen analysed by :func:`perturbation_response`, or its responses AnnData.
+    key
+        ``key_added`` of the run.
+    perturbation
+        Only this perturbation.
+    top
+        Only the ``top`` best-ranked genes of each perturbation.
+
+    Returns
+    -------
+    DataFrame with ``perturbation``, ``gene`` and one column per gene statistic.
+    """
+    resp = adata if "rank" in getattr(adata, "layers", {}) else get_responses(adata, key)
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1):
+        raise InputError(f"top must be a positive integer or None, got {top!r}.")
+    names = resp.obs_names.to_numpy()
     if perturbation is not None:
-        df = df[df["perturbation"] == perturbation]
-        if df.empty:
+        if str(perturbation) not in set(names):
             raise KeyError(f"perturbation {perturbation!r} has no results under {key!r}.")
-    return df.sort_values(["perturbation", "rank"]).reset_index(drop=True)
+        resp = resp[[str(perturbation)]]
+        names = resp.obs_names.to_numpy()
+    rank = np.asarray(resp.layers["rank"], dtype=float)
+    keep = np.isfinite(rank) if top is None else np.isfinite(rank) & (rank <= top)
+    r, g = np.nonzero(keep)
+    cols = {"perturbation": names[r], "gene": resp.var_names.to_numpy()[g]}
+    for name in resp.layers.keys():
+        values = np.asarray(resp.layers[name])[r, g]
+        cols[name] = values.astype(np.int64) if name in ("rank", "abs_rank") else values.astype(float)
+    df = pd.DataFrame(cols)
+    return df.sort_values(["perturbation", "rank"], kind="stable").reset_index(drop=True)
+
+
+def get_record(adata: AnnData, perturbation: str, key: str = "scotgm", *, store: str | Path | None = None) -> dict:
+    """The full record of one perturbation (states, coupling, loadings, KS check, EM trace...),
+    from memory or from the run's record store (``store`` overrides the folder recorded in the
+    run's params, e.g. after moving the output folder)."""
+    uns = _uns(adata, key)
+    summary = uns["summary"]
+    if str(perturbation) not in summary.index:
+        skipped = uns["skipped"]
+        if str(perturbation) in set(skipped["perturbation"]):
+            reason = skipped.loc[skipped["perturbation"] == str(perturbation), "reason"].iloc[0]
+            raise KeyError(f"perturbation {perturbation!r} was skipped: {reason}")
+        raise KeyError(f"perturbation {perturbation!r} has no results under {key!r}. Fitted perturbations: "
+                       f"{list(summary.index[:20])}.")
+    rkey = summary.loc[str(perturbation), "key"]
+    if "records" in uns:
+        return uns["records"][rkey]
+    store = store if store is not None else uns["params"].get("store")
+    if store is None:
+        raise KeyError(f"the records of {key!r} were not kept (no store and no in-memory records).")
+    return RecordStore(store).read(rkey, record=True).record

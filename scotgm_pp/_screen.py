@@ -1,0 +1,321 @@
+"""Where a screen's counts come from, read one row block at a time.
+
+:class:`MemoryRows` wraps a matrix in memory; :class:`H5adRows` reads rows of the counts of an
+``.h5ad`` file on demand (CSR or dense), so that a screen larger than memory can be analysed.
+:func:`scan_counts` makes the one pass over every cell that the driver needs before it fits
+anything: the whole-matrix raw-count check, each cell's library size and detected genes, and the
+controls' sufficient statistics for the count layer's dispersion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._validation import InputError, check_counts
+
+__all__ = ["MemoryRows", "H5adRows", "CountScan", "scan_counts", "rows_of", "Screen", "screen_from_anndata",
+           "screen_from_h5ad"]
+
+BLOCK_ROWS = 20_000
+"""Rows per block of the screen pass (bounded memory whatever the screen's size)."""
+
+
+def _as_index(rows) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1:
+        raise ValueError("rows must be a one-dimensional array of row indices.")
+    return rows
+
+
+class MemoryRows:
+    """Rows of a count matrix held in memory (CSR, CSC or dense)."""
+
+    def __init__(self, X):
+        if sp.issparse(X) and X.format != "csr":
+            X = sp.csr_matrix(X)  # one conversion; row slicing of CSC would be slow
+        self.X = X
+        self.shape = tuple(int(v) for v in X.shape)
+
+    def read(self, rows) -> sp.csr_matrix:
+        """The given rows (in the given order) as a CSR matrix."""
+        rows = _as_index(rows)
+        block = self.X[rows]
+        return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+    def blocks(self, size: int = BLOCK_ROWS):
+        for start in range(0, self.shape[0], size):
+            yield start, self.read(np.arange(start, min(start + size, self.shape[0])))
+
+
+class H5adRows:
+    """Rows of ``.X`` (or ``.layers[layer]``) of an ``.h5ad`` file, read on demand.
+
+    Only CSR and dense matrices can be read by rows; a CSC matrix is refused with the fix. The
+    object holds a path, not an open file, so it can be sent to other processes; each process
+    opens the file read-only when it first reads.
+    """
+
+    def __init__(self, path: str | Path, layer: str | None = None):
+        import h5py
+
+        self.path = str(path)
+        self.elem = "X" if layer is None else f"layers/{layer}"
+        with h5py.File(self.path, "r") as f:
+            if self.elem not in f:
+                raise InputError(f"{self.path} has no {self.elem!r}; layers are: {list(f.get('layers', {}))}.")
+            node = f[self.elem]
+            if isinstance(node, h5py.Dataset):
+                self.format = "dense"
+                self.shape = tuple(int(v) for v in node.shape)
+                self.dtype = node.dtype
+            else:
+                enc = node.attrs.get("encoding-type", "")
+                enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+                if enc != "csr_matrix":
+                    raise InputError(
+                        f"{self.path}: {self.elem} is stored as {enc or 'an unknown type'}; rows can be read "
+                        "lazily only from CSR or dense matrices. Rewrite it once as CSR, e.g. "
+                        "adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path)."
+                    )
+                self.format = "csr"
+                self.shape = tuple(int(v) for v in node.attrs["shape"])
+                self.dtype = node["data"].dtype
+        self._file = None
+        self._indptr = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        state["_indptr"] = None
+        return state
+
+    def _node(self):
+        if self._file is None:
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+            if self.format == "csr":
+                self._indptr = self._file[self.elem]["indptr"][...].astype(np.int64)
+        return self._file[self.elem]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._indptr = None
+
+    def read(self, rows) -> sp.csr_matrix:
+        """The given rows (in the given order) as a CSR matrix, reading runs of consecutive rows
+        with one slice each."""
+        rows = _as_index(rows)
+        node = self._node()
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        runs = np.split(sorted_rows, breaks) if sorted_rows.size else []
+        if self.format == "dense":
+            parts = [np.asarray(node[int(r[0]) : int(r[-1]) + 1]) for r in runs]
+            block = sp.csr_matrix(np.vstack(parts)) if parts else sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        else:
+            ip = self._indptr
+            data, indices, lengths = [], [], []
+            for r in runs:
+                a, b = int(ip[r[0]]), int(ip[r[-1] + 1])
+                data.append(node["data"][a:b])
+                indices.append(node["indices"][a:b])
+                lengths.append(np.diff(ip[r[0] : r[-1] + 2]))
+            if runs:
+                indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+                block = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=(len(rows), self.shape[1]))
+            else:
+                block = sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return block[inverse] if not np.array_equal(order, np.arange(order.size)) else block
+
+    def blocks(self, size: int = BLOCK_ROWS):
+        for start in range(0, self.shape[0], size):
+            yield start, self.read(np.arange(start, min(start + size, self.shape[0])))
+
+
+def rows_of(source) -> MemoryRows | H5adRows:
+    """A row reader for a matrix in memory or an ``H5adRows`` (returned as is)."""
+    return source if isinstance(source, (MemoryRows, H5adRows)) else MemoryRows(source)
+
+
+@dataclass
+class CountScan:
+    """What one pass over every cell tells the driver.
+
+    Attributes
+    ----------
+    library_size
+        Total counts of each cell over every gene (the count layer's offset and the
+        normalisation's divisor).
+    n_detected
+        Genes with a non-zero count in each cell (for the ``min_genes`` filter).
+    dispersion
+        Method-of-moments negative-binomial dispersion of each gene among the control cells,
+        each batch with its own rate (None when no control mask was given).
+    """
+
+    library_size: np.ndarray
+    n_detected: np.ndarray
+    dispersion: np.ndarray | None
+
+
+def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray | None = None,
+                *, what: str = "adata.X", block: int = BLOCK_ROWS) -> CountScan:
+    """One pass over the screen, block by block: check every stored value is a raw count, and
+    collect per-cell totals and the controls' per-gene moments.
+
+    The dispersion is ``phi_g = sum_b [sum (y - mu)^2 - mu] / sum_b sum mu^2`` over control cells,
+    with ``mu_i = lib_i * rate_bg`` and ``rate_bg`` the batch's summed counts over its summed
+    library sizes, floored at 0: :func:`scotgm_pp.tl.nb_dispersion` on the controls, from
+    sufficient statistics (so every control cell counts, at no per-perturbation cost).
+    """
+    src = rows_of(rows)
+    n, g = src.shape
+    lib = np.zeros(n)
+    det = np.zeros(n, dtype=np.int64)
+    strata = None
+    if control_mask is not None:
+        labels = np.zeros(n, dtype=np.int64) if batch is None else np.unique(np.asarray(batch), return_inverse=True)[1]
+        strata = np.where(np.asarray(control_mask, bool), labels, -1)
+        n_strata = int(labels.max()) + 1 if n else 1
+        s_y = np.zeros((n_strata, g))
+        s_y2 = np.zeros((n_strata, g))
+        s_ly = np.zeros((n_strata, g))
+        s_l = np.zeros(n_strata)
+        s_l2 = np.zeros(n_strata)
+    for start, X in src.blocks(block):
+        check_counts(X, what, offset=start)
+        stop = start + X.shape[0]
+        X = X.astype(np.float64)
+        X.eliminate_zeros()
+        lib[start:stop] = np.asarray(X.sum(axis=1)).ravel()
+        det[start:stop] = np.diff(X.indptr)
+        if strata is None:
+            continue
+        st = strata[start:stop]
+        for s in np.unique(st[st >= 0]):
+            m = st == s
+            Y = X[m]
+            li = lib[start:stop][m]
+            s_y[s] += np.asarray(Y.sum(axis=0)).ravel()
+            s_y2[s] += np.asarray(Y.multiply(Y).sum(axis=0)).ravel()
+            s_ly[s] += np.asarray(Y.T @ li).ravel()
+            s_l[s] += li.sum()
+            s_l2[s] += (li**2).sum()
+    dispersion = None
+    if strata is not None:
+        rate = s_y / np.maximum(s_l, 1e-12)[:, None]
+        num = (s_y2 - 2.0 * rate * s_ly + rate**2 * s_l2[:, None] - rate * s_l[:, None]).sum(axis=0)
+        den = (rate**2 * s_l2[:, None]).sum(axis=0)
+        dispersion = np.maximum(num / np.maximum(den, 1e-300), 0.0)
+    return CountScan(library_size=lib, n_detected=det, dispersion=dispersion)
+
+
+@dataclass
+class Screen:
+    """A screen as the driver sees it: cell annotations, genes, and a row reader for the counts.
+
+    Build it with :func:`screen_from_anndata` (in memory, or a backed AnnData) or
+    :func:`screen_from_h5ad` (a file, read lazily).
+    """
+
+    obs: pd.DataFrame
+    var_names: pd.Index
+    rows: MemoryRows | H5adRows
+    what: str = "adata.X"
+    source: str | None = None
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    @property
+    def obs_names(self):
+        return self.obs.index
+
+
+def _check_names(obs_names, var_names) -> None:
+    if not obs_names.is_unique:
+        dup = obs_names[obs_names.duplicated()][:5].tolist()
+        raise InputError(
+            f"adata.obs_names are not unique (e.g. {dup}); cells could be confused. "
+            "Call adata.obs_names_make_unique() first."
+        )
+    if not var_names.is_unique:
+        dup = var_names[var_names.duplicated()][:5].tolist()
+        raise InputError(
+            f"adata.var_names are not unique (e.g. {dup}); gene rankings would be ambiguous. "
+            "Call adata.var_names_make_unique() first."
+        )
+
+
+def screen_from_anndata(adata, layer: str | None = None) -> Screen:
+    """The screen of an AnnData (in memory, or opened with ``backed="r"``: rows are then read
+    from its file on demand)."""
+    from anndata import AnnData
+
+    if not isinstance(adata, AnnData):
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    _check_names(adata.obs_names, adata.var_names)
+    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"layer {layer!r} not in adata.layers; layers are: {list(adata.layers)}.")
+    if adata.isbacked:
+        rows = H5adRows(adata.filename, layer)
+        source = str(adata.filename)
+    else:
+        X = adata.X if layer is None else adata.layers[layer]
+        if X is None:
+            raise InputError("adata.X is empty (None); put the raw counts in .X or name their layer with layer=.")
+        rows = MemoryRows(X)
+        source = None
+    obs = adata.obs.copy()
+    obs.index = pd.Index(adata.obs_names.astype(str), dtype=object)
+    return Screen(obs=obs, var_names=pd.Index(adata.var_names.astype(str), dtype=object), rows=rows, what=what,
+                  source=source)
+
+
+def screen_from_h5ad(path, layer: str | None = None) -> Screen:
+    """The screen stored in an ``.h5ad`` file: annotations read now, counts read by rows later."""
+    import h5py
+    from anndata.io import read_elem
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such file: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an .h5ad file.")
+    if path.suffix != ".h5ad":
+        raise InputError(f"{path} is not an .h5ad file; convert it with anndata (e.g. sc.read_10x_h5 then write_h5ad).")
+    try:
+        with h5py.File(path, "r") as f:
+            if "obs" not in f or "var" not in f or "X" not in f and layer is None:
+                raise InputError(f"{path} is not an AnnData file (it lacks obs, var or X); write it with anndata.")
+            obs = read_elem(f["obs"])
+            var = read_elem(f["var"])
+    except OSError as err:
+        raise InputError(f"cannot read {path}: it is not a readable HDF5/.h5ad file ({err}). "
+                         "Check that the file is complete (not truncated) and was written by anndata.") from err
+    _check_names(obs.index, var.index)
+    if len(obs) == 0 or len(var) == 0:
+        raise InputError(f"{path} holds an empty screen ({len(obs)} cells x {len(var)} genes).")
+    rows = H5adRows(path, layer)
+    if rows.shape != (len(obs), len(var)):
+        raise InputError(f"{path}: the counts are {rows.shape} but obs/var describe {(len(obs), len(var))}; "
+                         "the file is inconsistent.")
+    obs.index = pd.Index(obs.index.astype(str), dtype=object)
+    what = f"{path.name}:{'X' if layer is None else 'layers/' + layer}"
+    return Screen(obs=obs, var_names=pd.Index(var.index.astype(str), dtype=object), rows=rows, what=what,
+                  source=str(path))

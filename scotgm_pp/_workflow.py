@@ -1,0 +1,86 @@
+"""A whole run into an output folder (what ``scotgm run`` and ``scotgm demo`` do)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+from anndata import AnnData
+
+from . import __version__
+from ._screen import MemoryRows, Screen
+from .io import TOP_GENES, RunFolder, input_fingerprint, run_summary, write_rankings
+from .tl._plan import RunSettings
+from .tl._response import annotate, execute_plan, get_rankings, plan_screen
+from .tl._store import RecordStore
+
+__all__ = ["run_to_folder"]
+
+
+def run_to_folder(
+    screen: Screen,
+    settings: RunSettings,
+    out: str | Path,
+    *,
+    perturbations=None,
+    overwrite: bool = False,
+    n_jobs: int | None = None,
+    client=None,
+    progress: bool = True,
+    figures=(),
+    figures_top: int = 0,
+    top_genes: int | None = TOP_GENES,
+    key: str = "scotgm",
+    de_genes: dict | None = None,
+    command: str = "run",
+) -> tuple[AnnData, dict[str, Path]]:
+    """Check ``out``, fit every perturbation (resuming an interrupted run), and write the outputs
+    atomically (see :mod:`scotgm_pp.io`). Returns the results AnnData and the paths written."""
+    inputs = (screen.source,) if screen.source else ()
+    fingerprint = {
+        "scotgm_pp": __version__,
+        "settings": settings.to_dict(),
+        "perturbations": None if perturbations is None else [str(p) for p in perturbations],
+        "input": input_fingerprint(screen.source) if screen.source else {"n_obs": screen.n_obs,
+                                                                          "n_vars": len(screen.var_names)},
+    }
+    folder = RunFolder(Path(out), fingerprint, inputs=inputs, overwrite=overwrite, command=command)
+    folder.check()
+    plan = plan_screen(screen, settings, perturbations)
+    folder.claim()
+    store = RecordStore(folder.records)
+    done_before = len(store.keys())
+    if done_before and progress:
+        print(f"resuming: {done_before} perturbation(s) already finished in {folder.work}")
+    run = execute_plan(plan, n_jobs=n_jobs, client=client, store=store, progress=progress)
+    results = AnnData(obs=screen.obs.copy(), var=pd.DataFrame(index=screen.var_names))
+    annotate(results, run, key)
+    stage = folder.work / "out"
+    stage.mkdir(exist_ok=True)
+    staged = {"records": folder.records, "figures": stage / "figures"}
+    counts_at_hand = isinstance(screen.rows, MemoryRows)  # then figures may show observed changes
+    figure_data = results
+    if counts_at_hand:
+        figure_data = AnnData(X=screen.rows.X, obs=results.obs, var=results.var, uns=results.uns)
+    from . import pl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.save_run_figures(figure_data, key, staged["figures"], perturbations=list(figures), top=figures_top,
+                            de_genes=de_genes, observed=counts_at_hand)
+    staged["gene_rankings.csv"] = stage / "gene_rankings.csv"
+    write_rankings(get_rankings(results, key, top=top_genes), staged["gene_rankings.csv"])
+    final_records = str((folder.out / "records").resolve())
+    results.uns[key]["params"]["store"] = final_records
+    responses = results.uns[key].pop("responses")
+    responses.uns["params"]["store"] = final_records
+    staged["responses.h5ad"] = stage / "responses.h5ad"
+    responses.write_h5ad(staged["responses.h5ad"], compression="gzip")
+    staged["results.h5ad"] = stage / "results.h5ad"
+    results.write_h5ad(staged["results.h5ad"], compression="gzip")
+    results.uns[key]["responses"] = responses
+    summary = run_summary(results, key)
+    summary["resumed_perturbations"] = done_before
+    paths = folder.finish(staged, summary)
+    return results, paths

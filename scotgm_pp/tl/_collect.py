@@ -1,0 +1,129 @@
+"""The collect step of a screen run: results arrive one perturbation at a time and are put in place.
+
+Gene-level numbers go straight into perturbation x gene arrays (float32), each cell's posterior
+into one column, the light summary into one row per perturbation, and the heavy record either
+into a :class:`~scotgm_pp.tl._store.RecordStore` on disk or, for small in-memory runs, into a
+dict. Nothing else per perturbation is kept, so memory grows with the size of the answer
+(perturbations x genes), not with the work done.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._execute import TaskResult
+from ._store import RecordStore
+
+__all__ = ["Collector", "CLASSES"]
+
+CLASSES = ("control", "perturbed", "escaped", "no effect", "not analysed", "unassigned")
+"""Values of ``.obs[f"{key}_class"]``."""
+
+
+class Collector:
+    """Receives :class:`TaskResult` objects and assembles the run's outputs.
+
+    Parameters
+    ----------
+    perturbations
+        The planned perturbations (their order is the order of the responses' rows).
+    var_names
+        The screen's genes.
+    n_cells
+        Cells of the screen.
+    control_mask, unassigned
+        Control cells (posterior 0, class "control") and cells without a label.
+    store
+        Where heavy records go; ``None`` keeps them in memory.
+    """
+
+    def __init__(self, perturbations: list[str], var_names, n_cells: int, control_mask: np.ndarray,
+                 unassigned: np.ndarray, store: RecordStore | None = None):
+        self.perturbations = list(perturbations)
+        self._row = {p: i for i, p in enumerate(self.perturbations)}
+        self.var_names = pd.Index(np.asarray(var_names).astype(str))
+        self.store = store
+        self.layers: dict[str, np.ndarray] = {}
+        self.summaries: dict[str, dict] = {}
+        self.keys: dict[str, str] = {}
+        self.records: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}
+        self.p_perturbed = np.full(n_cells, np.nan)
+        self.p_perturbed[np.asarray(control_mask, bool)] = 0.0
+        self.control_mask = np.asarray(control_mask, bool)
+        self.unassigned = np.asarray(unassigned, bool)
+        self.no_effect = np.zeros(n_cells, bool)
+        self.analysed = np.zeros(n_cells, bool)
+
+    def _layer(self, name: str) -> np.ndarray:
+        if name not in self.layers:
+            # float32 halves the size of the answer; p- and q-values keep float64 (they reach 1e-300)
+            dtype = np.float64 if ("pval" in name or "qval" in name) else np.float32
+            self.layers[name] = np.full((len(self.perturbations), len(self.var_names)), np.nan, dtype=dtype)
+        return self.layers[name]
+
+    def add(self, result: TaskResult, *, stored: bool = False) -> None:
+        """Put one result in place (``stored``: it was read back from the store, so do not write it again)."""
+        if self.store is not None and not stored:
+            self.store.write(result)
+        if result.skip_reason is not None:
+            self.skipped[result.perturbation] = result.skip_reason
+            return
+        row = self._row[result.perturbation]
+        for name, values in result.gene_values.items():
+            self._layer(name)[row, result.gene_index] = values
+        self.summaries[result.perturbation] = dict(result.summary)
+        self.keys[result.perturbation] = result.key
+        rows = np.asarray(result.guide_rows)
+        self.p_perturbed[rows] = result.p_perturbed
+        self.analysed[rows] = True
+        if not result.summary.get("effect_detected", True):
+            self.no_effect[rows] = True
+        if self.store is None and result.record:
+            self.records[result.key] = result.record
+
+    @property
+    def n_done(self) -> int:
+        return len(self.summaries) + len(self.skipped)
+
+    def cell_classes(self) -> pd.Categorical:
+        """control / perturbed / escaped / no effect / not analysed / unassigned, one per cell.
+
+        Guide cells of a perturbation whose effect was not detected are "no effect" whatever
+        their posterior; among the others, ``p_perturbed >= 0.5`` is "perturbed".
+        """
+        cls = np.full(self.p_perturbed.size, "not analysed", dtype=object)
+        p = self.p_perturbed
+        fitted = self.analysed & np.isfinite(p)
+        cls[fitted & (p >= 0.5)] = "perturbed"
+        cls[fitted & (p < 0.5)] = "escaped"
+        cls[fitted & self.no_effect] = "no effect"
+        cls[self.control_mask] = "control"
+        cls[self.unassigned] = "unassigned"
+        return pd.Categorical(cls, categories=[c for c in CLASSES if c in set(cls)])
+
+    def summary_frame(self) -> pd.DataFrame:
+        """One row per analysed perturbation (in plan order), with its key."""
+        done = [p for p in self.perturbations if p in self.summaries]
+        df = pd.DataFrame([self.summaries[p] for p in done], index=pd.Index(done, name="perturbation", dtype=object))
+        df.insert(0, "key", [self.keys[p] for p in done])
+        return df
+
+    def skipped_frame(self) -> pd.DataFrame:
+        skipped = [p for p in self.perturbations if p in self.skipped]
+        return pd.DataFrame({"perturbation": skipped, "reason": [self.skipped[p] for p in skipped]}, dtype=object)
+
+    def responses(self, params: dict) -> AnnData:
+        """The perturbation x gene results: one row per analysed perturbation, one layer per
+        gene-level statistic (NaN where the experiment did not keep the gene)."""
+        summary = self.summary_frame()
+        rows = np.array([self._row[p] for p in summary.index], dtype=np.int64)
+        every = rows.size == len(self.perturbations) and np.array_equal(rows, np.arange(rows.size))
+        layers = {name: (arr if every else arr[rows]) for name, arr in self.layers.items()}
+        obs = summary.copy()
+        obs.index = obs.index.astype(str)
+        out = AnnData(obs=obs, var=pd.DataFrame(index=self.var_names), layers=layers)
+        out.uns["params"] = params
+        return out
