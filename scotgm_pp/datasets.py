@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -12,7 +13,7 @@ import scipy.sparse as sp
 
 from ._validation import InputError, validate_screen
 
-__all__ = ["simulate", "read", "papalexi_path"]
+__all__ = ["simulate", "write_simulated", "read", "papalexi_path"]
 
 
 def simulate(
@@ -72,29 +73,9 @@ def simulate(
     if not 0 <= escape_fraction < 1:
         raise ValueError(f"escape_fraction must be in [0, 1), got {escape_fraction}.")
     rng = np.random.default_rng(random_state)
-    genes = np.array([f"G{j:04d}" for j in range(n_genes)])
-
-    base = rng.normal(0.0, 1.5, size=n_genes)
-    base = base - np.log(np.exp(base).sum())  # baseline expression shares summing to 1
-    W = rng.normal(0.0, 0.25, size=(n_genes, n_programs))
-
-    order = np.argsort(base)[::-1]
-    candidates = order[: max(n_genes // 4, n_perturbations)]
-    targets = rng.choice(candidates, size=n_perturbations, replace=False)
-    effects = np.zeros((n_perturbations, n_genes))
-    de_genes: dict[str, dict[str, int]] = {}
-    target_gene: dict[str, str] = {}
-    for p, t in enumerate(targets):
-        name = str(genes[t])
-        others = np.setdiff1d(np.arange(n_genes), [t])
-        de = rng.choice(others, size=n_de_genes, replace=False)
-        sign = rng.choice([-1.0, 1.0], size=n_de_genes)
-        lfc = rng.uniform(*de_log_fold_change, size=n_de_genes)
-        effects[p, de] = sign * lfc
-        effects[p, t] = np.log(knockdown)
-        target_gene[name] = name
-        de_genes[name] = {str(genes[g]): int(s) for g, s in zip(de, sign)}
-        de_genes[name][name] = -1
+    design = _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs)
+    genes, base, W, targets, effects = design.genes, design.base, design.W, design.targets, design.effects
+    de_genes, target_gene = design.de_genes, design.target_gene
 
     labels = [control_label] * n_control
     pert_index = [-1] * n_control
@@ -147,6 +128,145 @@ def simulate(
     return adata
 
 
+def write_simulated(
+    path: str | os.PathLike,
+    *,
+    n_genes: int = 8000,
+    n_perturbations: int = 2000,
+    n_control: int = 100_000,
+    n_cells_per_perturbation: int = 100,
+    n_de_genes: int = 12,
+    escape_fraction: float = 0.3,
+    knockdown: float = 0.1,
+    de_log_fold_change: tuple[float, float] = (0.4, 1.0),
+    n_programs: int = 5,
+    library_size: float = 1000.0,
+    dispersion: float = 10.0,
+    dropout: float = 0.05,
+    control_label: str = "control",
+    chunk_cells: int = 5000,
+    random_state: int = 0,
+) -> Path:
+    """Simulate a screen of any size straight into an ``.h5ad`` file, a block of cells at a time.
+
+    The generative model is :func:`simulate`'s (same parameters); cells are written in shuffled
+    order (as in a real screen, a perturbation's cells are scattered through the file) in
+    blocks of ``chunk_cells``, each drawn from its own generator seeded by ``(random_state,
+    block)``, so memory stays bounded by one block whatever the number of cells. The counts are
+    CSR int32 in ``.X``; ``.obs`` holds ``perturbation`` and ``escaped``, ``.uns["simulation"]``
+    the truth as in :func:`simulate`.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    if n_perturbations < 1 or n_genes < n_de_genes + 2:
+        raise ValueError(f"need n_perturbations >= 1 and n_genes > n_de_genes + 1, got {n_perturbations} and {n_genes}.")
+    rng = np.random.default_rng(random_state)
+    # Targets may repeat across perturbations when there are more perturbations than candidate
+    # genes; each perturbation keeps its own label.
+    n_targets = min(n_perturbations, max(n_genes // 4, 1))
+    design = _design(rng, n_genes, n_targets, n_de_genes, knockdown, de_log_fold_change, n_programs)
+    names = [f"P{p:05d}_{design.genes[design.targets[p % n_targets]]}" for p in range(n_perturbations)]
+    pert_index = np.concatenate([np.full(n_control, -1), np.repeat(np.arange(n_perturbations), n_cells_per_perturbation)])
+    pert_index = pert_index[rng.permutation(pert_index.size)]
+    n = pert_index.size
+    escaped = (pert_index >= 0) & (rng.random(n) < escape_fraction)
+    labels = np.where(pert_index >= 0, np.asarray(names, dtype=object)[np.maximum(pert_index, 0)], control_label)
+    obs = pd.DataFrame({"perturbation": pd.Categorical(labels), "escaped": escaped},
+                       index=pd.Index([f"cell{i:07d}" for i in range(n)], dtype=object))
+    var = pd.DataFrame(index=pd.Index(design.genes, dtype=object))
+    uns = {"simulation": {
+        "target_gene": {nm: str(design.genes[design.targets[p % n_targets]]) for p, nm in enumerate(names)},
+        "control": control_label, "perturbation_key": "perturbation",
+        "settings": {"n_genes": n_genes, "n_perturbations": n_perturbations, "n_control": n_control,
+                     "n_cells_per_perturbation": n_cells_per_perturbation, "n_de_genes": n_de_genes,
+                     "escape_fraction": escape_fraction, "knockdown": knockdown, "dispersion": dispersion,
+                     "dropout": dropout, "library_size": library_size, "random_state": int(random_state)},
+    }}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", var)
+        write_elem(f, "uns", uns)
+        for empty in ("layers", "obsm", "varm", "obsp", "varp"):
+            write_elem(f, empty, {})
+        X = None
+        for b, start in enumerate(range(0, n, chunk_cells)):
+            stop = min(start + chunk_cells, n)
+            block = _simulate_block(np.random.default_rng([int(random_state), b]), design, pert_index[start:stop] % max(n_targets, 1),
+                                    pert_index[start:stop] >= 0, escaped[start:stop], library_size, dispersion, dropout,
+                                    n_programs)
+            if X is None:
+                write_elem(f, "X", block)  # anndata writes sparse data with maxshape=(None,): appendable
+                X = sparse_dataset(f["X"])
+            else:
+                X.append(block)
+    os.replace(tmp, path)
+    return path
+
+
+def _simulate_block(rng, design, target_index, guided, escaped, library_size, dispersion, dropout, n_programs):
+    """Counts (CSR int32) of one block of cells under :func:`simulate`'s model."""
+    m = target_index.size
+    log_s = np.log(library_size) + rng.normal(0.0, 0.35, size=m)
+    F = rng.normal(size=(m, n_programs))
+    log_lam = log_s[:, None] + design.base[None, :] + F @ design.W.T
+    hit = guided & ~escaped
+    log_lam[hit] += design.effects[target_index[hit]]
+    lam = np.exp(log_lam)
+    counts = rng.negative_binomial(dispersion, dispersion / (dispersion + lam)).astype(np.int32)
+    counts[rng.random(counts.shape) < dropout] = 0
+    return sp.csr_matrix(counts)
+
+
+@dataclass
+class _Design:
+    """Gene-level parameters of a simulated screen (everything that does not depend on cells)."""
+
+    genes: np.ndarray
+    base: np.ndarray
+    W: np.ndarray
+    targets: np.ndarray
+    effects: np.ndarray
+    de_genes: dict
+    target_gene: dict
+
+
+def _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs) -> _Design:
+    genes = np.array([f"G{j:04d}" for j in range(n_genes)])
+
+    base = rng.normal(0.0, 1.5, size=n_genes)
+    base = base - np.log(np.exp(base).sum())  # baseline expression shares summing to 1
+    W = rng.normal(0.0, 0.25, size=(n_genes, n_programs))
+
+    order = np.argsort(base)[::-1]
+    candidates = order[: max(n_genes // 4, n_perturbations)]
+    targets = rng.choice(candidates, size=n_perturbations, replace=False)
+    effects = np.zeros((n_perturbations, n_genes))
+    de_genes: dict[str, dict[str, int]] = {}
+    target_gene: dict[str, str] = {}
+    for p, t in enumerate(targets):
+        name = str(genes[t])
+        others = np.setdiff1d(np.arange(n_genes), [t])
+        de = rng.choice(others, size=n_de_genes, replace=False)
+        sign = rng.choice([-1.0, 1.0], size=n_de_genes)
+        lfc = rng.uniform(*de_log_fold_change, size=n_de_genes)
+        effects[p, de] = sign * lfc
+        effects[p, t] = np.log(knockdown)
+        target_gene[name] = name
+        de_genes[name] = {str(genes[g]): int(s) for g, s in zip(de, sign)}
+        de_genes[name][name] = -1
+    return _Design(genes, base, W, targets, effects, de_genes, target_gene)
+
+
 def read(
     path: str | os.PathLike,
     perturbation_key: str = "perturbation",
@@ -179,9 +299,14 @@ def read(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an .h5ad file.")
     if path.suffix != ".h5ad":
         raise InputError(f"{path} is not an .h5ad file; convert it with anndata (e.g. sc.read_10x_h5 then write_h5ad).")
-    adata = ad.read_h5ad(path)
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, KeyError) as err:
+        raise InputError(f"cannot read {path}: it is not a complete .h5ad file written by anndata ({err}).") from err
     if layer is not None:
         if layer not in adata.layers:
             raise InputError(f"layer {layer!r} not in the file; layers are: {list(adata.layers)}.")

@@ -43,7 +43,7 @@ class Collector:
                  unassigned: np.ndarray, store: RecordStore | None = None):
         self.perturbations = list(perturbations)
         self._row = {p: i for i, p in enumerate(self.perturbations)}
-        self.var_names = pd.Index(np.asarray(var_names).astype(str))
+        self.var_names = pd.Index([str(v) for v in var_names], dtype=object)
         self.store = store
         self.layers: dict[str, np.ndarray] = {}
         self.summaries: dict[str, dict] = {}

@@ -144,11 +144,19 @@ def screen_labels(obs: pd.DataFrame, key: str, control: str) -> ScreenLabels:
     column = obs[key]
     raw = column.astype(object).to_numpy()
     missing = pd.isna(column).to_numpy()
-    text = np.array(["" if m else str(v) for v, m in zip(raw, missing)], dtype=object)
-    unassigned = missing | (np.char.strip(text.astype(str)) == "")
+    # object arrays throughout: numpy's fixed-width strings would drop trailing NUL characters
+    text = np.empty(raw.size, dtype=object)
+    text[:] = ["" if m else str(v) for v, m in zip(raw, missing)]
+    unassigned = missing | np.array([not t.strip() for t in text], dtype=bool)
     text[unassigned] = ""
+    nul = [t for t in text if "\x00" in t]
+    if nul:
+        raise InputError(
+            f"adata.obs[{key!r}] has labels with a NUL character (e.g. {nul[0]!r}); HDF5 (.h5ad) cannot store them. "
+            "Clean the labels, e.g. adata.obs[key] = adata.obs[key].astype(str).str.replace('\\x00', '')."
+        )
     present = pd.unique(raw[~unassigned])
-    as_text = pd.Series([str(v) for v in present])
+    as_text = pd.Series([str(v) for v in present], dtype=object)
     if as_text.duplicated().any():
         clash = as_text[as_text.duplicated()].iloc[0]
         kinds = sorted({type(v).__name__ for v in present if str(v) == clash})
@@ -156,9 +164,9 @@ def screen_labels(obs: pd.DataFrame, key: str, control: str) -> ScreenLabels:
             f"adata.obs[{key!r}] holds different values that read the same as text ({clash!r}: {', '.join(kinds)}); "
             "make the labels unambiguous, e.g. adata.obs[key] = adata.obs[key].astype(str)."
         )
-    control_mask = text == control
+    control_mask = np.array([t == control for t in text], dtype=bool)
     if not control_mask.any():
-        counts = pd.Series(text[~unassigned]).value_counts()
+        counts = pd.Series(text[~unassigned], dtype=object).value_counts()
         shown = ", ".join(f"{lab!r} ({n})" for lab, n in counts.head(15).items())
         raise InputError(
             f"control label {control!r} not found in adata.obs[{key!r}]; the most frequent labels are: "
@@ -171,7 +179,7 @@ def screen_labels(obs: pd.DataFrame, key: str, control: str) -> ScreenLabels:
             UserWarning,
             stacklevel=3,
         )
-    return ScreenLabels(labels=text.astype(str), control_mask=control_mask, unassigned=unassigned)
+    return ScreenLabels(labels=text, control_mask=control_mask, unassigned=unassigned)
 
 
 def resolve_perturbations(labels: ScreenLabels, control: str, key: str, perturbations=None) -> list[str]:
@@ -243,7 +251,7 @@ def sample_controls(control_rows: np.ndarray, guide_batches: np.ndarray | None, 
         pool = control_rows[control_batches == b]
         if pool.size == 0:
             return np.empty(0, dtype=np.int64), (
-                f"batch {b!r} holds {k} of its guide cells but no control cell; the count layer cannot tell the "
+                f"batch {str(b)!r} holds {k} of its guide cells but no control cell; the count layer cannot tell the "
                 "batch from the perturbation there (drop those cells or choose another batch_key)"
             )
         want = max(int(round(n * k / counts.sum())), MIN_CELLS // 2)

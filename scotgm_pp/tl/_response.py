@@ -127,6 +127,8 @@ class ScreenPlan:
 def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> ScreenPlan:
     """Validate labels and batches, make the one pass over every cell (raw-count check, library
     sizes, detected genes, the controls' dispersion) and build one task per perturbation."""
+    if len(screen.var_names) < 2:
+        raise InputError(f"{screen.what} has {len(screen.var_names)} gene; the model needs at least 2 measured genes.")
     labels = screen_labels(screen.obs, settings.perturbation_key, settings.control)
     chosen = resolve_perturbations(labels, settings.control, settings.perturbation_key, perturbations)
     batch = _batch_labels(screen.obs, settings.batch_key)
@@ -332,7 +334,8 @@ def perturbation_response(
         flat however many perturbations the screen has. ``None``: keep them in
         ``.uns[key_added]["records"]`` (convenient for small screens).
     copy
-        Return a copy with the results instead of writing into ``adata``.
+        Return a copy with the results instead of writing into ``adata`` (for a backed
+        ``adata``, a copy of its annotations without the counts).
     progress
         Show a progress bar over perturbations, with the time left.
     blas_threads
@@ -377,7 +380,10 @@ def perturbation_response(
     if run.collector.skipped:
         warnings.warn(f"skipped {len(run.collector.skipped)} perturbation(s): {dict(run.collector.skipped)}",
                       UserWarning, stacklevel=2)
-    target = adata.copy() if copy else adata
+    if copy and adata.isbacked:  # never load the counts: the copy carries the annotations only
+        target = AnnData(obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns))
+    else:
+        target = adata.copy() if copy else adata
     annotate(target, run, key_added)
     return target if copy else None
 

@@ -1,0 +1,207 @@
+"""The screen driver: results do not depend on workers, scheduler, order or storage; controls are
+sampled per perturbation; files are read lazily; runs resume; labels are keys, never paths."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import scotgm_pp as sg
+from scotgm_pp._labels import key_label, label_key
+from scotgm_pp._validation import InputError
+from scotgm_pp.tl import _execute
+from scotgm_pp.tl._plan import sample_controls, task_seed
+
+
+def _run(adata, **kw):
+    kw.setdefault("n_jobs", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sg.tl.perturbation_response(adata, "perturbation", "control", copy=True, **kw)
+
+
+def _layers_equal(a, b, atol=0.0):
+    ra, rb = sg.tl.get_responses(a), sg.tl.get_responses(b)
+    assert list(ra.obs_names) == list(rb.obs_names)
+    for name in ra.layers:
+        x, y = np.asarray(ra.layers[name], float), np.asarray(rb.layers[name], float)
+        assert np.array_equal(np.isnan(x), np.isnan(y)), name
+        assert np.nanmax(np.abs(x - y)) <= atol, name
+    np.testing.assert_array_equal(a.obs["scotgm_p_perturbed"].to_numpy(), b.obs["scotgm_p_perturbed"].to_numpy())
+
+
+@pytest.fixture(scope="module")
+def serial(small_sim):
+    return _run(small_sim, n_control_cells=80)
+
+
+def test_local_cluster_gives_the_serial_results(small_sim, serial):
+    """1 worker in this process, 2 local Dask workers, and a LocalCluster named by its address."""
+    from dask.distributed import Client, LocalCluster
+
+    two = _run(small_sim, n_control_cells=80, n_jobs=2)
+    _layers_equal(serial, two)
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None, processes=True) as cluster, \
+            Client(cluster) as client:
+        remote = _run(small_sim, n_control_cells=80, client=client.scheduler.address,
+                      perturbations=sorted(serial.uns["scotgm"]["summary"].index)[:2])
+    sub = serial.uns["scotgm"]["summary"].index[:2]
+    r_all, r_two = sg.tl.get_responses(serial)[sub], sg.tl.get_responses(remote)
+    for name in r_all.layers:
+        np.testing.assert_array_equal(r_all.layers[name], r_two.layers[name])
+
+
+def test_seeds_come_from_names_not_positions(small_sim, serial):
+    perts = list(serial.uns["scotgm"]["summary"].index)
+    alone = _run(small_sim, n_control_cells=80, perturbations=[perts[-1], perts[0]])
+    assert list(alone.uns["scotgm"]["summary"].index) == [perts[-1], perts[0]]
+    for p in (perts[0], perts[-1]):
+        np.testing.assert_array_equal(sg.tl.get_responses(alone)[p].layers["lfc"],
+                                      sg.tl.get_responses(serial)[p].layers["lfc"])
+        assert alone.uns["scotgm"]["summary"].loc[p, "seed"] == task_seed(0, p)
+    assert task_seed(0, "A") != task_seed(0, "B") and task_seed(0, "A") != task_seed(1, "A")
+
+
+def test_each_perturbation_meets_a_bounded_sample_of_controls(small_sim, serial):
+    summary = serial.uns["scotgm"]["summary"]
+    assert (summary["n_control"] == 80).all()  # of 120 controls
+    rng = np.random.default_rng(0)
+    rows = np.arange(1000)
+    batches = np.where(rows < 700, "a", "b")
+    guide = np.array(["a"] * 30 + ["b"] * 70)
+    picked, reason = sample_controls(rows, guide, batches, 200, rng)
+    assert reason is None and len(picked) == 200
+    assert (batches[picked] == "a").sum() == 60 and (batches[picked] == "b").sum() == 140
+    _, reason = sample_controls(rows, np.array(["a", "c"]), batches, 200, rng)
+    assert "batch 'c'" in reason and "no control cell" in reason
+
+
+def test_a_batch_without_controls_skips_only_that_perturbation(small_sim):
+    adata = small_sim.copy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    first = sorted(set(labels) - {"control"})[0]
+    adata.obs["rep"] = np.where(labels == first, "lonely", "shared")
+    with pytest.warns(UserWarning, match="skipped 1 perturbation"):
+        out = sg.tl.perturbation_response(adata, "perturbation", "control", batch_key="rep", n_jobs=1, copy=True)
+    skipped = out.uns["scotgm"]["skipped"].set_index("perturbation")["reason"]
+    assert "batch 'lonely'" in skipped[first]
+    assert len(out.uns["scotgm"]["summary"]) == 2
+    assert (out.obs.loc[labels == first, "scotgm_class"] == "not analysed").all()
+
+
+def test_backed_file_and_store_give_the_in_memory_results(small_sim, serial, tmp_path):
+    path = tmp_path / "screen.h5ad"
+    small_sim.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    out = _run(backed, n_control_cells=80, store=tmp_path / "records")
+    _layers_equal(serial, out)
+    assert "records" not in out.uns["scotgm"]
+    pert = out.uns["scotgm"]["summary"].index[0]
+    rec = sg.tl.get_record(out, pert)
+    np.testing.assert_array_equal(rec["covariances"], sg.tl.get_record(serial, pert)["covariances"])
+    # a dense matrix, a CSC matrix and a float dtype are the same counts
+    for X in (small_sim.X.toarray(), sp.csc_matrix(small_sim.X), small_sim.X.astype(np.float32)):
+        other = small_sim.copy()
+        other.X = X
+        _layers_equal(serial, _run(other, n_control_cells=80))
+
+
+def test_a_killed_run_resumes_from_its_finished_perturbations(small_sim, serial, tmp_path, monkeypatch):
+    store = tmp_path / "records"
+    _run(small_sim, n_control_cells=80, store=store)
+    files = sorted(store.glob("p_*.h5"))
+    assert len(files) == 3
+    files[1].unlink()  # as if the run had been killed before this perturbation was written
+    (store / ".p_half.123.tmp").write_bytes(b"partial")  # and while writing another
+    fitted = []
+    original = _execute.analyse_pair
+    monkeypatch.setattr(_execute, "analyse_pair", lambda *a, **k: fitted.append(1) or original(*a, **k))
+    again = _run(small_sim, n_control_cells=80, store=store)
+    assert len(fitted) == 1
+    assert not list(store.glob(".*.tmp"))
+    _layers_equal(serial, again)
+
+
+@pytest.mark.parametrize("labels", [["A/B", "A_B", "/"], ["..", ".", "~x"], ["ñandú 1", "a b", "%2F"]])
+def test_labels_are_keys_never_paths(small_sim, labels, tmp_path):
+    adata = small_sim.copy()
+    old = adata.obs["perturbation"].astype(str).to_numpy()
+    mapping = dict(zip(sorted(set(old) - {"control"}), labels))
+    adata.obs["perturbation"] = [mapping.get(v, v) for v in old]
+    out = _run(adata, n_control_cells=80)
+    assert sorted(out.uns["scotgm"]["summary"].index) == sorted(labels)
+    keys = out.uns["scotgm"]["summary"]["key"]
+    assert keys.is_unique and all("/" not in k and k not in (".", "..") for k in keys)
+    out.write_h5ad(tmp_path / "r.h5ad")
+    back = ad.read_h5ad(tmp_path / "r.h5ad")
+    assert sorted(back.uns["scotgm"]["summary"].index) == sorted(labels)
+    for lab in labels:
+        np.testing.assert_array_equal(sg.tl.get_record(back, lab)["means"], sg.tl.get_record(out, lab)["means"])
+        assert key_label(label_key(lab)) == lab
+
+
+def test_missing_labels_are_unassigned_cells(small_sim):
+    adata = small_sim.copy()
+    labels = adata.obs["perturbation"].astype(object).to_numpy()
+    labels[:5] = None  # controls without a label
+    labels[-3:] = np.nan
+    labels[-6:-3] = "  "
+    adata.obs["perturbation"] = labels
+    with pytest.warns(UserWarning, match="11 cells have no label"):
+        out = sg.tl.perturbation_response(adata, "perturbation", "control", n_jobs=1, copy=True)
+    assert "nan" not in out.uns["scotgm"]["summary"].index and "None" not in out.uns["scotgm"]["summary"].index
+    assert (out.obs["scotgm_class"].iloc[:5] == "unassigned").all()
+    assert (out.obs["scotgm_class"].iloc[-6:] == "unassigned").all()
+    assert np.isnan(out.obs["scotgm_p_perturbed"].iloc[:5]).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"perturbations": "G0030"}, "single string 'G0030'; pass \\['G0030'\\]"),
+    ({"perturbations": ["control"]}, "control label 'control' cannot be analysed"),
+    ({"n_pcs": 0}, "n_pcs must be an integer >= 1"),
+    ({"n_pcs": -3}, "n_pcs must be an integer >= 1"),
+    ({"variance_threshold": float("nan")}, "variance_threshold must be a finite number in \\(0, 1\\]"),
+    ({"variance_threshold": 7}, "variance_threshold must be a finite number in \\(0, 1\\]"),
+    ({"regularization": -1.0}, "regularization must be a finite number > 0"),
+    ({"random_state": 10**24}, "random_state must be between 0 and"),
+    ({"n_control_cells": 3}, "n_control_cells must be >= 10"),
+    ({"n_jobs": 0}, "n_jobs must be a positive integer or None"),
+    ({"key_added": "a/b"}, "key_added must be a non-empty name without '/'"),
+])
+def test_bad_arguments_name_the_fix(small_sim, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        sg.tl.perturbation_response(small_sim, "perturbation", "control", **kwargs)
+
+
+def test_duplicated_perturbations_are_analysed_once(small_sim):
+    pert = sorted(set(small_sim.obs["perturbation"].astype(str)) - {"control"})[0]
+    out = _run(small_sim, perturbations=[pert, pert])
+    assert list(out.uns["scotgm"]["summary"].index) == [pert]
+    assert len(sg.tl.get_rankings(out)) == small_sim.n_vars
+
+
+def test_whole_matrix_count_checks(small_sim):
+    adata = small_sim.copy()
+    X = adata.X.toarray().astype(float)
+    X[-1, :] = X[-1, :] * 0.37  # a normalised cell after every raw one
+    adata.X = sp.csr_matrix(X)
+    with pytest.raises(InputError, match="non-integer values.*rows from 0"):
+        sg.tl.perturbation_response(adata, "perturbation", "control")
+    norm = small_sim.copy()
+    counts = norm.X.toarray().astype(float)
+    norm.X = sp.csr_matrix(np.round(counts / counts.sum(1, keepdims=True) * 1e4))
+    with pytest.raises(InputError, match="looks normalised to a common total and rounded"):
+        sg.tl.perturbation_response(norm, "perturbation", "control")
+
+
+def test_responses_and_rankings_tables(serial):
+    resp = sg.tl.get_responses(serial)
+    assert resp.obs["key"].tolist() == [label_key(p) for p in resp.obs_names]
+    tab = sg.tl.get_rankings(serial, top=5)
+    assert len(tab) == 5 * resp.n_obs
+    assert pd.api.types.is_integer_dtype(tab["rank"])
