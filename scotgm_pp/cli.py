@@ -221,6 +221,44 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import json
+
+    from . import datasets, pl
+    from .io import atomic_write_text
+    from .tl import calibration_check
+
+    out = Path(args.out)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            from ._validation import InputError
+
+            raise InputError(f"cannot write outputs under {out}: {parent} is a file, not a folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    adata = datasets.read(args.data, args.perturbation_key, args.control, layer=args.layer)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        res = calibration_check(
+            adata, args.perturbation_key, args.control, n_null=args.n_null, null_size=args.null_size,
+            guide_key=args.guide_key, n_control_cells=args.n_control_cells or 300, batch_key=args.batch_key,
+            fdr=args.fdr, random_state=args.seed, n_jobs=args.n_workers, client=args.scheduler,
+            progress=not args.quiet,
+        )
+    res.table.to_csv(out / ".calibration.csv.tmp", index=False)
+    Path(out / ".calibration.csv.tmp").replace(out / "calibration.csv")
+    res.sets.to_csv(out / ".null_sets.csv.tmp", index=False)
+    Path(out / ".null_sets.csv.tmp").replace(out / "null_sets.csv")
+    pl.calibration_qq(res).savefig(out / ".qq.png.tmp", dpi=120, format="png")
+    Path(out / ".qq.png.tmp").replace(out / "qq.png")
+    atomic_write_text(out / "calibration.json", json.dumps(
+        {"table": res.table.to_dict("records"), "settings": res.settings}, indent=2, default=str))
+    print(res.table.to_string(index=False))
+    print(f"outputs in {out.resolve()} (calibration.csv, null_sets.csv, qq.png, calibration.json); "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scotgm", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,6 +311,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true")
     _add_parallel_options(bench)
     bench.set_defaults(func=cmd_benchmark)
+
+    cal = sub.add_parser("calibrate", help="check the calls on null pseudo-perturbations made of control cells",
+                         description="Build null sets of control cells (random, or one control guide each with "
+                                     "--guide-key), run the full pipeline and scanpy's Wilcoxon and t-test on each "
+                                     "against other controls, and report how often p < 0.05 / 0.01 and how many "
+                                     "discoveries are made. Writes DIR/calibration.csv, null_sets.csv, qq.png and "
+                                     "calibration.json.")
+    cal.add_argument("data", help="the screen, an .h5ad file with raw counts")
+    cal.add_argument("--perturbation-key", required=True)
+    cal.add_argument("--control", required=True)
+    cal.add_argument("--out", required=True, help="output folder")
+    cal.add_argument("--n-null", type=_positive_int, default=50, help="random null sets (default 50)")
+    cal.add_argument("--null-size", type=_positive_int, default=None,
+                     help="cells per null set (default: the median size of the real perturbations)")
+    cal.add_argument("--guide-key", default=None, help=".obs column of guide identities: one null set per control guide")
+    cal.add_argument("--n-control-cells", type=_positive_int, default=None,
+                     help="controls each null set is compared with (default 300)")
+    cal.add_argument("--batch-key", default=None)
+    cal.add_argument("--fdr", type=_fraction, default=0.1, help="Benjamini-Hochberg level of the counted discoveries")
+    cal.add_argument("--layer", default=None)
+    cal.add_argument("--seed", type=_seed, default=0)
+    cal.add_argument("--quiet", action="store_true")
+    _add_parallel_options(cal)
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -31,6 +31,8 @@ def simulate(
     dropout: float = 0.05,
     control_label: str = "control",
     random_state: int | np.random.Generator | None = 0,
+    n_batches: int = 1,
+    batch_effect: float = 0.3,
 ) -> ad.AnnData:
     """Simulate a pooled CRISPR knock-down screen read out by single-cell RNA-seq.
 
@@ -56,12 +58,16 @@ def simulate(
         Remaining fraction of target expression in perturbed cells.
     random_state
         Seed or Generator; the same seed gives the same data.
+    n_batches, batch_effect
+        With ``n_batches > 1``, every cell falls in a random batch and every gene's log rate is
+        shifted by ``N(0, batch_effect^2)`` in each batch but the first (``.obs["batch"]``).
 
     Returns
     -------
     anndata.AnnData
         ``.X`` raw counts (CSR, int64); ``.obs["perturbation"]`` (``control_label`` for controls,
         else the target gene's name); ``.obs["escaped"]`` (bool, True for guide cells that escaped);
+        ``.obs["batch"]`` with ``n_batches > 1``;
         ``.uns["simulation"]`` with ``"target_gene"`` (perturbation -> gene), ``"de_genes"``
         (perturbation -> {gene: +1 or -1}, the target included as -1), ``"control"`` and the
         settings.
@@ -70,6 +76,8 @@ def simulate(
         raise ValueError(
             f"n_genes ({n_genes}) must exceed n_perturbations + n_de_genes ({n_perturbations + n_de_genes})."
         )
+    if int(n_batches) != n_batches or n_batches < 1:
+        raise ValueError(f"n_batches must be a positive integer, got {n_batches}.")
     if not 0 <= escape_fraction < 1:
         raise ValueError(f"escape_fraction must be in [0, 1), got {escape_fraction}.")
     rng = np.random.default_rng(random_state)
@@ -91,6 +99,13 @@ def simulate(
     log_lam = log_s[:, None] + base[None, :] + F @ W.T
     hit = (pert_index >= 0) & ~escaped
     log_lam[hit] += effects[pert_index[hit]]
+    batch = None
+    if n_batches > 1:
+        # each cell's batch; every gene gets a log-scale offset per batch (batch 0 the reference)
+        batch = rng.integers(n_batches, size=n)
+        offsets = rng.normal(0.0, batch_effect, size=(n_batches, n_genes))
+        offsets[0] = 0.0
+        log_lam += offsets[batch]
     lam = np.exp(log_lam)
     p_nb = dispersion / (dispersion + lam)
     counts = rng.negative_binomial(dispersion, p_nb)
@@ -106,6 +121,8 @@ def simulate(
         index=[f"cell{i:05d}" for i in range(n)],
     )
     obs["library_size"] = np.exp(obs["library_size"])
+    if batch is not None:
+        obs["batch"] = pd.Categorical([f"b{b}" for b in batch])
     adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int64)), obs=obs, var=pd.DataFrame(index=genes))
     adata.uns["simulation"] = {
         "target_gene": target_gene,

@@ -21,6 +21,7 @@ __all__ = [
     "coupling_diagnostics",
     "target_ranks",
     "screen_summary",
+    "calibration_qq",
     "figure_perturbations",
     "save_run_figures",
 ]
@@ -277,6 +278,37 @@ def screen_summary(adata: AnnData, key: str = "scotgm", *, figsize=(6.4, 3.2)) -
     ax.set_ylabel("fraction called perturbed")
     n_skipped = len(_uns_skipped(adata, key))
     ax.set_title(f"{len(summary)} perturbations analysed, {n_skipped} skipped", fontsize=10)
+    return fig
+
+
+def calibration_qq(result, *, figsize=(4.4, 4.2)) -> Figure:
+    """QQ plot of the null p-values of :func:`scotgm_pp.tl.calibration_check`, one line per method:
+    observed against expected ``-log10 p`` (on the diagonal when calibrated), with the 95% band
+    of uniform order statistics."""
+    from scipy import stats
+
+    fig, ax = _new_figure(figsize)
+    top = 0.0
+    for (method, p), color in zip(result.pvalues.items(), [_DOWN, _UP, _GREY, "#4daf4a", "#984ea3"]):
+        p = np.sort(np.clip(np.asarray(p, float)[np.isfinite(p)], 1e-300, 1.0))
+        if not p.size:
+            continue
+        n = p.size
+        expected = -np.log10((np.arange(1, n + 1) - 0.5) / n)
+        ax.plot(expected, -np.log10(p), ".", ms=2.5, color=color, label=f"{method} ({n} tests)")
+        top = max(top, float(expected[0]), float(-np.log10(p[0])))
+    if top:
+        n = max(len(v) for v in result.pvalues.values())
+        k = np.arange(1, n + 1)
+        lo = -np.log10(stats.beta.ppf(0.975, k, n - k + 1))
+        hi = -np.log10(stats.beta.ppf(0.025, k, n - k + 1))
+        ex = -np.log10((k - 0.5) / n)
+        ax.fill_between(ex, lo, hi, color="0.85", lw=0)
+        ax.plot([0, top], [0, top], color="k", lw=0.6)
+    ax.set_xlabel("expected -log10 p")
+    ax.set_ylabel("observed -log10 p")
+    ax.set_title("Null pseudo-perturbations (control cells)", fontsize=10)
+    ax.legend(fontsize=7, frameon=False, loc="upper left")
     return fig
 
 

@@ -53,7 +53,8 @@ def test_local_cluster_gives_the_serial_results(small_sim, serial):
     sub = serial.uns["scotgm"]["summary"].index[:2]
     r_all, r_two = sg.tl.get_responses(serial)[sub], sg.tl.get_responses(remote)
     for name in r_all.layers:
-        np.testing.assert_array_equal(r_all.layers[name], r_two.layers[name])
+        if name != "qval_screen":  # screen-wide q-values depend on which perturbations were run
+            np.testing.assert_array_equal(r_all.layers[name], r_two.layers[name])
 
 
 def test_seeds_come_from_names_not_positions(small_sim, serial):

@@ -56,7 +56,8 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
     assert resp.shape == (8, sim.n_vars) and list(resp.var_names) == list(sim.var_names)
     assert list(resp.obs_names) == sorted(sim.uns["simulation"]["target_gene"])
     assert list(resp.layers) == ["mu", "sigma", "score", "shift", "lfc", "lfc_se", "lfc_z", "lfc_bound", "dispersion",
-                                 "lfc_perturbed", "lfc_perturbed_se", "rank", "abs_rank"]
+                                 "lfc_perturbed", "lfc_perturbed_se", "rank", "abs_rank", "pval", "qval",
+                                 "qval_screen"]
     tab = sg.tl.get_rankings(sim_fitted)
     assert list(tab.columns) == ["perturbation", "gene", *resp.layers]
     assert len(tab) == 8 * sim.n_vars

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ._calls import bh_qvalues
 from ._execute import TaskResult
 from ._store import RecordStore
 
@@ -54,8 +55,8 @@ class Collector:
         self.p_perturbed[np.asarray(control_mask, bool)] = 0.0
         self.control_mask = np.asarray(control_mask, bool)
         self.unassigned = np.asarray(unassigned, bool)
-        self.no_effect = np.zeros(n_cells, bool)
         self.analysed = np.zeros(n_cells, bool)
+        self.guide_rows: dict[str, np.ndarray] = {}
 
     def _layer(self, name: str) -> np.ndarray:
         if name not in self.layers:
@@ -79,8 +80,7 @@ class Collector:
         rows = np.asarray(result.guide_rows)
         self.p_perturbed[rows] = result.p_perturbed
         self.analysed[rows] = True
-        if not result.summary.get("effect_detected", True):
-            self.no_effect[rows] = True
+        self.guide_rows[result.perturbation] = rows
         if self.store is None and result.record:
             self.records[result.key] = result.record
 
@@ -88,18 +88,36 @@ class Collector:
     def n_done(self) -> int:
         return len(self.summaries) + len(self.skipped)
 
+    def finalize(self, effect_fdr: float) -> None:
+        """Screen-wide numbers, once every perturbation is in: Benjamini-Hochberg q-values of the
+        gene p-values over the whole screen (layer ``qval_screen``) and of the perturbations'
+        "any effect" p-values (``qval_any``), and which perturbations had a detectable effect
+        (``effect_detected``: ``qval_any < effect_fdr``)."""
+        if "pval" in self.layers:
+            self.layers["qval_screen"] = bh_qvalues(self.layers["pval"])
+        done = [p for p in self.perturbations if p in self.summaries]
+        p_any = np.array([self.summaries[p].get("pval_any", np.nan) for p in done], dtype=float)
+        q_any = bh_qvalues(p_any)
+        for p, q in zip(done, q_any):
+            self.summaries[p]["qval_any"] = float(q)
+            self.summaries[p]["effect_detected"] = bool(not np.isfinite(q) or q < effect_fdr)
+
     def cell_classes(self) -> pd.Categorical:
         """control / perturbed / escaped / no effect / not analysed / unassigned, one per cell.
 
-        Guide cells of a perturbation whose effect was not detected are "no effect" whatever
-        their posterior; among the others, ``p_perturbed >= 0.5`` is "perturbed".
+        Guide cells of a perturbation without a detected effect (:meth:`finalize`) are "no
+        effect" whatever their posterior; among the others, ``p_perturbed > 0.5`` is "perturbed"
+        and the rest "escaped" (the rule of the records' confusion matrices: the more probable
+        state, ties to the basal one).
         """
         cls = np.full(self.p_perturbed.size, "not analysed", dtype=object)
         p = self.p_perturbed
         fitted = self.analysed & np.isfinite(p)
-        cls[fitted & (p >= 0.5)] = "perturbed"
-        cls[fitted & (p < 0.5)] = "escaped"
-        cls[fitted & self.no_effect] = "no effect"
+        cls[fitted & (p > 0.5)] = "perturbed"
+        cls[fitted & (p <= 0.5)] = "escaped"
+        for pert, rows in self.guide_rows.items():
+            if not self.summaries[pert].get("effect_detected", True):
+                cls[rows[np.isfinite(p[rows])]] = "no effect"
         cls[self.control_mask] = "control"
         cls[self.unassigned] = "unassigned"
         return pd.Categorical(cls, categories=[c for c in CLASSES if c in set(cls)])

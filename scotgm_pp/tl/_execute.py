@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .._validation import InputError
+from ._calls import bh_qvalues, resampling_test
 from ._pair import analyse_pair
 from ._plan import RunSettings, Task
 
@@ -126,11 +127,12 @@ def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
         if limiter is not None:
             limiter.restore_original_limits()
     names = genes["gene"].astype(str).to_numpy()
+    gene_index = pd.Index(context.var_names).get_indexer(names)
+    _add_calls(genes, record, payload, p.index, gene_index, context)
     if task.perturbation in set(names):
         record["target_rank"] = int(genes.loc[names == task.perturbation, "rank"].iloc[0])
     record["n_guide_labelled"] = int(task.n_guide_labelled)
     record["seed"] = int(task.seed)
-    gene_index = pd.Index(context.var_names).get_indexer(names)
     values = {c: genes[c].to_numpy() for c in genes.columns if c != "gene" and pd.api.types.is_numeric_dtype(genes[c])}
     guide_names = payload.obs_names[~is_control]
     p_guide = p.reindex(pd.Index(guide_names, dtype=object)).to_numpy(float)
@@ -144,6 +146,25 @@ def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
         p_perturbed=p_guide,
         record=record,
     )
+
+
+def _add_calls(genes: pd.DataFrame, record: dict, payload: TaskPayload, kept_cells, gene_index: np.ndarray,
+               context: ScreenContext) -> None:
+    """Resampling p-values (and BH q-values within the perturbation) of the experiment's cells and
+    genes, and the perturbation's "any effect" p-value (:func:`~scotgm_pp.tl._calls.resampling_test`)."""
+    s = context.settings
+    rows = pd.Index(payload.obs_names).get_indexer(pd.Index(kept_cells, dtype=object))
+    Y = payload.counts[rows][:, gene_index]
+    lib = np.asarray(payload.counts[rows].sum(axis=1)).ravel()
+    phi = np.zeros(gene_index.size) if context.dispersion is None else context.dispersion[gene_index]
+    test = resampling_test(Y, payload.is_control[rows], library_size=lib, dispersion=phi,
+                           batch=None if payload.batch is None else payload.batch[rows],
+                           n_resamples=s.n_resamples, random_state=np.random.default_rng([payload.task.seed, 1]))
+    genes["pval"] = test.pval
+    genes["qval"] = bh_qvalues(test.pval)
+    record["pval_any"] = float(test.pval_any)
+    record["any_statistic"] = float(test.any_statistic)
+    record["n_resamples"] = int(test.n_resamples)
 
 
 def resolve_workers(n_jobs: int | None) -> int:

@@ -21,6 +21,7 @@ import pandas as pd
 from .._labels import label_key
 from .._validation import InputError
 from ..pp import PreprocessParams
+from ._calls import N_RESAMPLES
 from ._core import COUPLINGS, RANK_BY
 
 __all__ = [
@@ -77,6 +78,8 @@ class RunSettings:
     coupling_kwargs: dict | None = None
     random_state: int = 0
     blas_threads: int | None = 1
+    n_resamples: int = N_RESAMPLES
+    effect_fdr: float = 0.1
 
     def __post_init__(self):
         if not isinstance(self.perturbation_key, str) or not self.perturbation_key:
@@ -99,6 +102,10 @@ class RunSettings:
         _int_setting(self.n_control_cells, "n_control_cells", MIN_CELLS)
         _int_setting(self.random_state, "random_state", 0, MAX_SEED)
         _int_setting(self.blas_threads, "blas_threads", 1, allow_none=True)
+        _int_setting(self.n_resamples, "n_resamples", 20)
+        fdr = self.effect_fdr
+        if isinstance(fdr, (bool, np.bool_)) or not isinstance(fdr, (int, float, np.number)) or not 0 < fdr < 1:
+            raise InputError(f"effect_fdr must be a number in (0, 1), got {fdr!r}.")
         if not isinstance(self.preprocess, PreprocessParams):
             raise InputError(f"params must be a PreprocessParams, got {type(self.preprocess).__name__}.")
         if self.coupling_kwargs is not None and not isinstance(self.coupling_kwargs, dict):

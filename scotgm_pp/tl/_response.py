@@ -205,6 +205,7 @@ def annotate(target: AnnData, run: ScreenRun, key_added: str) -> None:
     col = run.collector
     if not col.summaries:
         raise InputError(f"no perturbation could be analysed: {dict(col.skipped)}")
+    col.finalize(run.settings.effect_fdr)
     params = run.params()
     responses = col.responses(params)
     target.obs[f"{key_added}_p_perturbed"] = col.p_perturbed

@@ -1,0 +1,137 @@
+"""Calibrated calls: resampling p-values against exact permutation p-values, uniform null p-values,
+q-values, the discoveries list, null perturbations called null, and the calibration check."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import scotgm_pp as sg
+from scotgm_pp._validation import InputError
+from scotgm_pp.tl._calls import _permuted_sets, _skewnorm_two_sided, _strata_z, bh_qvalues, resampling_test
+
+
+def test_empirical_p_values_match_the_exact_permutation_test():
+    rng = np.random.default_rng(0)
+    n, k = 10, 4
+    Y = rng.negative_binomial(5, 0.3, size=(n, 6)).astype(float)
+    is_guide = np.zeros(n, bool)
+    is_guide[:k] = True
+    lib = Y.sum(1) + 50.0
+    phi = np.full(6, 0.2)
+    strata = np.zeros(n, int)
+    every = np.array([np.isin(np.arange(n), c) for c in itertools.combinations(range(n), k)])
+    z_all = _strata_z(Y, every, lib, phi, strata)
+    z_obs = _strata_z(Y, is_guide[None], lib, phi, strata)[0]
+    exact = (np.abs(z_all) >= np.abs(z_obs) - 1e-12).mean(axis=0)
+    test = resampling_test(Y, ~is_guide, library_size=lib, dispersion=phi, n_resamples=4000, random_state=1)
+    np.testing.assert_allclose(test.z, z_obs)
+    ok = test.exceedances >= 5
+    assert ok.all()
+    np.testing.assert_allclose(test.pval, exact, atol=0.02)  # Monte-Carlo error at B = 4000: < 0.008
+
+
+def test_resamples_keep_each_stratum_s_guide_count():
+    rng = np.random.default_rng(0)
+    strata = np.repeat([0, 1, 2], [5, 7, 4])
+    guide = np.zeros(16, bool)
+    guide[[0, 1, 6, 7, 8, 15]] = True
+    sets = _permuted_sets(guide, strata, 200, rng)
+    for s in range(3):
+        assert (sets[:, strata == s].sum(axis=1) == guide[strata == s].sum()).all()
+    assert len({tuple(r) for r in sets}) > 100
+
+
+def test_null_p_values_are_uniform_with_and_without_batches():
+    rng = np.random.default_rng(3)
+    pvals, pvals_b = [], []
+    for rep in range(30):
+        n, G = 200, 120
+        batch = rng.integers(2, size=n)
+        mu = np.exp(rng.normal(0, 1, G))[None, :] * rng.lognormal(0, 0.3, n)[:, None] * np.where(batch == 1, 1.5, 1.0)[:, None]
+        Y = rng.negative_binomial(4, 4 / (4 + mu))
+        ctrl = rng.random(n) > 0.25
+        pvals.append(resampling_test(Y, ctrl, dispersion=0.25, random_state=rep).pval)
+        pvals_b.append(resampling_test(Y, ctrl, dispersion=0.25, batch=batch, random_state=rep).pval)
+    for p in (np.concatenate(pvals), np.concatenate(pvals_b)):
+        assert 0.04 <= np.mean(p < 0.05) <= 0.06
+        assert 0.006 <= np.mean(p < 0.01) <= 0.014
+
+
+def test_fitted_tail_reaches_below_the_resamples():
+    rng = np.random.default_rng(0)
+    null = rng.standard_normal((4000, 3))
+    p = _skewnorm_two_sided(null, np.array([4.0, -4.5, 5.0]))
+    # extrapolated 4-5 sd beyond 4,000 draws: within a factor of 2 of the normal tail
+    assert np.all(np.abs(np.log2(p / (2 * stats.norm.sf([4.0, 4.5, 5.0])))) < 1.0)
+    # a strong effect gets a p-value far below 1 / (B + 1)
+    Y = rng.poisson(20, (70, 40))
+    Y[50:, 0] = rng.poisson(2, 20)  # gene 0 knocked down in the 20 guide cells
+    test = resampling_test(Y, np.r_[np.ones(50, bool), np.zeros(20, bool)], n_resamples=200)
+    assert test.exceedances[0] == 0 and test.pval[0] < 1e-6 < 1 / 201
+    assert test.pval_any < 1e-6 and np.median(test.pval[1:]) > 0.2
+
+
+def test_bh_qvalues_match_scipy_and_keep_nan():
+    p = np.array([[0.01, np.nan, 0.04], [0.5, 0.001, 0.2]])
+    q = bh_qvalues(p)
+    assert np.isnan(q[0, 1])
+    ok = np.isfinite(p)
+    np.testing.assert_allclose(q[ok], stats.false_discovery_control(p[ok]))
+
+
+@pytest.fixture(scope="module")
+def with_null(small_sim):
+    """The small screen plus a null perturbation: control cells relabelled."""
+    adata = small_sim.copy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy().copy()
+    rng = np.random.default_rng(0)
+    labels[rng.choice(np.flatnonzero(labels == "control"), 40, replace=False)] = "NULL"
+    adata.obs["perturbation"] = labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sg.tl.perturbation_response(adata, "perturbation", "control", n_jobs=1)
+    return adata
+
+
+def test_targets_are_discoveries_and_the_null_perturbation_is_called_null(with_null):
+    hits = sg.tl.call_hits(with_null, fdr=0.1)
+    truth = with_null.uns["simulation"]["target_gene"]
+    for pert, gene in truth.items():
+        row = hits[(hits["perturbation"] == pert) & (hits["gene"] == gene)]
+        assert len(row) == 1 and row["direction"].iloc[0] == "down" and row["qval"].iloc[0] < 0.1
+    assert (hits["qval"] < 0.1).all() and hits["perturbation"].isin(list(truth) + ["NULL"]).all()
+    within = sg.tl.call_hits(with_null, fdr=0.1, scope="perturbation")
+    assert len(within) >= 1 and (within["qval"] < 0.1).all()
+    summary = with_null.uns["scotgm"]["summary"]
+    assert not summary.loc["NULL", "effect_detected"] and summary.loc[list(truth), "effect_detected"].all()
+    classes = with_null.obs.loc[with_null.obs["perturbation"] == "NULL", "scotgm_class"]
+    assert (classes == "perturbed").mean() < 0.05 and (classes == "no effect").all()
+    resp = sg.tl.get_responses(with_null)
+    np.testing.assert_allclose(resp.layers["qval_screen"][np.isfinite(resp.layers["pval"])],
+                               stats.false_discovery_control(resp.layers["pval"][np.isfinite(resp.layers["pval"])]))
+    with pytest.raises(InputError, match="fdr must be a number in \\(0, 1\\)"):
+        sg.tl.call_hits(with_null, fdr=1.5)
+    with pytest.raises(InputError, match="scope must be one of screen, perturbation"):
+        sg.tl.call_hits(with_null, scope="gene")
+
+
+def test_calibration_check_on_a_null_of_simulated_controls():
+    adata = sg.datasets.simulate(n_genes=150, n_perturbations=2, n_control=1200, n_batches=2, random_state=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sg.tl.calibration_check(adata, "perturbation", "control", n_null=20, null_size=50, n_control_cells=300,
+                                      batch_key="batch", random_state=0)
+    table = res.table.set_index("method")
+    assert list(table.index) == ["scotgm", "wilcoxon", "t-test"]
+    assert table.loc["scotgm", "n_sets"] == 20 and table.loc["scotgm", "n_tests"] > 2500
+    assert 0.035 <= table.loc["scotgm", "frac_p_below_0.05"] <= 0.065
+    assert 0.004 <= table.loc["scotgm", "frac_p_below_0.01"] <= 0.016
+    assert table.loc["scotgm", "sets_with_discovery"] <= 4
+    assert (res.sets["n_controls"] == 300).all()
+    fig = sg.pl.calibration_qq(res)
+    assert len(fig.axes[0].lines) >= 3
