@@ -91,7 +91,9 @@ def test_a_batch_without_controls_skips_only_that_perturbation(small_sim):
         out = sg.tl.perturbation_response(adata, "perturbation", "control", batch_key="rep", n_jobs=1, copy=True)
     skipped = out.uns["scotgm"]["skipped"].set_index("perturbation")["reason"]
     assert "batch 'lonely'" in skipped[first]
-    assert len(out.uns["scotgm"]["summary"]) == 2
+    assert len(out.uns["scotgm"]["summary"]) == 2 and len(skipped) == 1
+    resp = sg.tl.get_responses(out)
+    assert resp.n_obs == 2 and first not in resp.obs_names and np.isfinite(resp.layers["lfc"]).all()
     assert (out.obs.loc[labels == first, "scotgm_class"] == "not analysed").all()
 
 

@@ -193,7 +193,7 @@ def calibration_check(
                                             dispersion=scan.dispersion),
                        preprocess=run_settings.preprocess, baselines=tuple(baselines))
     outs: list[dict] = []
-    map_tasks(todo, _Payloads(screen, batch, pool), ctx, outs.append, fn=_null_task, n_jobs=n_jobs, client=client,
+    map_tasks(todo, _Payloads(screen, batch, pool, scan.n_detected), ctx, outs.append, fn=_null_task, n_jobs=n_jobs, client=client,
               progress=progress, desc="null sets")
     outs.sort(key=lambda o: o["name"])
     methods = ["scotgm", *baselines]

@@ -138,8 +138,13 @@ class Collector:
         gene-level statistic (NaN where the experiment did not keep the gene)."""
         summary = self.summary_frame()
         rows = np.array([self._row[p] for p in summary.index], dtype=np.int64)
-        every = rows.size == len(self.perturbations) and np.array_equal(rows, np.arange(rows.size))
-        layers = {name: (arr if every else arr[rows]) for name, arr in self.layers.items()}
+        n_rows = next(iter(self.layers.values())).shape[0] if self.layers else rows.size
+        if not (rows.size == n_rows and np.array_equal(rows, np.arange(rows.size))):
+            # drop the rows of skipped perturbations one layer at a time (one extra layer at most)
+            for name in list(self.layers):
+                self.layers[name] = self.layers[name][rows]
+            self._row = {p: i for i, p in enumerate(summary.index)}
+        layers = dict(self.layers)
         obs = summary.copy()
         obs.index = obs.index.astype(str)
         out = AnnData(obs=obs, var=pd.DataFrame(index=self.var_names), layers=layers)

@@ -81,16 +81,24 @@ def _batch_labels(obs: pd.DataFrame, batch_key: str | None) -> np.ndarray | None
     return column.astype(str).to_numpy()
 
 
+POOL_MAX_BYTES = 2**30
+"""From a file, the control cells the tasks sample are read once into memory when they take at
+most this much (estimated from their detected genes); otherwise each task reads its own."""
+
+
 class _Payloads:
     """Reads one task's cells. From a file, the control cells are read once into memory (the
-    pool every task samples from) and each task's guide cells are read when it is sent."""
+    pool every task samples from) when they fit in :data:`POOL_MAX_BYTES`, and each task's guide
+    cells are read when it is sent."""
 
-    def __init__(self, screen: Screen, batch: np.ndarray | None, pool_rows: np.ndarray):
+    def __init__(self, screen: Screen, batch: np.ndarray | None, pool_rows: np.ndarray,
+                 n_detected: np.ndarray | None = None):
         self.screen = screen
         self.batch = batch
         self.obs_names = screen.obs_names.to_numpy()
         self.pool = None
-        if isinstance(screen.rows, H5adRows) and pool_rows.size:
+        size = 12.0 * (float(n_detected[pool_rows].sum()) if n_detected is not None else 0.0)
+        if isinstance(screen.rows, H5adRows) and pool_rows.size and size <= POOL_MAX_BYTES:
             self.pool = MemoryRows(screen.rows.read(pool_rows))
             self.pool_pos = np.full(screen.n_obs, -1, dtype=np.int64)
             self.pool_pos[pool_rows] = np.arange(pool_rows.size)
@@ -122,6 +130,7 @@ class ScreenPlan:
     tasks: list[Task]
     dispersion: np.ndarray | None
     n_control_total: int
+    n_detected: np.ndarray | None = None
 
 
 def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> ScreenPlan:
@@ -144,7 +153,8 @@ def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> Sc
     usable = (scan.n_detected >= min_genes) & (scan.library_size > 0)
     tasks = make_tasks(labels, chosen, settings, usable, batch)
     return ScreenPlan(screen=screen, settings=settings, perturbations=chosen, labels=labels, batch=batch,
-                      tasks=tasks, dispersion=scan.dispersion, n_control_total=n_control_total)
+                      tasks=tasks, dispersion=scan.dispersion, n_control_total=n_control_total,
+                      n_detected=scan.n_detected)
 
 
 def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, store: RecordStore | None = None,
@@ -173,7 +183,7 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
         pool_rows = np.unique(np.concatenate([t.control_rows for t in todo]))
         context = ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
                                 dispersion=plan.dispersion)
-        map_tasks(todo, _Payloads(plan.screen, plan.batch, pool_rows), context, collector.add,
+        map_tasks(todo, _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected), context, collector.add,
                   n_jobs=_auto_workers(n_jobs, client, todo, len(plan.screen.var_names)), client=client,
                   progress=progress)
     return ScreenRun(settings=plan.settings, perturbations=plan.perturbations, collector=collector, store=store,
