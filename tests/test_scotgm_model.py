@@ -181,3 +181,24 @@ def test_errors_name_the_fix(adata):
         ScOTGM(random_state=np.random.default_rng(0))
     with pytest.raises(ValueError, match="fixed_state"):
         ScOTGM().fit(adata.obsm["X_pca"], fixed_state=np.ones(3, int))
+
+
+def test_altered_or_foreign_files_are_refused_on_load(tmp_path, em_model):
+    import h5py
+
+    path = em_model.save(tmp_path / "model.nc")
+    swapped = tmp_path / "swapped.nc"
+    swapped.write_bytes(path.read_bytes())
+    with h5py.File(swapped, "r+") as f:  # swap the state names in the stored settings
+        settings = json.loads(f.attrs["settings"])
+        settings["state_names"] = settings["state_names"][::-1]
+        f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+    with pytest.raises(ValueError, match="altered after it was saved"):
+        ScOTGM.load(swapped)
+    junk = tmp_path / "junk.nc"
+    junk.write_bytes(b"not a netcdf file" * 20)
+    with pytest.raises(ValueError, match="not a readable netCDF file"):
+        ScOTGM.load(junk)
+    with pytest.raises(ValueError, match="is a folder"):
+        ScOTGM.load(tmp_path)
+    assert ScOTGM.load(path).settings == em_model.settings

@@ -514,7 +514,8 @@ class ScOTGM:
 
     # ---------------------------------------------------------------- io
     def save(self, path: str | Path) -> Path:
-        """Write ``.idata`` (with the settings in its attrs) to a netCDF file.
+        """Write ``.idata`` (with the settings and a digest of the contents in its attrs) to a
+        netCDF file.
 
         Parameters
         ----------
@@ -525,7 +526,10 @@ class ScOTGM:
         -------
         pathlib.Path
         """
+        from ._persist import DIGEST_ATTR, digest
+
         idata = self._require_fit()
+        idata.attrs[DIGEST_ATTR] = digest(idata)
         path = Path(path)
         idata.to_netcdf(str(path), engine="h5netcdf")
         return path
@@ -533,6 +537,9 @@ class ScOTGM:
     @classmethod
     def load(cls, path: str | Path) -> ScOTGM:
         """Rebuild a fitted model from :meth:`save`'s netCDF file.
+
+        The file is verified first (:func:`scotgm_pp.models._persist.verify`): a file that is not
+        a saved model, or whose contents or settings were altered after saving, is refused.
 
         Parameters
         ----------
@@ -543,14 +550,19 @@ class ScOTGM:
         -------
         ScOTGM
         """
+        from ._persist import verify
+
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no saved model at {path}.")
-        with az.rc_context(rc={"data.load": "eager"}):
-            idata = az.from_netcdf(str(path), engine="h5netcdf")
-        if "settings" not in idata.attrs:
-            raise ValueError(f"{path} is not a saved ScOTGM model (no 'settings' in its attrs).")
-        model = cls(**json.loads(idata.attrs["settings"]))
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not a saved model.")
+        try:
+            with az.rc_context(rc={"data.load": "eager"}):
+                idata = az.from_netcdf(str(path), engine="h5netcdf")
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{path} is not a readable netCDF file written by ScOTGM.save ({err}).") from err
+        model = cls(**verify(idata, path))
         model.idata = idata
         return model
 
