@@ -16,10 +16,10 @@ DESCRIPTION = """\
 sc-OTGM for single-cell CRISPR screens (Perturb-seq, CROP-seq, ECCITE-seq).
 
 For every perturbation, its guide cells and a sample of non-targeting controls are normalised,
-projected to PCA and fitted with a two-state Gaussian model (controls = basal state;
-guide cells = a mixture of escaped and perturbed cells). Genes are ranked by a
-negative-binomial count layer: the log fold change of guide against control cells,
-shrunk to the bound its standard error supports; rank 1 = strongest knock-down.
+projected to PCA and fitted with a two-state model (controls = basal state; guide cells = a
+mixture of escaped and perturbed cells) whose count layer gives each gene's effect in the
+perturbed state. Genes are ranked by that effect, shrunk to the bound its standard error
+supports (rank 1 = strongest knock-down), and called by a resampling test at a stated FDR.
 Perturbations are fitted in parallel on Dask (local workers, or a cluster's scheduler).
 """
 
@@ -78,10 +78,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                      help="keep the leading PCs explaining this share of variance, in (0, 1] (default 0.4)")
     g.add_argument("--no-escape-model", action="store_true",
                    help="treat every guide cell as perturbed (no escaped-cell detection)")
-    g.add_argument("--rank-by", default="lfc_bound", choices=["lfc_bound", "shift", "score"],
-                   help="rank genes by the count layer's bound on the log fold change (lfc_bound, default), "
-                        "the perturbed state's gene-space shift in log-normalised units (shift) or the "
-                        "model's standardised shift mu/sigma (score)")
+    g.add_argument("--rank-by", default="effect_bound",
+                   choices=["effect_bound", "lfc_all_guides_bound", "shift", "score"],
+                   help="rank genes by the model's perturbed-state effect, bounded by its standard error "
+                        "(effect_bound, default); the model-free negative-binomial test of every guide cell "
+                        "(lfc_all_guides_bound); the perturbed state's gene-space shift (shift); or the paper's "
+                        "mu/sigma (score)")
     g.add_argument("--batch-key", default=None,
                    help=".obs column of batches (e.g. replicates): controls are sampled batch by batch and each "
                         "batch gets its own baseline in the count layer")

@@ -75,6 +75,11 @@ def test_direction_accuracy_and_signed_f1_by_hand():
 def test_resolve_methods_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown method 'deseq'"):
         resolve_methods(["deseq"])
+    # the model-free count test is not credited to sc-OTGM under its old name
+    with pytest.raises(ValueError, match="renamed.*'nb-all-guides'"):
+        resolve_methods(["scotgm-ot:lfc_bound"])
+    assert set(resolve_methods(["nb-all-guides", "scotgm-ot:mu_sigma", "scotgm-ot"])) == {
+        "nb-all-guides", "scotgm-ot:mu_sigma", "scotgm-ot"}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ def sim_result(tmp_path_factory):
 def test_end_to_end_on_simulated_screen(sim_result):
     adata, res, out = sim_result
     topk = pd.read_csv(out / "topk.csv")
-    assert DEFAULT_SCOTGM == "scotgm-ot:lfc_bound"
+    assert DEFAULT_SCOTGM == "scotgm-ot:effect_bound"
     methods = [DEFAULT_SCOTGM, "scotgm-ot", "t-test", "wilcoxon", "logfc"]
     assert list(topk["method"]) == methods
     assert {"method", "top1", "top3", "top5", "top10", "top50", "n", "default"} <= set(topk.columns)

@@ -127,7 +127,7 @@ def test_calibration_check_on_a_null_of_simulated_controls():
         res = sg.tl.calibration_check(adata, "perturbation", "control", n_null=20, null_size=50, n_control_cells=300,
                                       batch_key="batch", random_state=0)
     table = res.table.set_index("method")
-    assert list(table.index) == ["scotgm", "wilcoxon", "t-test"]
+    assert list(table.index) == ["scotgm", "model-wald", "wilcoxon", "t-test"]
     assert table.loc["scotgm", "n_sets"] == 20 and table.loc["scotgm", "n_tests"] > 2500
     assert 0.035 <= table.loc["scotgm", "frac_p_below_0.05"] <= 0.065
     assert 0.004 <= table.loc["scotgm", "frac_p_below_0.01"] <= 0.016

@@ -62,8 +62,8 @@ def test_seeds_come_from_names_not_positions(small_sim, serial):
     alone = _run(small_sim, n_control_cells=80, perturbations=[perts[-1], perts[0]])
     assert list(alone.uns["scotgm"]["summary"].index) == [perts[-1], perts[0]]
     for p in (perts[0], perts[-1]):
-        np.testing.assert_array_equal(sg.tl.get_responses(alone)[p].layers["lfc"],
-                                      sg.tl.get_responses(serial)[p].layers["lfc"])
+        np.testing.assert_array_equal(sg.tl.get_responses(alone)[p].layers["effect"],
+                                      sg.tl.get_responses(serial)[p].layers["effect"])
         assert alone.uns["scotgm"]["summary"].loc[p, "seed"] == task_seed(0, p)
     assert task_seed(0, "A") != task_seed(0, "B") and task_seed(0, "A") != task_seed(1, "A")
 
@@ -93,7 +93,7 @@ def test_a_batch_without_controls_skips_only_that_perturbation(small_sim):
     assert "batch 'lonely'" in skipped[first]
     assert len(out.uns["scotgm"]["summary"]) == 2 and len(skipped) == 1
     resp = sg.tl.get_responses(out)
-    assert resp.n_obs == 2 and first not in resp.obs_names and np.isfinite(resp.layers["lfc"]).all()
+    assert resp.n_obs == 2 and first not in resp.obs_names and np.isfinite(resp.layers["effect"]).all()
     assert (out.obs.loc[labels == first, "scotgm_class"] == "not analysed").all()
 
 

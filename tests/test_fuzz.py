@@ -105,7 +105,7 @@ def test_matrix_formats_and_dtypes_give_the_same_answer(tiny, fmt, dtype):
     X = tiny.X.astype(dtype)
     other.X = X.toarray() if fmt == "dense" else getattr(sp, f"{fmt}_matrix")(X)
     out = _fit(other)
-    np.testing.assert_array_equal(sg.tl.get_responses(out).layers["lfc"], sg.tl.get_responses(reference).layers["lfc"])
+    np.testing.assert_array_equal(sg.tl.get_responses(out).layers["effect"], sg.tl.get_responses(reference).layers["effect"])
     assert tiny.X.dtype == np.int64 and sp.issparse(tiny.X)  # the input is never modified
 
 
@@ -152,5 +152,5 @@ def test_a_run_killed_at_any_moment_leaves_no_broken_output_and_resumes(tmp_path
     assert _readable_outputs(out)
     a = ad.read_h5ad(reference / "responses.h5ad")
     b = ad.read_h5ad(out / "responses.h5ad")
-    np.testing.assert_array_equal(a.layers["lfc"], b.layers["lfc"])
+    np.testing.assert_array_equal(a.layers["effect"], b.layers["effect"])
     assert time.perf_counter() - t0 < 120

@@ -55,22 +55,27 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
     resp = sg.tl.get_responses(sim_fitted)
     assert resp.shape == (8, sim.n_vars) and list(resp.var_names) == list(sim.var_names)
     assert list(resp.obs_names) == sorted(sim.uns["simulation"]["target_gene"])
-    assert list(resp.layers) == ["mu", "sigma", "score", "shift", "lfc", "lfc_se", "lfc_z", "lfc_bound", "dispersion",
-                                 "lfc_perturbed", "lfc_perturbed_se", "rank", "abs_rank", "pval", "qval",
-                                 "qval_screen"]
+    assert list(resp.layers) == ["effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue", "effect_qvalue",
+                                 "log_rate_basal", "dispersion", "lfc_all_guides", "lfc_all_guides_se",
+                                 "lfc_all_guides_z", "lfc_all_guides_bound", "mu", "sigma", "score", "shift", "rank",
+                                 "abs_rank", "pval", "qval", "qval_screen"]
     tab = sg.tl.get_rankings(sim_fitted)
     assert list(tab.columns) == ["perturbation", "gene", *resp.layers]
     assert len(tab) == 8 * sim.n_vars
     top = sg.tl.get_rankings(sim_fitted, top=3)
     assert len(top) == 24 and top.groupby("perturbation")["rank"].apply(list).map(lambda r: r == [1, 2, 3]).all()
+    # the ranking the run asked for: a bound, ties (bound 0) by its z
+    bound = sg.tl._core.resolve_rank_by(uns["params"]["rank_by"])
+    assert bound in ("effect_bound", "lfc_all_guides_bound")
+    z = bound.replace("_bound", "_z")
     for _, sub in tab.groupby("perturbation"):
         assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
         assert np.allclose(sub["score"], sub["mu"] / sub["sigma"])
-        # rank_by="lfc_bound" (default): by the bound, ties (bound 0) by lfc_z
+        assert np.allclose(sub["effect_z"], sub["effect"] / sub["effect_se"])
         order = sub.sort_values("rank")
-        assert order["lfc_bound"].is_monotonic_increasing
-        zero = order[order["lfc_bound"] == 0]
-        assert zero["lfc_z"].is_monotonic_increasing
+        assert order[bound].is_monotonic_increasing
+        zero = order[order[bound] == 0]
+        assert zero[z].is_monotonic_increasing
     rec = sg.tl.get_record(sim_fitted, resp.obs_names[0])
     m = rec["n_pcs"]
     assert rec["covariances"].shape == (2, m, m)
@@ -193,7 +198,7 @@ def test_score_ranking_is_available(small_sim):
         sg.tl.perturbation_response(small_sim, "perturbation", "control", rank_by="pvalue")
 
 
-def test_count_layer_matches_count_shift_and_batches_are_validated(small_sim):
+def test_model_free_baseline_matches_count_shift_and_batches_are_validated(small_sim):
     truth = small_sim.uns["simulation"]["target_gene"]
     pert = sorted(truth)[0]
     labels = small_sim.obs["perturbation"].astype(str).to_numpy()
@@ -210,8 +215,8 @@ def test_count_layer_matches_count_shift_and_batches_are_validated(small_sim):
     want.index = sub.var_names
     got = tab.loc[sub.var_names]
     # (the responses hold gene statistics in float32)
-    np.testing.assert_allclose(got["lfc"], want["lfc"], rtol=1e-6)
-    np.testing.assert_allclose(got["lfc_bound"], want["lfc_bound"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["lfc_all_guides"], want["lfc"], rtol=1e-6)
+    np.testing.assert_allclose(got["lfc_all_guides_bound"], want["lfc_bound"], rtol=1e-6, atol=1e-7)
     with pytest.raises(InputError, match="batch_key 'replicate' is not a column of adata.obs"):
         sg.tl.perturbation_response(small_sim, "perturbation", "control", batch_key="replicate")
 

@@ -21,7 +21,7 @@ from scipy import stats
 from ..pp import PreprocessParams, normalize_log
 from ..tl import COUPLINGS, analyse_pair
 from ..tl._counts import _dense as dense
-from ..tl._counts import bound_order_score
+from ..tl._counts import bound_order_score, count_shift
 
 __all__ = [
     "Pair",
@@ -29,6 +29,7 @@ __all__ = [
     "scanpy_method",
     "logfc_method",
     "van_elteren_method",
+    "nb_all_guides_method",
     "scotgm_method",
     "resolve_methods",
     "DEFAULT_METHODS",
@@ -36,15 +37,24 @@ __all__ = [
     "SCOTGM_SCORES",
 ]
 
-DEFAULT_SCOTGM = "scotgm-ot:lfc_bound"
-"""The row of the package's default configuration (``perturbation_response`` defaults: ot
-coupling, escape model, genes ranked by the count layer's bound, ``rank_by="lfc_bound"``)."""
+DEFAULT_SCOTGM = "scotgm-ot:effect_bound"
+"""The row of the package's default configuration (``analyse_pair`` defaults: ot coupling,
+escape model, genes ranked by the count layer's perturbed-state effect, ``rank_by="effect_bound"``)."""
 
-DEFAULT_METHODS = ("scotgm-ot:lfc_bound", "scotgm-ot", "scotgm-independent", "scotgm-ot:state_shift", "t-test",
-                   "wilcoxon", "van-elteren", "logfc")
+DEFAULT_METHODS = ("scotgm-ot:effect_bound", "nb-all-guides", "scotgm-ot:mu_sigma", "scotgm-independent:mu_sigma",
+                   "scotgm-ot:state_shift", "t-test", "wilcoxon", "van-elteren", "logfc")
 """Fast methods run by default; ``scotgm-hit_and_run`` and ``scotgm-paper`` are opt-in (slow)."""
 
-SCOTGM_SCORES = ("model", "lfc_bound", "state_t", "state_shift")
+SCOTGM_SCORES = ("effect_bound", "mu_sigma", "state_t", "state_shift")
+"""What a ``scotgm-<coupling>:<score>`` row ranks by: the count layer's perturbed-state effect
+bound, the paper's ``mu / sigma`` (also the bare ``scotgm-<coupling>``), and two gene-space
+statistics of the fitted states."""
+
+_RENAMED = {
+    "lfc_bound": "the model-free NB test of all guide cells is now the row 'nb-all-guides' (it does not use "
+                 "sc-OTGM); the model's effect is 'scotgm-<coupling>:effect_bound'",
+    "model": "the paper's mu / sigma is 'scotgm-<coupling>:mu_sigma' (or bare 'scotgm-<coupling>')",
+}
 
 
 @dataclass
@@ -146,9 +156,27 @@ def _tie_sum(col: np.ndarray) -> float:
     return float((t**3 - t).sum())
 
 
-def _lfc_bound(pair: Pair, genes: pd.DataFrame) -> pd.Series:
-    """The count layer's ranking (``rank_by="lfc_bound"``) as one sortable number per gene."""
-    return pd.Series(bound_order_score(genes["lfc_bound"], genes["lfc_z"]), index=genes["gene"].astype(str).to_numpy())
+def _effect_bound(genes: pd.DataFrame) -> pd.Series:
+    """The default ranking (``rank_by="effect_bound"``) as one sortable number per gene."""
+    return pd.Series(bound_order_score(genes["effect_bound"], genes["effect_z"]),
+                     index=genes["gene"].astype(str).to_numpy())
+
+
+def nb_all_guides_method(pair: Pair) -> pd.Series:
+    """Model-free NB test of every guide cell against the controls (:func:`scotgm_pp.tl.count_shift`).
+
+    The natural-log fold change with the cell's total count as offset, a moment dispersion and
+    its standard error, bounded at ``sqrt(2 ln G)`` standard errors, ties by its z (stratified
+    by ``pair.batch`` when given); on the cells and genes the preprocessing keeps. It uses no
+    state, no PCA and no sc-OTGM: the package's default before issue 11, kept as a baseline.
+    """
+    ln = pair.lognorm
+    rows = pair.counts.obs_names.get_indexer(ln.obs_names)
+    cols = pair.counts.var_names.get_indexer(ln.var_names)
+    y = pair.counts.X[rows][:, cols]
+    b = None if pair.batch is None else pair.batch[rows]
+    tab = count_shift(y, pair.lognorm_is_control, batch=b)
+    return pd.Series(bound_order_score(tab["lfc_bound"], tab["lfc_z"]), index=ln.var_names.astype(str))
 
 
 def _state_stats(pair: Pair, p: pd.Series):
@@ -195,10 +223,10 @@ def scotgm_method(
     escape_model: bool = True,
     params: PreprocessParams | None = None,
     regularization: float = 0.01,
-    score: str = "model",
+    score: str = "effect_bound",
     coupling_kwargs: dict | None = None,
 ) -> Callable[[Pair], pd.Series]:
-    """sc-OTGM on the pair through :func:`scotgm_pp.tl.analyse_pair`.
+    """sc-OTGM on the pair through :func:`scotgm_pp.tl.analyse_pair` (fitted once per pair and coupling).
 
     Parameters
     ----------
@@ -207,9 +235,10 @@ def scotgm_method(
     params
         Preprocessing; the pair's (benchmark-wide) params when None.
     score
-        ``"model"``: the model's standardised shift ``mu / sigma`` (``genes["score"]``).
-        ``"lfc_bound"``: the count layer's bound on the log fold change, the package default
-        (:func:`scotgm_pp.tl.count_shift`; stratified by ``pair.batch`` when given).
+        ``"effect_bound"``: the package default, the count layer's perturbed-state effect bounded
+        at ``sqrt(2 ln G)`` standard errors (``genes["effect_bound"]``, ties by ``effect_z``;
+        batch offsets from ``pair.batch`` when given).
+        ``"mu_sigma"``: the paper's standardised shift ``mu / sigma`` (``genes["score"]``).
         ``"state_shift"``: the gene-space mean shift of the fitted perturbed state from the basal
         state, in log-normalised units (see ``_state_shift``).
         ``"state_t"``: the Welch statistic of the fitted perturbed state against the basal state
@@ -217,6 +246,8 @@ def scotgm_method(
     """
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
+    if score in _RENAMED:
+        raise ValueError(f"score {score!r} was renamed: {_RENAMED[score]}.")
     if score not in SCOTGM_SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCOTGM_SCORES)}.")
 
@@ -227,10 +258,10 @@ def scotgm_method(
             pair.cache[key] = analyse_pair(pair.counts, pair.is_control, params=prm, coupling=coupling,
                                            escape_model=escape_model, regularization=regularization,
                                            random_state=pair.seed, coupling_kwargs=coupling_kwargs,
-                                           batch=pair.batch)
+                                           batch=pair.batch, baseline=False)
         _, genes, p = pair.cache[key]
-        if score == "lfc_bound":
-            return _lfc_bound(pair, genes)
+        if score == "effect_bound":
+            return _effect_bound(genes)
         if score == "state_t":
             return _state_t(pair, p)
         if score == "state_shift":
@@ -242,8 +273,9 @@ def scotgm_method(
 
 
 def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
-    """Method names (``scotgm-<coupling>[:<score>]``, ``t-test``, ``wilcoxon``, ``van-elteren``, ``logfc``) or a mapping
-    name -> callable, to a mapping name -> callable. ``None``: :data:`DEFAULT_METHODS`."""
+    """Method names (``scotgm-<coupling>[:<score>]``, ``nb-all-guides``, ``t-test``, ``wilcoxon``, ``van-elteren``,
+    ``logfc``) or a mapping name -> callable, to a mapping name -> callable. ``None``: :data:`DEFAULT_METHODS`.
+    A bare ``scotgm-<coupling>`` ranks by the paper's ``mu / sigma``."""
     if methods is None:
         methods = DEFAULT_METHODS
     if isinstance(methods, dict):
@@ -258,13 +290,18 @@ def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
             out[name] = logfc_method
         elif name == "van-elteren":
             out[name] = van_elteren_method
+        elif name == "nb-all-guides":
+            out[name] = nb_all_guides_method
         elif isinstance(name, str) and name.startswith("scotgm-"):
             coupling, _, score = name[len("scotgm-"):].partition(":")
+            if score in _RENAMED:
+                raise ValueError(f"method {name!r} was renamed: {_RENAMED[score]}.")
             if coupling not in COUPLINGS or (score and score not in SCOTGM_SCORES):
                 raise ValueError(f"unknown method {name!r}; scotgm methods are scotgm-<coupling>[:<score>] with "
                                  f"coupling in {COUPLINGS} and score in {SCOTGM_SCORES}.")
-            out[name] = scotgm_method(coupling, score=score or "model")
+            out[name] = scotgm_method(coupling, score=score or "mu_sigma")
         else:
-            valid = ["t-test", "wilcoxon", "van-elteren", "logfc"] + [f"scotgm-{c}[:<score>]" for c in COUPLINGS]
+            valid = ["nb-all-guides", "t-test", "wilcoxon", "van-elteren", "logfc"] + [
+                f"scotgm-{c}[:<score>]" for c in COUPLINGS]
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(valid)} or pass callables.")
     return out

@@ -1,4 +1,5 @@
-"""Inference: EM/MAP backend, transport couplings and their diagnostics (pure functions over arrays).
+"""Inference: EM/MAP backends (Gaussian states, and with the count layer), transport couplings and
+their diagnostics (pure functions over arrays).
 
 PyMC-dependent pieces (the :class:`HitAndRun` step method and the coupling model) are imported
 on first use, so ``import scotgm_pp.inference`` stays light.
@@ -16,6 +17,7 @@ from .em import (
     log_density,
     validate_fixed_state,
 )
+from .count_layer import CountData, CountParams, CountPrior, control_dispersion, default_count_prior
 from .gibbs import GibbsResult, sample_gibbs
 from .hit_and_run import (
     CouplingResult,
@@ -24,6 +26,7 @@ from .hit_and_run import (
     sample_coupling,
     truncated_exponential,
 )
+from .joint_em import JointEMResult, any_effect_llr, conditional_full_m_step, fit_joint_em, joint_log_density
 from .ot import coupling_cost, gaussian_w2, ot_cross_covariance, perturbation_covariance, psd_sqrt
 from .paper import PaperResult, paper_cross_covariance
 
@@ -41,6 +44,16 @@ __all__ = [
     "free_responsibilities",
     "gaussian_logpdf",
     "validate_fixed_state",
+    "CountData",
+    "CountParams",
+    "CountPrior",
+    "control_dispersion",
+    "default_count_prior",
+    "JointEMResult",
+    "any_effect_llr",
+    "conditional_full_m_step",
+    "fit_joint_em",
+    "joint_log_density",
     "GibbsResult",
     "sample_gibbs",
     "CouplingResult",

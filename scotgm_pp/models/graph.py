@@ -9,9 +9,15 @@ Per perturbation experiment, in an ``d``-dimensional PCA space, with ``K`` state
   the categorical state marginalised by :class:`pymc.Mixture`;
 * pinned cells (``fixed_state == k``): ``x_i ~ N(mean_k, precision_k^{-1})``, no weight term.
 
-The EM backend (:func:`scotgm_pp.inference.fit_em`) maximises exactly this density in the
-untransformed space (``model.compile_logp(jacobian=False)``); ``tests/test_em_pymc.py``
-holds the two to each other.
+Given ``counts``, the count observation layer joins the graph (:mod:`scotgm_pp.models.count_graph`):
+every cell's counts are negative binomial with a state-specific log rate and share the cell's
+state with its PCA scores; the free cells' scores and counts are then one variable,
+``cells_free``, whose state is marginalised in its ``logp`` and drawn in its generative ``dist``.
+
+The EM backends maximise exactly these densities in the untransformed space
+(``model.compile_logp(jacobian=False)``): :func:`scotgm_pp.inference.fit_em` the Gaussian graph,
+:func:`scotgm_pp.inference.joint_em.fit_joint_em` (``evidence="joint"``) the joint one;
+``tests/test_em_pymc.py`` and ``tests/test_count_graph.py`` hold them to each other.
 
 Notes on :class:`pymc.Wishart` in PyMC 5.28
 --------------------------------------------
@@ -35,7 +41,9 @@ import pymc as pm
 import pytensor.tensor as pt
 from pymc.logprob.transforms import Transform
 
+from ..inference.count_layer import CountPrior, default_count_prior
 from ..inference.em import NormalWishartPrior, default_prior, validate_fixed_state, validate_scores
+from .count_graph import add_count_layer, count_coords, free_cells_joint
 
 __all__ = [
     "LogCholeskyTransform",
@@ -141,8 +149,13 @@ def build_model(
     coords: Mapping[str, Sequence] | None = None,
     contrasts: Sequence[tuple[int, int]] | None = None,
     covariance: str = "full",
+    counts=None,
+    size_factors: np.ndarray | None = None,
+    dispersion: np.ndarray | None = None,
+    batch: np.ndarray | None = None,
+    count_prior: CountPrior | None = None,
 ) -> pm.Model:
-    """Declare the sc-OTGM mixture as a PyMC model.
+    """Declare the sc-OTGM mixture as a PyMC model, optionally with the count observation layer.
 
     Parameters
     ----------
@@ -167,6 +180,13 @@ def build_model(
         ``"full"``: a Wishart precision per state. ``"tied"``: one Wishart precision
         ``precision`` shared by all states (states differ only by their means), the model the
         escape detection of :func:`scotgm_pp.tl.perturbation_response` uses to assign cells.
+    counts
+        Optional cells x genes raw counts of the same cells (dense or sparse): adds the count
+        layer (:mod:`scotgm_pp.models.count_graph`), sharing each cell's state. Needs
+        ``size_factors`` (library size per cell) and ``dispersion`` (plug-in NB dispersion per
+        gene); ``batch`` (label per cell) adds batch offsets; ``count_prior`` defaults to
+        :func:`~scotgm_pp.inference.count_layer.default_count_prior`. ``coords["gene"]`` names
+        the genes.
 
     Returns
     -------
@@ -177,7 +197,11 @@ def build_model(
         ``fixed_state`` (``cell``); deterministics ``means`` (``state, pc``),
         ``precisions`` and ``covariances`` (``state, pc, pc_bis``), ``perturbation_mean``
         (``contrast, pc``) = ``mean_a - mean_b`` and ``perturbation_cov_independent``
-        (``contrast, pc, pc_bis``) = ``Sigma_a + Sigma_b`` (the independent coupling).
+        (``contrast, pc, pc_bis``) = ``Sigma_a + Sigma_b`` (the independent coupling). With
+        counts, also ``beta`` (``gene``), ``delta`` (``effect_state, gene``), ``gamma``
+        (``batch_offset, gene``, with batches), ``state_log_rate`` (``state, gene``), observed
+        ``y_pinned_{k}`` (``cell_pinned_{k}, gene``) and, in place of ``x_free``, ``cells_free``
+        (``cell_free, feature``: the PCs, then the genes).
     """
     X = validate_scores(X)
     n, d = X.shape
@@ -200,12 +224,20 @@ def build_model(
             raise ValueError(f"contrast {(a, b)} must name two different states in 0..{n_states - 1}.")
 
     coords = dict(coords or {})
+    genes = coords.pop("gene", None)
     cells = [str(c) for c in coords.pop("cell", [f"cell_{i}" for i in range(n)])]
     pcs = [str(c) for c in coords.pop("pc", [f"PC{j + 1}" for j in range(d)])]
     if len(cells) != n or len(pcs) != d:
         raise ValueError(f"coords['cell'] needs {n} labels and coords['pc'] {d}; got {len(cells)}, {len(pcs)}.")
     if coords:
-        raise ValueError(f"coords may only set 'cell' and 'pc'; unexpected keys {sorted(coords)}.")
+        raise ValueError(f"coords may only set 'cell', 'pc' and 'gene'; unexpected keys {sorted(coords)}.")
+    Y = _check_counts(counts, n, size_factors, dispersion)
+    if Y is not None:
+        genes = [str(g) for g in (genes if genes is not None else [f"gene_{j}" for j in range(Y.shape[1])])]
+        if len(genes) != Y.shape[1]:
+            raise ValueError(f"coords['gene'] needs {Y.shape[1]} labels, got {len(genes)}.")
+        if count_prior is None:
+            count_prior = default_count_prior(Y, np.asarray(size_factors, float))
     cells_arr = np.asarray(cells, dtype=object)
     free = fixed < 0
     model_coords = {
@@ -222,6 +254,8 @@ def build_model(
         if np.any(fixed == k):
             model_coords[f"cell_pinned_{k}"] = cells_arr[fixed == k].tolist()
 
+    if Y is not None:
+        model_coords.update(count_coords(n, batch, names, genes, pcs, bool(free.any())))
     m0 = np.asarray(prior.mean, float)
     V = prior.scale
     V = 0.5 * (V + V.T)
@@ -263,9 +297,17 @@ def build_model(
             pm.Deterministic(
                 "perturbation_cov_independent", covs[a_idx] + covs[b_idx], dims=("contrast", "pc", "pc_bis")
             )
-        if free.any():
+        layer = None
+        if Y is not None:
+            layer = add_count_layer(Y, size_factors=size_factors, dispersion=dispersion, batch=batch,
+                                    count_prior=count_prior, state_names=names, genes=genes)
+        if free.any() and layer is None:
             components = [pm.MvNormal.dist(mu=means[k], tau=precisions[k]) for k in range(n_states)]
             pm.Mixture("x_free", w=weights, comp_dists=components, observed=X[free], dims=("cell_free", "pc"))
+        elif free.any():
+            free_cells_joint("cells_free", weights=weights, means=means_t, precisions=pt.stack(precisions),
+                             layer=layer, rows=np.flatnonzero(free), observed=np.hstack([X[free], Y[free]]), d=d,
+                             n_states=n_states, dims=("cell_free", "feature"))
         for k in range(n_states):
             if np.any(fixed == k):
                 pm.MvNormal(
@@ -275,7 +317,33 @@ def build_model(
                     observed=X[fixed == k],
                     dims=(f"cell_pinned_{k}", "pc"),
                 )
+                if layer is not None:
+                    rows = np.flatnonzero(fixed == k)
+                    pm.NegativeBinomial(
+                        f"y_pinned_{k}",
+                        mu=pt.exp(layer["cell_offset"][rows] + layer["state_log_rate"][k]),
+                        alpha=layer["alpha"],
+                        observed=Y[rows],
+                        dims=(f"cell_pinned_{k}", "gene"),
+                    )
     return model
+
+
+def _check_counts(counts, n: int, size_factors, dispersion) -> np.ndarray | None:
+    if counts is None:
+        return None
+    Y = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=float)
+    if Y.ndim != 2 or Y.shape[0] != n:
+        raise ValueError(f"counts must be cells x genes with {n} cells (the rows of X), got shape {Y.shape}.")
+    if not np.all(np.isfinite(Y)) or (Y < 0).any() or np.any(Y != np.round(Y)):
+        raise ValueError("counts must be finite non-negative integers (raw UMI counts).")
+    if size_factors is None or dispersion is None:
+        raise ValueError("the count layer needs size_factors (library size per cell) and dispersion (per gene).")
+    if np.shape(size_factors) != (n,):
+        raise ValueError(f"size_factors must have one value per cell ({n}), got shape {np.shape(size_factors)}.")
+    if np.shape(dispersion) not in ((Y.shape[1],), ()):
+        raise ValueError(f"dispersion must have one value per gene ({Y.shape[1]}), got shape {np.shape(dispersion)}.")
+    return Y
 
 
 def _simplex_forward_numpy(w: np.ndarray) -> np.ndarray:
@@ -288,6 +356,7 @@ def model_point(
     weights: np.ndarray,
     means: np.ndarray,
     precisions: np.ndarray,
+    counts=None,
 ) -> dict[str, np.ndarray]:
     """The value-variable point of :func:`build_model`'s model at given parameters.
 
@@ -297,6 +366,9 @@ def model_point(
         A model from :func:`build_model`.
     weights, means, precisions
         ``(K,)``, ``(K, d)`` and ``(K, d, d)`` (precisions, i.e. inverse covariances).
+    counts
+        The count layer's :class:`~scotgm_pp.inference.count_layer.CountParams` (for a model
+        built with counts).
 
     Returns
     -------
@@ -322,6 +394,10 @@ def model_point(
         elif name == "precision":  # the tied model's shared precision
             lam = precisions[0]
             raw = 0.5 * (lam + lam.T)
+        elif name in ("beta", "delta", "gamma"):
+            if counts is None:
+                raise ValueError("the model has a count layer: pass counts=CountParams(...) to model_point.")
+            raw = {"beta": counts.beta, "delta": counts.delta[1:], "gamma": counts.gamma[1:]}[name]
         else:  # pragma: no cover - build_model declares no other free variable
             raise KeyError(f"unexpected free variable {name!r}; was the model built by build_model?")
         if transform is None:

@@ -1,9 +1,20 @@
 """Tools: perturbation responses, gene rankings, escaped cells, response prediction and synthetic
 cells (compute only; never plot)."""
 
-from ._core import COUPLINGS, RANK_BY, PerturbationFit, fit_perturbation, gene_statistics, state_shift
 from ._calibrate import CalibrationResult, calibration_check
+from ._core import (
+    COUPLINGS,
+    DEFAULT_RANK_BY,
+    RANK_BY,
+    PerturbationFit,
+    StateFit,
+    fit_perturbation,
+    fit_states,
+    gene_statistics,
+    state_shift,
+)
 from ._counts import count_shift, universal_threshold
+from ._effects import CountFit, effect_table, fit_count_layer, library_sizes
 from ._hits import call_hits
 from ._predict import observed_response, predict_response
 from ._pair import analyse_pair
@@ -12,14 +23,21 @@ from ._synthetic import sample_cells
 
 __all__ = [
     "COUPLINGS",
+    "CountFit",
+    "DEFAULT_RANK_BY",
     "RANK_BY",
     "PerturbationFit",
+    "StateFit",
     "analyse_pair",
     "call_hits",
     "calibration_check",
     "CalibrationResult",
     "count_shift",
+    "effect_table",
+    "fit_count_layer",
     "fit_perturbation",
+    "fit_states",
+    "library_sizes",
     "gene_statistics",
     "get_rankings",
     "get_record",

@@ -72,6 +72,8 @@ def _null_task(payload: TaskPayload, ctx: _NullContext) -> dict:
     if result.skip_reason is None:
         out["scotgm"] = np.asarray(result.gene_values["pval"], float)
         out["pval_any"] = float(result.summary["pval_any"])
+        if "effect_pvalue" in result.gene_values:
+            out["model-wald"] = np.asarray(result.gene_values["effect_pvalue"], float)
     if ctx.baselines:
         counts = AnnData(X=payload.counts, obs=pd.DataFrame(index=pd.Index(payload.obs_names, dtype=object)),
                          var=pd.DataFrame(index=pd.Index(ctx.screen.var_names, dtype=object)))
@@ -196,7 +198,7 @@ def calibration_check(
     map_tasks(todo, _Payloads(screen, batch, pool, scan.n_detected), ctx, outs.append, fn=_null_task, n_jobs=n_jobs, client=client,
               progress=progress, desc="null sets")
     outs.sort(key=lambda o: o["name"])
-    methods = ["scotgm", *baselines]
+    methods = ["scotgm", *(["model-wald"] if any("model-wald" in o for o in outs) else []), *baselines]
     pvalues = {m: [o[m] for o in outs if m in o] for m in methods}
     rows = []
     for m in methods:

@@ -12,12 +12,15 @@ import numpy as np
 import pandas as pd
 
 from ..inference.em import EMResult, default_prior, fit_em, free_responsibilities
+from ..inference.joint_em import conditional_full_m_step
 from ..inference.ot import ot_cross_covariance, perturbation_covariance
+from ..pp import ks_check
 from ._counts import bound_order_score
 
 __all__ = [
     "COUPLINGS",
     "PerturbationFit",
+    "StateFit",
     "fit_states",
     "couple",
     "fit_perturbation",
@@ -25,12 +28,56 @@ __all__ = [
     "unpinned_posterior",
     "state_shift",
     "RANK_BY",
+    "DEFAULT_RANK_BY",
+    "resolve_rank_by",
 ]
 
-RANK_BY = ("lfc_bound", "shift", "score")
+RANK_BY = ("effect_bound", "lfc_all_guides_bound", "shift", "score", "lfc_bound")
+"""Gene rankings: the model's perturbed-state effect (default), the model-free NB test of all
+guide cells, the gene-space state shift, the paper's ``mu / sigma``; ``"lfc_bound"`` is the
+former name of ``"lfc_all_guides_bound"``, still accepted."""
+
+DEFAULT_RANK_BY = "effect_bound"
+
+_RANK_ALIASES = {"lfc_bound": "lfc_all_guides_bound"}
+"""Former names still accepted."""
 
 COUPLINGS = ("independent", "ot", "hit_and_run", "paper")
 BASAL, PERTURBED = 0, 1
+
+
+@dataclass
+class StateFit:
+    """States of one experiment: a converged MAP of one declared Gaussian graph, and the per-state
+    covariances the transport coupling uses.
+
+    Attributes
+    ----------
+    em
+        EM of the state model: its weights, means, covariances, responsibilities and its own
+        ``logp_trace`` / ``n_iter`` / ``converged`` (``build_model(scores, ...,
+        covariance=em.covariance)`` with ``fixed_state=em.fixed_state`` is the graph).
+    means, covariances
+        State means ``(K, d)`` (equal to ``em.means``) and per-state covariances ``(K, d, d)``
+        for the coupling: with the tied state model, the full-covariance model's M-step given
+        the state model's converged responsibilities (:func:`conditional_full_m_step`); with
+        every guide cell pinned, the state model's own covariances.
+    info
+        Record of how the states were found: ``state_model`` (``"tied"`` or ``"pinned"``),
+        ``coupling_covariances``, ``escape_model`` (``"on"``, ``"off"`` or ``"fallback: <why>"``),
+        ``escape_separating_pcs`` (PCs whose KS test separates guide cells from controls) and
+        ``escape_fraction_perturbed`` (the tied model's perturbed share of the guide cells, NaN
+        when it was not fitted).
+    """
+
+    em: EMResult
+    means: np.ndarray
+    covariances: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    @property
+    def responsibilities(self) -> np.ndarray:
+        return self.em.responsibilities
 
 
 @dataclass
@@ -38,39 +85,52 @@ class PerturbationFit:
     """The perturbation distribution of one experiment in PCA space.
 
     ``Z = Y - X ~ N(mean, cov)`` with ``mean = mu_1 - mu_0`` and
-    ``cov = Sigma_0 + Sigma_1 - C - C^T`` for the coupling's cross-covariance ``C``.
+    ``cov = Sigma_0 + Sigma_1 - C - C^T`` for the coupling's cross-covariance ``C`` (the
+    per-state covariances are ``states.covariances``).
     """
 
-    em: EMResult
+    states: StateFit
     coupling: str
     cross_covariance: np.ndarray
     mean: np.ndarray
     cov: np.ndarray
     p_perturbed: np.ndarray
     coupling_info: dict = field(default_factory=dict)
-    state_info: dict = field(default_factory=dict)
+
+    @property
+    def em(self) -> EMResult:
+        """EM of the state model (see :class:`StateFit`)."""
+        return self.states.em
+
+    @property
+    def state_info(self) -> dict:
+        return self.states.info
 
     @property
     def mu_basal(self) -> np.ndarray:
-        return self.em.means[BASAL]
+        return self.states.means[BASAL]
 
     @property
     def mu_perturbed(self) -> np.ndarray:
-        return self.em.means[PERTURBED]
+        return self.states.means[PERTURBED]
 
     @property
     def cov_basal(self) -> np.ndarray:
-        return self.em.covariances[BASAL]
+        return self.states.covariances[BASAL]
 
     @property
     def cov_perturbed(self) -> np.ndarray:
-        return self.em.covariances[PERTURBED]
+        return self.states.covariances[PERTURBED]
 
 
 MIN_PERTURBED_FRACTION = 0.1
 """Below this posterior share of the guide cells (or fewer than 10 cells), the perturbed state of
 the escape model is an outlier group rather than a perturbation, and every guide cell is
 treated as perturbed instead."""
+
+KS_ALPHA = 0.05
+"""The escape model needs at least one PC whose guide-cell scores differ from the controls'
+(Algorithm 2's two-sample KS test, Benjamini-Hochberg adjusted p below this)."""
 
 
 def fit_states(
@@ -80,68 +140,56 @@ def fit_states(
     escape_model: bool = True,
     regularization: float = 0.01,
     em_regularization: str = "map",
-    max_iter: int = 300,
-    tol: float = 1e-7,
+    max_iter: int = 500,
+    tol: float = 1e-10,
     random_state=None,
-) -> tuple[EMResult, dict]:
-    """Two-state fit of one experiment.
+) -> StateFit:
+    """Two-state fit of one experiment: which guide cells are perturbed, and the state parameters.
 
-    Controls are pinned to the basal state. With ``escape_model`` the guide cells' states are
-    the posterior of the tied-covariance model (``fit_em(..., covariance="tied")``), and the
-    state-specific means and covariances are then the full model's M-step given those
-    responsibilities (the covariances feed the transport coupling); otherwise every guide cell
-    is pinned to the perturbed state. Returns the
-    EM result and a record of how the guide cells were assigned.
+    Controls are pinned to the basal state. With ``escape_model`` the state model is the
+    tied-covariance graph (``build_model(scores, fixed_state=..., covariance="tied")``): one
+    shared covariance, so the states differ only by a mean shift and the perturbed state is the
+    guide cells' common displacement from the controls (the perturbation signature, as in
+    Mixscape's discriminant), not whatever sub-population the guide cells contain. Its EM runs to
+    convergence (relative change ``tol``; the tied likelihood has long plateaus) and its
+    responsibilities are the state posteriors; the coupling's per-state covariances are then the
+    full-covariance M-step given them.
+
+    The escape model needs a perturbation to classify by: if no PC separates the guide cells
+    from the controls (Algorithm 2's KS check, :data:`KS_ALPHA`), a two-state split of the guide
+    cells can only find a sub-population, so it is not fitted; nor is it kept if its perturbed
+    state holds less than :data:`MIN_PERTURBED_FRACTION` of the guide cells or fewer than 10
+    cells. In those cases, and without ``escape_model``, the state model is the graph with
+    every guide cell pinned to the perturbed state and full covariances (closed form). Only the
+    PCA scores inform the states (``benchmarks/count_layer_evidence.py``).
+
+    ``random_state`` is accepted for a uniform interface; both fits start deterministically.
+
+    Returns
+    -------
+    StateFit
     """
     is_control = np.asarray(is_control, bool)
     prior = default_prior(scores, 2, regularization=regularization)
-    info = {"escape_model": "off"}
-    init = None
-    fixed = np.where(is_control, BASAL, PERTURBED).astype(int)
-    if escape_model:
-        # Which guide cells are perturbed: the tied-covariance model (build_model(...,
-        # covariance="tied")). With one shared covariance the states can differ only by a mean
-        # shift, so the perturbed state is the guide cells' common displacement from the
-        # controls (the perturbation signature, as in Mixscape's discriminant), not whatever
-        # sub-population the guide cells happen to contain.
-        tied = fit_em(
-            scores,
-            fixed_state=np.where(is_control, BASAL, -1).astype(int),
-            n_states=2,
-            prior=prior,
-            covariance="tied",
-            max_iter=max_iter,
-            tol=1e-10,  # the tied likelihood has long plateaus: a looser relative tolerance stops early
-        )
-        R, n_iter = tied.responsibilities, tied.n_iter
-        mass = float(R[~is_control, PERTURBED].sum())
-        n_guide = int((~is_control).sum())
-        info = {"escape_model": "on", "classification_iter": int(n_iter),
-                "classification_fraction": mass / max(n_guide, 1)}
+    n_guide = int((~is_control).sum())
+    n_separating = int((ks_check(scores, is_control)["ks_shift_padj"] < KS_ALPHA).sum())
+    info = {"escape_model": "off", "escape_separating_pcs": n_separating, "escape_fraction_perturbed": np.nan}
+    if escape_model and n_separating == 0:
+        info["escape_model"] = "fallback: no PC separates the guide cells from the controls, all treated as perturbed"
+    elif escape_model:
+        tied = fit_em(scores, fixed_state=np.where(is_control, BASAL, -1).astype(int), n_states=2, prior=prior,
+                      covariance="tied", regularization=em_regularization, max_iter=max_iter, tol=tol)
+        mass = float(tied.responsibilities[~is_control, PERTURBED].sum())
+        info.update(escape_model="on", escape_fraction_perturbed=mass / max(n_guide, 1))
         if mass >= max(MIN_PERTURBED_FRACTION * n_guide, 10):
-            # Keep the assignments: one full-model M-step given the responsibilities.
-            fixed = np.where(is_control, BASAL, -1).astype(int)
-            init = R
-            max_iter = 1
-        else:
-            info["escape_model"] = "fallback: perturbed state too small, all guide cells treated as perturbed"
-    em = fit_em(
-        scores,
-        fixed_state=fixed,
-        n_states=2,
-        prior=prior,
-        regularization=em_regularization,
-        max_iter=max_iter,
-        tol=tol,
-        init_responsibilities=init,
-        random_state=random_state,
-    )
-    if init is not None:
-        # The states come from the tied EM; the full-model step given them is closed form, so
-        # the iteration count and convergence reported are the tied EM's.
-        em.responsibilities = init
-        em.n_iter, em.converged = tied.n_iter, tied.converged
-    return em, info
+            means, covs = conditional_full_m_step(scores, tied.responsibilities, prior, em_regularization)
+            info.update(state_model="tied", coupling_covariances="full-covariance M-step given the state posteriors")
+            return StateFit(em=tied, means=means, covariances=covs, info=info)
+        info["escape_model"] = "fallback: perturbed state too small, all guide cells treated as perturbed"
+    pinned = fit_em(scores, fixed_state=np.where(is_control, BASAL, PERTURBED).astype(int), n_states=2, prior=prior,
+                    regularization=em_regularization, max_iter=max_iter, tol=tol)
+    info.update(state_model="pinned", coupling_covariances="state model")
+    return StateFit(em=pinned, means=pinned.means, covariances=pinned.covariances, info=info)
 
 
 def couple(
@@ -199,36 +247,27 @@ def fit_perturbation(
     random_state=None,
     coupling_kwargs: dict | None = None,
 ) -> PerturbationFit:
-    """States, coupling and perturbation distribution for one experiment."""
+    """States (:func:`fit_states`), coupling and perturbation distribution for one experiment."""
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
     rng = np.random.default_rng(random_state)
-    em, state_info = fit_states(
+    states = fit_states(
         scores,
         is_control,
         escape_model=escape_model,
         regularization=regularization,
         em_regularization=em_regularization,
-        random_state=rng,
     )
-    R = em.responsibilities
+    R = states.responsibilities
     n0, n1 = float(R[:, BASAL].sum()), float(R[:, PERTURBED].sum())
-    C, info = couple(
-        em.means[BASAL],
-        em.covariances[BASAL],
-        em.means[PERTURBED],
-        em.covariances[PERTURBED],
-        coupling,
-        n0=n0,
-        n1=n1,
-        rng=rng,
-        coupling_kwargs=coupling_kwargs,
-    )
-    mean = em.means[PERTURBED] - em.means[BASAL]
-    cov = perturbation_covariance(em.covariances[BASAL], em.covariances[PERTURBED], C)
+    m, S = states.means, states.covariances
+    C, info = couple(m[BASAL], S[BASAL], m[PERTURBED], S[PERTURBED], coupling, n0=n0, n1=n1, rng=rng,
+                     coupling_kwargs=coupling_kwargs)
+    mean = m[PERTURBED] - m[BASAL]
+    cov = perturbation_covariance(S[BASAL], S[PERTURBED], C)
     p = np.where(np.asarray(is_control, bool), 0.0, R[:, PERTURBED])
-    return PerturbationFit(em=em, coupling=coupling, cross_covariance=C, mean=mean, cov=cov, p_perturbed=p,
-                           coupling_info=info, state_info=state_info)
+    return PerturbationFit(states=states, coupling=coupling, cross_covariance=C, mean=mean, cov=cov, p_perturbed=p,
+                           coupling_info=info)
 
 
 def gene_statistics(
@@ -241,44 +280,60 @@ def gene_statistics(
     counts: pd.DataFrame | None = None,
     rank_by: str = "score",
 ) -> pd.DataFrame:
-    """Map the perturbation distribution to genes and rank them.
+    """Map the perturbation distribution to genes, add the count-layer columns, and rank.
 
     ``mu = V_m mean`` (a difference: no PCA centre is added back), ``sigma^2 = diag(V_m cov V_m^T)``,
-    ``score = mu / sigma``. With ``rank_by="score"`` (default) ``rank`` 1 is the most negative
-    score (the strongest knock-down) and ``abs_rank`` 1 the largest ``|score|``; with
-    ``rank_by="shift"`` the ranks follow the gene-space ``shift`` column instead
-    (:func:`state_shift`); with ``rank_by="lfc_bound"`` they follow the count layer's bound on
-    the log fold change, ties (bound 0) broken by ``lfc_z`` (``counts``: the table of
-    :func:`~scotgm_pp.tl.count_shift`, its columns are added).
+    ``score = mu / sigma`` (the paper's statistic). ``counts``: per-gene columns to add, in the
+    genes' order (the model's ``effect`` table of :func:`~scotgm_pp.tl.effect_table` and/or the
+    model-free ``lfc_all_guides`` table). ``rank_by`` (one of :data:`RANK_BY`):
+
+    * ``"effect_bound"``: the count layer's perturbed-state effect, bounded at
+      ``sqrt(2 ln G)`` standard errors (``effect_bound``), ties (bound 0) by ``effect_z``;
+    * ``"lfc_all_guides_bound"`` (alias ``"lfc_bound"``, its former name): the model-free NB
+      fold change of every guide cell against the controls (:func:`~scotgm_pp.tl.count_shift`),
+      bounded the same way, ties by ``lfc_all_guides_z``;
+    * ``"shift"``: the gene-space shift of the perturbed state (:func:`state_shift`);
+    * ``"score"``: ``mu / sigma``.
+
+    ``rank`` 1 is the most negative key (the strongest knock-down), ``abs_rank`` 1 the largest
+    ``|key|``.
     """
-    if rank_by not in RANK_BY:
-        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}.")
+    rank_by = resolve_rank_by(rank_by)
     if rank_by == "shift" and shift is None:
         raise ValueError("rank_by='shift' needs the gene-space shift.")
-    if rank_by == "lfc_bound" and counts is None:
-        raise ValueError("rank_by='lfc_bound' needs the count table of count_shift.")
     V = np.asarray(loadings, float)
     mu = V @ mean
     var = np.einsum("gi,ij,gj->g", V, cov, V)
     sigma = np.sqrt(np.clip(var, 0.0, None))
     floor = 1e-8 * max(float(np.max(sigma, initial=0.0)), 1e-300)
     score = mu / np.maximum(sigma, floor)
-    df = pd.DataFrame({"gene": genes if genes is not None else np.arange(len(mu)), "mu": mu, "sigma": sigma,
-                       "score": score})
-    if shift is not None:
-        df["shift"] = np.asarray(shift, float)
+    df = pd.DataFrame({"gene": genes if genes is not None else np.arange(len(mu))})
     if counts is not None:
         if len(counts) != len(df):
             raise ValueError(f"count table has {len(counts)} rows for {len(df)} genes.")
         for col in counts.columns:
             df[col] = counts[col].to_numpy()
-    if rank_by == "lfc_bound":
-        key = pd.Series(bound_order_score(df["lfc_bound"], df["lfc_z"]), index=df.index)
+    df["mu"], df["sigma"], df["score"] = mu, sigma, score
+    if shift is not None:
+        df["shift"] = np.asarray(shift, float)
+    bounds = {"effect_bound": "effect_z", "lfc_all_guides_bound": "lfc_all_guides_z"}
+    if rank_by in bounds:
+        if rank_by not in df or bounds[rank_by] not in df:
+            raise ValueError(f"rank_by={rank_by!r} needs the columns {rank_by!r} and {bounds[rank_by]!r} in counts.")
+        key = pd.Series(bound_order_score(df[rank_by], df[bounds[rank_by]]), index=df.index)
     else:
         key = df[rank_by]
     df["rank"] = key.rank(method="first", ascending=True).astype(int)
     df["abs_rank"] = (-key.abs()).rank(method="first").astype(int)
     return df
+
+
+def resolve_rank_by(rank_by: str) -> str:
+    """The ranking's current name (``"lfc_bound"`` -> ``"lfc_all_guides_bound"``), or an error naming the options."""
+    name = _RANK_ALIASES.get(rank_by, rank_by)
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}.")
+    return name
 
 
 def unpinned_posterior(scores: np.ndarray, em: EMResult) -> np.ndarray:

@@ -120,6 +120,7 @@ def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
                 counts, is_control, params=s.preprocess, coupling=s.coupling, escape_model=s.escape_model,
                 regularization=s.regularization, em_regularization=s.em_regularization, random_state=task.seed,
                 coupling_kwargs=s.coupling_kwargs, rank_by=s.rank_by, batch=payload.batch,
+                dispersion=context.dispersion,
             )
     except (InputError, np.linalg.LinAlgError, FloatingPointError) as err:
         return TaskResult(task.perturbation, task.key, skip_reason=f"{type(err).__name__}: {err}")

@@ -40,9 +40,11 @@ def call_hits(adata: AnnData, fdr: float = 0.1, *, scope: str = "screen", key: s
     -------
     DataFrame
         One row per call, ordered by perturbation then p-value: ``perturbation``, ``gene``,
-        ``direction`` (``"down"``/``"up"``), the effect estimates of the responses (every layer
-        but the q-values), ``pval``, ``qval`` (of the chosen scope) and
-        ``perturbation_effect_detected`` (the perturbation's "any effect" call).
+        ``direction`` (``"down"``/``"up"``: the sign of the tested contrast, guide against
+        control cells, ``lfc_all_guides``), the effect estimates of the responses (every layer
+        but the q-values; the model's perturbed-state ``effect`` among them), ``pval``,
+        ``qval`` (of the chosen scope) and ``perturbation_effect_detected`` (the perturbation's
+        "any effect" call).
     """
     if isinstance(fdr, bool) or not isinstance(fdr, (int, float, np.number)) or not 0 < fdr < 1:
         raise InputError(f"fdr must be a number in (0, 1), got {fdr!r}.")
@@ -62,7 +64,8 @@ def call_hits(adata: AnnData, fdr: float = 0.1, *, scope: str = "screen", key: s
     mask[rows] = np.isfinite(q[rows]) & (q[rows] < fdr)
     r, g = np.nonzero(mask)
     out = {"perturbation": resp.obs_names.to_numpy()[r], "gene": resp.var_names.to_numpy()[g]}
-    effect = "lfc" if "lfc" in resp.layers else None
+    # the direction of the tested contrast: guide against control cells, all guide cells
+    effect = next((n for n in ("lfc_all_guides", "effect") if n in resp.layers), None)
     for name in resp.layers:
         if name.startswith("qval"):
             continue

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
+from ..inference.count_layer import DELTA_SD
+from ..inference.joint_em import any_effect_llr
 from ..pp import PreprocessParams, prepare_pair
-from ._core import fit_perturbation, gene_statistics, state_shift, unpinned_posterior
+from ._core import DEFAULT_RANK_BY, fit_perturbation, gene_statistics, resolve_rank_by, state_shift, unpinned_posterior
 from ._counts import count_shift
+from ._effects import SE_METHOD, effect_table, fit_count_layer, library_sizes
 
 __all__ = ["analyse_pair"]
 
@@ -28,15 +32,68 @@ def analyse_pair(
     em_regularization: str = "map",
     random_state=None,
     coupling_kwargs: dict | None = None,
-    rank_by: str = "lfc_bound",
+    rank_by: str = DEFAULT_RANK_BY,
     batch: np.ndarray | None = None,
+    dispersion: np.ndarray | None = None,
+    baseline: bool = True,
+    delta_sd: float = DELTA_SD,
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
-    ``batch``: optional stratum label per cell of ``counts`` for the count layer
-    (:func:`~scotgm_pp.tl.count_shift`). Returns the per-experiment record (everything needed to
-    reuse the fit), the gene table and ``p_perturbed`` indexed by the cells kept.
+    1. :func:`~scotgm_pp.pp.prepare_pair`: filter, normalise, PCA (the PCA scores).
+    2. :func:`~scotgm_pp.tl.fit_perturbation`: the state model on the PCA scores (which guide
+       cells are perturbed: ``p_perturbed``), the coupling and the perturbation distribution
+       (``mu``, ``sigma``, ``score``).
+    3. :func:`~scotgm_pp.tl.fit_count_layer`: the negative-binomial count layer given those
+       state posteriors, with each cell's total count (over all genes of ``counts``) as offset;
+       ``effect`` is the perturbed state's log fold change of every gene, with ``effect_se``.
+    4. Genes are ranked by ``rank_by`` (default ``"effect_bound"``, the model's effect bounded at
+       ``sqrt(2 ln G)`` standard errors; see :func:`~scotgm_pp.tl.gene_statistics`).
+
+    Parameters
+    ----------
+    counts
+        Raw counts of the experiment's cells (controls and guide cells), all measured genes.
+    is_control
+        Which cells of ``counts`` are controls.
+    params, coupling, escape_model, regularization, em_regularization, random_state, coupling_kwargs
+        See :func:`~scotgm_pp.tl.perturbation_response`.
+    rank_by
+        One of :data:`~scotgm_pp.tl.RANK_BY`.
+    batch
+        Optional stratum label per cell of ``counts``: batch offsets in the count layer (and
+        strata of the model-free ``lfc_all_guides`` baseline).
+    dispersion
+        NB dispersion per gene of ``counts.var_names`` (e.g. estimated once from all control
+        cells of a screen); ``None``: estimated from this experiment's control cells.
+    delta_sd
+        Prior standard deviation of the state effects (natural-log units; shrinks the effects
+        of genes with few counts).
+    baseline
+        Also compute the model-free baseline columns ``lfc_all_guides*``
+        (:func:`~scotgm_pp.tl.count_shift` of every guide cell against the controls); needed
+        for ``rank_by="lfc_all_guides_bound"``.
+
+    Returns
+    -------
+    record : dict
+        Everything needed to reuse the fit (numpy arrays and scalars); the keys
+        ``state_model``, ``coupling_covariances``, ``count_model`` and ``effect_se_method`` say
+        which graph or step produced each number.
+    genes : pandas.DataFrame
+        One row per kept gene (see :func:`~scotgm_pp.tl.gene_statistics` and
+        :func:`~scotgm_pp.tl.effect_table`).
+    p_perturbed : pandas.Series
+        Posterior probability of the perturbed state per kept cell (controls 0).
     """
+    rank_by = resolve_rank_by(rank_by)
+    if dispersion is not None:
+        dispersion = np.asarray(dispersion, float)
+        if dispersion.shape != (counts.n_vars,) or not np.all(np.isfinite(dispersion)) or (dispersion < 0).any():
+            raise ValueError(
+                f"dispersion must hold one finite non-negative value per gene of counts ({counts.n_vars}), "
+                f"got shape {dispersion.shape}; pass None to estimate it from the experiment's controls."
+            )
     pair = prepare_pair(counts, is_control, params)
     fit = fit_perturbation(
         pair.pca.scores,
@@ -48,14 +105,50 @@ def analyse_pair(
         random_state=random_state,
         coupling_kwargs=coupling_kwargs,
     )
+    rows = counts.obs_names.get_indexer(pair.obs_names)
+    cols = counts.var_names.get_indexer(pair.var_names)
+    X = counts.X[rows]
+    size_factors = library_sizes(X)
+    y = X[:, cols]
+    y = y.tocsr() if sp.issparse(y) else np.asarray(y)
+    b = None if batch is None else np.asarray(batch)[rows]
+    em = fit.em
+    cf = fit_count_layer(y, em.fixed_state, em.responsibilities, size_factors=size_factors,
+                         dispersion=None if dispersion is None else dispersion[cols], batch=b, delta_sd=delta_sd)
+    table = effect_table(cf)
+    if baseline or rank_by == "lfc_all_guides_bound":
+        base = count_shift(y, pair.is_control, batch=b)
+        for col in ("lfc", "lfc_se", "lfc_z", "lfc_bound"):
+            table[col.replace("lfc", "lfc_all_guides")] = base[col].to_numpy()
     shift = state_shift(pair.lognorm, fit.p_perturbed)
-    table = _count_table(counts, pair, fit.p_perturbed, batch)
     genes = gene_statistics(pair.pca.loadings, fit.mean, fit.cov, genes=pair.var_names.to_numpy(), shift=shift,
                             counts=table, rank_by=rank_by)
+    llr = any_effect_llr(pair.pca.scores, weights=em.weights, means=em.means, covariances=em.covariances,
+                         fixed_state=em.fixed_state, count_data=cf.data, count_params=cf.params, count_prior=cf.prior,
+                         regularization=regularization, count_loglik=cf.row_loglik)
+    record = {
+        **pair.record,
+        **_state_record(pair, fit),
+        **_count_record(cf),
+        **llr,
+        "rank_by": rank_by,
+        "loadings": pair.pca.loadings.astype(np.float32),
+        "genes": pair.var_names.to_numpy().astype(str),
+        "gene_mean": pair.pca.gene_mean,
+        "gene_std": pair.pca.gene_std,
+        "explained_variance_ratio": pair.pca.explained_variance_ratio[: pair.pca.n_pcs],
+        "ks": pair.ks,
+    }
+    p = pd.Series(fit.p_perturbed, index=pair.obs_names)
+    return record, genes, p
+
+
+def _state_record(pair, fit) -> dict:
+    """States, coupling and perturbation distribution; which graph produced them."""
     em = fit.em
+    ctrl = pair.is_control
     assigned = em.responsibilities.argmax(axis=1)
     hidden = unpinned_posterior(pair.pca.scores, em) >= 0.5
-    ctrl = pair.is_control
     guide_state = assigned[~ctrl]
     confusion = np.array(
         [
@@ -63,16 +156,18 @@ def analyse_pair(
             [int((guide_state == 0).sum()), int((guide_state == 1).sum())],
         ]
     )
-    record = {
-        **pair.record,
-        "coupling": coupling,
+    return {
+        "coupling": fit.coupling,
+        # The state model (one graph): its EM trace, iterations and convergence.
         "em_n_iter": int(em.n_iter),
         "em_converged": bool(em.converged),
         "em_logp": float(em.logp_trace[-1]),
         "em_logp_trace": np.asarray(em.logp_trace),
+        "state_model_covariance": np.asarray(em.covariances),
         "weights": np.asarray(em.weights),
-        "means": np.asarray(em.means),
-        "covariances": np.asarray(em.covariances),
+        "means": np.asarray(fit.states.means),
+        # The per-state covariances the coupling used (see record["coupling_covariances"]).
+        "covariances": np.asarray(fit.states.covariances),
         "cross_covariance": np.asarray(fit.cross_covariance),
         "perturbation_mean": np.asarray(fit.mean),
         "perturbation_cov": np.asarray(fit.cov),
@@ -80,33 +175,21 @@ def analyse_pair(
         "confusion": confusion,
         "confusion_labels": np.array(["control", "guide"]),
         "confusion_states": np.array(["basal", "perturbed"]),
-        "loadings": pair.pca.loadings.astype(np.float32),
-        "genes": pair.var_names.to_numpy().astype(str),
-        "gene_mean": pair.pca.gene_mean,
-        "gene_std": pair.pca.gene_std,
-        "explained_variance_ratio": pair.pca.explained_variance_ratio[: pair.pca.n_pcs],
-        "ks": pair.ks,
+        "state_evidence": "pca scores",
         **{f"coupling_{k}": v for k, v in fit.coupling_info.items()},
         **fit.state_info,
     }
-    p = pd.Series(fit.p_perturbed, index=pair.obs_names)
-    return record, genes, p
 
 
-def _count_table(counts: AnnData, pair, p_perturbed: np.ndarray, batch) -> pd.DataFrame:
-    """The count layer on the cells and genes the preprocessing kept: the guide's average effect
-    (every guide cell) and the effect in the perturbed state (guide cells weighted by
-    ``p_perturbed``)."""
-    rows = counts.obs_names.get_indexer(pair.obs_names)
-    cols = counts.var_names.get_indexer(pair.var_names)
-    y = counts.X[rows][:, cols]
-    b = None if batch is None else np.asarray(batch)[rows]
-    table = count_shift(y, pair.is_control, batch=b)
-    try:  # same cells and strata, so the same dispersion: reuse it
-        state = count_shift(y, pair.is_control, batch=b, weights=p_perturbed, dispersion=table["dispersion"])
-        table["lfc_perturbed"] = state["lfc"].to_numpy()
-        table["lfc_perturbed_se"] = state["lfc_se"].to_numpy()
-    except ValueError:  # too little perturbed weight in every stratum
-        table["lfc_perturbed"] = np.nan
-        table["lfc_perturbed_se"] = np.nan
-    return table
+def _count_record(cf) -> dict:
+    return {
+        "count_model": "negative binomial count layer, M-step given the state posteriors (counts do not inform states)",
+        "count_n_iter": int(cf.n_iter),
+        "count_converged": bool(cf.converged),
+        "effect_se_method": SE_METHOD,
+        "dispersion_source": cf.dispersion_source,
+        "count_batches": np.asarray(cf.batch_labels, dtype=str),
+        "delta_prior_sd": float(cf.prior.delta_sd),
+        "beta_prior_sd": float(cf.prior.beta_sd),
+        "gamma_prior_sd": float(cf.prior.gamma_sd),
+    }

@@ -22,7 +22,7 @@ from .._labels import label_key
 from .._validation import InputError
 from ..pp import PreprocessParams
 from ._calls import N_RESAMPLES
-from ._core import COUPLINGS, RANK_BY
+from ._core import COUPLINGS, DEFAULT_RANK_BY, RANK_BY
 
 __all__ = [
     "RunSettings",
@@ -71,7 +71,7 @@ class RunSettings:
     escape_model: bool = True
     regularization: float = 0.01
     em_regularization: str = "map"
-    rank_by: str = "lfc_bound"
+    rank_by: str = DEFAULT_RANK_BY
     batch_key: str | None = None
     n_control_cells: int = N_CONTROL_CELLS
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)

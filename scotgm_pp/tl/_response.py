@@ -25,6 +25,7 @@ from .._screen import H5adRows, MemoryRows, Screen, scan_counts, screen_from_ann
 from .._validation import InputError, check_library_sizes
 from ..pp import PreprocessParams, resolve_min_genes
 from ._collect import Collector
+from ._core import DEFAULT_RANK_BY
 from ._execute import ScreenContext, TaskPayload, TaskResult, map_tasks
 from ._plan import (
     MIN_CELLS,
@@ -259,7 +260,7 @@ def perturbation_response(
     regularization: float = 0.01,
     em_regularization: str = "map",
     coupling_kwargs: dict | None = None,
-    rank_by: str = "lfc_bound",
+    rank_by: str = DEFAULT_RANK_BY,
     batch_key: str | None = None,
     n_control_cells: int = N_CONTROL_CELLS,
     layer: str | None = None,
@@ -308,13 +309,16 @@ def perturbation_response(
     escape_model
         Guide cells are a mixture of escaped and perturbed cells (True) or all perturbed.
     rank_by
-        ``"lfc_bound"`` (default): the count layer (:func:`~scotgm_pp.tl.count_shift`): the
-        natural-log fold change of every gene in the guide cells against the controls under a
-        negative-binomial model with each cell's total count as offset, shrunk to the bound
-        ``sign * max(|lfc| - sqrt(2 ln G) * se, 0)`` (genes with bound 0 follow by ``lfc_z``).
-        ``"shift"``: the gene-space mean shift of the perturbed state from the basal state in
-        log-normalised units. ``"score"``: the standardised shift ``mu / sigma`` of the
-        perturbation distribution in PCA space mapped to genes (the paper's ranking).
+        ``"effect_bound"`` (default): the model's answer. The count layer of the state model
+        gives each gene's natural-log effect ``effect`` in the perturbed state (guide cells
+        weighted by their posterior of being perturbed) with its standard error; genes are
+        ranked by ``sign * max(|effect| - sqrt(2 ln G) * effect_se, 0)``, ties (bound 0) by
+        ``effect_z`` (see :func:`~scotgm_pp.tl.analyse_pair`). ``"lfc_all_guides_bound"``: the
+        same bound on a model-free negative-binomial test of every guide cell against the
+        controls (:func:`~scotgm_pp.tl.count_shift`, the default before the count layer joined
+        the model). ``"shift"``: the gene-space mean shift of the perturbed state in
+        log-normalised units. ``"score"``: ``mu / sigma`` of the perturbation distribution in PCA
+        space mapped to genes (the paper's ranking).
     batch_key
         Optional ``.obs`` column of batches (e.g. biological replicates): control samples are
         drawn batch by batch in proportion to the guide cells', and the count layer gives each
@@ -359,11 +363,15 @@ def perturbation_response(
 
     ``.uns[key_added]["responses"]``
         Perturbation x gene AnnData (:func:`get_responses`): ``obs`` one row per analysed
-        perturbation (cells, PCs, EM convergence, fraction perturbed, target rank, ...), ``var``
-        the screen's genes, one layer per gene statistic (``mu``, ``sigma``, ``score``,
-        ``shift``, ``lfc``, ``lfc_se``, ``lfc_z``, ``lfc_bound``, ``dispersion``,
-        ``lfc_perturbed``, ``lfc_perturbed_se``, ``rank``, ``abs_rank``; NaN for genes an
-        experiment did not keep).
+        perturbation (cells, PCs, which state model produced the states and its convergence,
+        fraction perturbed, target rank, ``pval_any``, ``qval_any``, ``effect_detected``, ...),
+        ``var`` the screen's genes, one layer per gene statistic (NaN for genes an experiment
+        did not keep): the model's ``effect``, ``effect_se``, ``effect_z``, ``effect_bound``,
+        ``effect_pvalue``, ``effect_qvalue`` (Wald), ``log_rate_basal``, ``dispersion``; the
+        model-free ``lfc_all_guides``, ``_se``, ``_z``, ``_bound``; the paper's ``mu``,
+        ``sigma``, ``score``; ``shift``; ``rank``, ``abs_rank``; and the calls' resampling
+        ``pval`` with Benjamini-Hochberg ``qval`` (within the perturbation) and ``qval_screen``
+        (over the screen; :func:`~scotgm_pp.tl.call_hits`).
     ``.uns[key_added]["params"]``, ``["summary"]``, ``["skipped"]``
         Every setting of the run; the responses' ``obs`` table; perturbations that could not
         be fitted, with the reason.

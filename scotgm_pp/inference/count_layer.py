@@ -1,0 +1,394 @@
+"""The count observation layer: negative-binomial counts of every gene, sharing the cell's state.
+
+For gene ``g`` and cell ``i`` in state ``k`` and batch ``b``::
+
+    y_ig ~ NB(mean = s_i exp(beta_g + delta_kg + gamma_bg), var = mean + phi_g mean^2)
+
+with ``s_i`` the cell's library size (its total count, an offset), ``delta_0g = 0`` (the basal
+state is the reference) and ``gamma_0g = 0`` (batch 0, the most frequent, is the reference).
+Priors: ``beta_g ~ N(m_g, beta_sd)`` centred on the gene's pooled log rate,
+``delta_kg ~ N(0, delta_sd)`` and ``gamma_bg ~ N(0, gamma_sd)``. The dispersion ``phi_g`` is a
+plug-in constant (data, not a parameter): the moment estimate over the control cells
+(:func:`control_dispersion`), floored at :data:`PHI_MIN`.
+
+This module holds the layer's parameters, priors and prepared data; its fit (a Newton iteration
+vectorised over genes) and standard errors are in :mod:`scotgm_pp.inference.count_fit`; the
+PyMC declaration is :mod:`scotgm_pp.models.count_graph`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.special import gammaln
+
+__all__ = [
+    "PHI_MIN",
+    "DELTA_SD",
+    "CountPrior",
+    "CountParams",
+    "CountData",
+    "default_count_prior",
+    "control_dispersion",
+    "count_log_prior",
+    "batch_codes",
+    "log_prior_per_gene",
+    "prior_scales",
+]
+
+PHI_MIN = 1e-6
+"""Floor of the plug-in dispersion (a moment estimate of 0 means Poisson-like counts)."""
+
+DELTA_SD = 0.5
+"""Default prior standard deviation of a state effect ``delta`` (natural-log fold change)."""
+
+_LOG2PI = np.log(2.0 * np.pi)
+
+
+def _dense(counts) -> np.ndarray:
+    return np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=float)
+
+
+def control_dispersion(counts, size_factors: np.ndarray, is_control: np.ndarray, batch=None) -> np.ndarray:
+    """Moment estimate of the NB dispersion ``phi_g`` from the control cells, floored at :data:`PHI_MIN`.
+
+    Within every batch the expected count of a control cell is ``s_i * rate`` (``rate`` the
+    batch's summed counts over summed library sizes); ``phi = sum((y - mu)^2 - mu) / sum(mu^2)``.
+
+    Parameters
+    ----------
+    counts
+        Cells x genes raw counts (dense or sparse).
+    size_factors
+        Library size ``s_i`` of every cell.
+    is_control
+        Which cells are controls (only these enter).
+    batch
+        Optional batch label per cell.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(G,)`` dispersions.
+    """
+    ctrl = np.asarray(is_control, bool)
+    y = _dense(counts[np.flatnonzero(ctrl)] if sp.issparse(counts) else np.asarray(counts)[ctrl])
+    s = np.asarray(size_factors, float)[ctrl]
+    groups = np.zeros(len(s), int) if batch is None else pd.factorize(np.asarray(batch)[ctrl])[0]
+    num = np.zeros(y.shape[1])
+    den = np.zeros(y.shape[1])
+    for g in np.unique(groups):
+        m = groups == g
+        rate = y[m].sum(axis=0) / max(s[m].sum(), 1e-300)
+        mu = s[m, None] * rate[None, :]
+        num += ((y[m] - mu) ** 2 - mu).sum(axis=0)
+        den += (mu**2).sum(axis=0)
+    return np.maximum(num / np.maximum(den, 1e-300), PHI_MIN)
+
+
+@dataclass(frozen=True)
+class CountPrior:
+    """Normal priors of the count layer's parameters.
+
+    Attributes
+    ----------
+    beta_mean
+        ``m_g``: prior mean of every gene's baseline log rate ``beta_g``, shape ``(G,)``.
+    beta_sd
+        Prior standard deviation of ``beta_g`` (wide).
+    delta_sd
+        Prior standard deviation of the state effects ``delta_kg``, ``k >= 1``: shrinks the
+        effects of genes with few counts towards 0.
+    gamma_sd
+        Prior standard deviation of the batch offsets ``gamma_bg``, ``b >= 1``.
+    """
+
+    beta_mean: np.ndarray
+    beta_sd: float = 5.0
+    delta_sd: float = DELTA_SD
+    gamma_sd: float = 1.0
+
+    def __post_init__(self):
+        for name in ("beta_sd", "delta_sd", "gamma_sd"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"CountPrior.{name} must be > 0, got {getattr(self, name)!r}.")
+        if not np.all(np.isfinite(self.beta_mean)):
+            raise ValueError("CountPrior.beta_mean must be finite.")
+
+
+def default_count_prior(
+    counts, size_factors: np.ndarray, *, beta_sd: float = 5.0, delta_sd: float = DELTA_SD, gamma_sd: float = 1.0
+) -> CountPrior:
+    """Prior centred on each gene's pooled log rate ``log((sum_i y_ig + 1/2) / sum_i s_i)``."""
+    y = counts.sum(axis=0)
+    total = np.asarray(y).ravel().astype(float)
+    m = np.log((total + 0.5) / float(np.sum(size_factors)))
+    return CountPrior(beta_mean=m, beta_sd=float(beta_sd), delta_sd=float(delta_sd), gamma_sd=float(gamma_sd))
+
+
+@dataclass
+class CountParams:
+    """Parameters of the count layer.
+
+    Attributes
+    ----------
+    beta
+        Baseline log rate per gene ``(G,)`` (state 0, batch 0).
+    delta
+        State effects ``(K, G)``; row 0 (the basal state) is 0.
+    gamma
+        Batch offsets ``(B, G)``; row 0 (the reference batch) is 0.
+    """
+
+    beta: np.ndarray
+    delta: np.ndarray
+    gamma: np.ndarray
+
+    @property
+    def n_states(self) -> int:
+        return self.delta.shape[0]
+
+    @property
+    def n_batches(self) -> int:
+        return self.gamma.shape[0]
+
+    def log_rates(self) -> np.ndarray:
+        """``lambda_kbg = beta_g + delta_kg + gamma_bg``, shape ``(K, B, G)``."""
+        return self.beta[None, None, :] + self.delta[:, None, :] + self.gamma[None, :, :]
+
+    def theta(self) -> np.ndarray:
+        """Per-gene parameter vectors ``(G, p)``: ``beta, delta_1.., gamma_1..``."""
+        return np.column_stack([self.beta, self.delta[1:].T, self.gamma[1:].T])
+
+    @classmethod
+    def from_theta(cls, theta: np.ndarray, n_states: int, n_batches: int) -> CountParams:
+        G = theta.shape[0]
+        delta = np.zeros((n_states, G))
+        gamma = np.zeros((n_batches, G))
+        delta[1:] = theta[:, 1:n_states].T
+        gamma[1:] = theta[:, n_states:].T
+        return cls(beta=theta[:, 0].copy(), delta=delta, gamma=gamma)
+
+    def copy(self) -> CountParams:
+        return CountParams(self.beta.copy(), self.delta.copy(), self.gamma.copy())
+
+
+def count_log_prior(params: CountParams, prior: CountPrior) -> float:
+    """``sum log N(beta | m, beta_sd) + sum log N(delta_k | 0, delta_sd) + sum log N(gamma_b | 0, gamma_sd)``
+    over ``k, b >= 1`` (the densities PyMC's graph declares)."""
+    return float(log_prior_per_gene(params.theta(), prior, params.n_states).sum())
+
+
+def prior_scales(prior: CountPrior, n_states: int, p: int) -> np.ndarray:
+    sd = np.full(p, float(prior.gamma_sd))
+    sd[0] = prior.beta_sd
+    sd[1:n_states] = prior.delta_sd
+    return sd
+
+
+def log_prior_per_gene(theta: np.ndarray, prior: CountPrior, n_states: int) -> np.ndarray:
+    p = theta.shape[1]
+    sd = prior_scales(prior, n_states, p)
+    centre = np.zeros_like(theta)
+    centre[:, 0] = prior.beta_mean
+    z = (theta - centre) / sd
+    return (-0.5 * z**2 - np.log(sd) - 0.5 * _LOG2PI).sum(axis=1)
+
+
+def _nonzero(counts, y: np.ndarray):
+    """Row, column and value of every non-zero count (from the CSR structure when sparse)."""
+    if sp.issparse(counts):
+        csr = sp.csr_matrix(counts)
+        csr.eliminate_zeros()
+        rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+        return rows, csr.indices.astype(np.intp), csr.data.astype(float)
+    rows, cols = np.nonzero(y)
+    return rows, cols, y[rows, cols]
+
+
+_TABLE_MAX = 64
+
+
+def _nb_constant(vals: np.ndarray, cols: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``lgamma(y + alpha_g) - lgamma(alpha_g) - lgamma(y + 1)`` for integer counts ``y > 0``.
+
+    Counts up to 64 read a per-gene table of ``sum_{j<y} log(alpha_g + j) - log(y!)`` (one log per
+    gene and count instead of three ``gammaln`` per entry); larger counts use ``gammaln``.
+    """
+    y = vals.astype(np.int64)
+    small = y <= _TABLE_MAX
+    steps = np.log(alpha[:, None] + np.arange(_TABLE_MAX)[None, :]) - np.log(np.arange(1, _TABLE_MAX + 1))[None, :]
+    table = np.concatenate([np.zeros((len(alpha), 1)), np.cumsum(steps, axis=1)], axis=1)
+    out = np.empty(len(vals))
+    out[small] = table[cols[small], y[small]]
+    big = ~small
+    if big.any():
+        a = alpha[cols[big]]
+        out[big] = gammaln(vals[big] + a) - gammaln(a) - gammaln(vals[big] + 1.0)
+    return out
+
+
+def batch_codes(batch, n: int) -> tuple[np.ndarray, list[str]]:
+    """Integer batch per cell and the labels in code order; code 0 (the reference) is the most
+    frequent label (ties: the first in sorted order). ``None``: one batch, ``"all"``."""
+    if batch is None:
+        return np.zeros(n, int), ["all"]
+    raw = np.asarray(batch).astype(str)
+    if raw.shape != (n,):
+        raise ValueError(f"batch must have one label per cell ({n}), got shape {raw.shape}.")
+    uniq, inv, cnt = np.unique(raw, return_inverse=True, return_counts=True)
+    order = np.argsort(-cnt, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inv], [str(u) for u in uniq[order]]
+
+
+class CountData:
+    """One experiment's counts, prepared for the count layer.
+
+    The counts are held dense (``float64``) as ``y + alpha``, with the rows sorted once by
+    (pinned state, batch) so that the free cells, the cells pinned to each state and, within
+    those, each batch are contiguous slices (no copies while fitting).
+
+    Parameters
+    ----------
+    counts
+        Cells x genes raw counts (dense or sparse).
+    size_factors
+        Library size ``s_i > 0`` of every cell (its total count over all measured genes).
+    dispersion
+        Plug-in NB dispersion ``phi_g >= 0`` per gene (floored at :data:`PHI_MIN`).
+    fixed_state
+        ``-1`` for a free cell, ``k`` for a cell pinned to state ``k`` (validated by the caller).
+    n_states
+        ``K``.
+    batch
+        Optional batch label per cell. The most frequent label is the reference (batch 0), so
+        the offsets are measured against the best-sampled batch.
+    """
+
+    def __init__(self, counts, size_factors, dispersion, fixed_state, n_states: int, batch=None):
+        y = _dense(counts)
+        n, G = y.shape
+        if not np.all(np.isfinite(y)) or (y < 0).any():
+            raise ValueError("counts must be finite and non-negative.")
+        s = np.asarray(size_factors, float)
+        if s.shape != (n,) or not np.all(np.isfinite(s)) or (s <= 0).any():
+            raise ValueError(
+                f"size_factors must be one positive finite value per cell ({n}); cells with no counts "
+                "cannot enter the count layer: filter them first."
+            )
+        phi = np.broadcast_to(np.asarray(dispersion, float), (G,))
+        if not np.all(np.isfinite(phi)) or (phi < 0).any():
+            raise ValueError("dispersion must be finite and non-negative (one value per gene).")
+        fixed = np.asarray(fixed_state, int)
+        if fixed.shape != (n,):
+            raise ValueError(f"fixed_state must have one entry per cell ({n}), got shape {fixed.shape}.")
+        self.n_cells, self.n_genes, self.n_states = n, G, int(n_states)
+        self.phi = np.maximum(phi, PHI_MIN)
+        self.alpha = 1.0 / self.phi
+        codes, labels = batch_codes(batch, n)
+        self.batch_labels = labels
+        self.n_batches = len(labels)
+        self.fixed = fixed
+        self.size_factors = s
+        # C_i + log(s_i) sum_g y_ig, with C_i = sum_g [lgamma(y + alpha) - lgamma(alpha) - lgamma(y + 1)]
+        # (0 wherever y = 0): the parameter-free part of each cell's log-likelihood.
+        rows, cols, vals = _nonzero(counts, y)
+        const = _nb_constant(vals, cols, self.alpha)
+        self.row_const = np.bincount(rows, weights=const, minlength=n) + y.sum(axis=1) * np.log(s)
+        self.alpha_log_alpha = float(np.sum(self.alpha * np.log(self.alpha)))
+        self.order = np.lexsort((codes, fixed))  # free cells (-1) first, then state 0, 1, ...
+        self.ya = y[self.order] + self.alpha
+        self.log_s = np.log(s)[self.order]
+        self.batch = codes[self.order]
+        self._set_blocks(fixed[self.order], self.n_states)
+
+    def _segments(self, start: int, stop: int) -> list[tuple[int, slice]]:
+        b = self.batch[start:stop]
+        out = []
+        for code in range(self.n_batches):
+            idx = np.flatnonzero(b == code)
+            if idx.size:
+                out.append((code, slice(start + int(idx[0]), start + int(idx[-1]) + 1)))
+        return out
+
+    def _set_blocks(self, fixed_sorted: np.ndarray, n_states: int) -> None:
+        """Blocks of sorted rows: ``free`` (start, stop, segments) and ``pinned[k]`` (segments)."""
+        self.n_states = int(n_states)
+        n_free = int(np.sum(fixed_sorted < 0))
+        self.free = (0, n_free, self._segments(0, n_free))
+        self.pinned = []
+        for k in range(self.n_states):
+            idx = np.flatnonzero(fixed_sorted == k)
+            segs = self._segments(int(idx[0]), int(idx[-1]) + 1) if idx.size else []
+            self.pinned.append(segs)
+        # Pinned rows' counts per batch (weight 1): fixed for the whole fit.
+        self.pinned_ysum = np.zeros((self.n_states, self.n_batches, self.n_genes))
+        for k, segs in enumerate(self.pinned):
+            for b, sl in segs:
+                self.pinned_ysum[k, b] += self.ya[sl].sum(axis=0) - (sl.stop - sl.start) * self.alpha
+
+    def all_basal(self) -> CountData:
+        """The same counts with every cell pinned to state 0 (the one-state model), sharing memory."""
+        out = object.__new__(CountData)
+        out.__dict__.update(self.__dict__)
+        out.fixed = np.zeros(self.n_cells, int)
+        segs = self.free[2] + [seg for block in self.pinned for seg in block]
+        out.free = (0, 0, [])
+        out.n_states = 1
+        out.pinned = [segs]
+        out.pinned_ysum = np.zeros((1, self.n_batches, self.n_genes))
+        for b, sl in segs:
+            out.pinned_ysum[0, b] += self.ya[sl].sum(axis=0) - (sl.stop - sl.start) * self.alpha
+        return out
+
+    @property
+    def free_rows(self) -> np.ndarray:
+        """Original indices of the free cells, in the order of the free block."""
+        return self.order[self.free[0]:self.free[1]]
+
+    def initial_params(self, prior: CountPrior, R: np.ndarray | None = None) -> CountParams:
+        """A start for Newton: the prior means, or with responsibilities ``R`` the Poisson rates
+        of the states (pooled over batches, half a count added; the ratios shrunk by the prior)."""
+        G, K = self.n_genes, self.n_states
+        params = CountParams(beta=np.array(prior.beta_mean, float), delta=np.zeros((K, G)),
+                             gamma=np.zeros((self.n_batches, G)))
+        if R is None:
+            return params
+        s = np.exp(self.log_s)
+        y_k = self.pinned_ysum.sum(axis=1)  # (K, G)
+        s_k = np.array([sum(s[sl].sum() for _, sl in segs) for segs in self.pinned])
+        f0, f1, fsegs = self.free
+        if f1 > f0:
+            w = R[self.order[f0:f1]]  # (n_free, K)
+            y_k = y_k + w.T @ (self.ya[f0:f1] - self.alpha)
+            s_k = s_k + w.T @ s[f0:f1]
+        log_rate = np.log((y_k + 0.5) / np.maximum(s_k, 1e-300)[:, None])
+        params.beta = log_rate[0]
+        # Poisson log rate ratios, shrunk towards 0 as the prior would shrink them (information
+        # of a log ratio of two Poisson totals: 1 / (1 / y_k + 1 / y_0)).
+        info = 1.0 / (1.0 / (y_k[1:] + 0.5) + 1.0 / (y_k[0] + 0.5))
+        params.delta[1:] = (log_rate[1:] - log_rate[0]) * info / (info + 1.0 / prior.delta_sd**2)
+        return params
+
+    @property
+    def n_theta(self) -> int:
+        return self.n_states + self.n_batches - 1
+
+    def design(self) -> np.ndarray:
+        """``(K * B, p)`` 0/1 matrix: which entries of ``theta`` add up to ``lambda_kb``."""
+        K, B = self.n_states, self.n_batches
+        D = np.zeros((K * B, self.n_theta))
+        for k in range(K):
+            for b in range(B):
+                row = k * B + b
+                D[row, 0] = 1.0
+                if k:
+                    D[row, k] = 1.0
+                if b:
+                    D[row, K - 1 + b] = 1.0
+        return D

@@ -1,0 +1,153 @@
+"""The count layer of one experiment: every gene's effect in the perturbed state, with its uncertainty.
+
+Pure functions over arrays. The states come from :func:`~scotgm_pp.tl.fit_states` (PCA scores
+only: the counts do not inform them, a *cut*; ``benchmarks/count_layer_evidence.py`` measures
+why); given their posteriors, :func:`fit_count_layer` computes the count parameters that maximise
+the expected complete-data log posterior (:mod:`scotgm_pp.inference.count_fit`), and
+:func:`effect_table` reads the perturbed state's ``delta`` as the gene-level answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..inference import count_fit
+from ..inference import count_layer as cl
+from ._counts import universal_threshold
+
+__all__ = ["CountFit", "fit_count_layer", "effect_table", "library_sizes"]
+
+SE_METHOD = "imputation"
+"""How the effects' standard errors treat uncertain states (see
+:func:`scotgm_pp.inference.count_fit.effect_standard_errors`)."""
+
+
+@dataclass
+class CountFit:
+    """The count layer of one experiment, fitted given the state posteriors.
+
+    Its parameters maximise the expected complete-data log posterior
+    ``sum_i sum_k R_ik log NB(y_i | k) + log prior`` (the EM M-step with ``R`` fixed): the counts
+    do not move the states (a cut).
+
+    Attributes
+    ----------
+    params
+        ``beta`` (basal log rate per gene), ``delta`` (state effects, row 0 = 0), ``gamma``
+        (batch offsets, row 0 = 0).
+    effect_se
+        Standard errors of ``delta`` ``(K, G)`` (row 0 NaN).
+    prior
+        The count prior.
+    dispersion, dispersion_source
+        Plug-in NB dispersion per gene, and where it came from (``"given"`` or ``"controls"``).
+    n_iter, converged
+        Newton iterations and convergence.
+    row_loglik
+        ``(n, K)`` per-cell count log-likelihood under each state at ``params`` (NaN where a
+        pinned cell is not in that state).
+    data
+        The prepared counts (reused, e.g. by :func:`~scotgm_pp.inference.joint_em.any_effect_llr`).
+    """
+
+    params: cl.CountParams
+    effect_se: np.ndarray
+    prior: cl.CountPrior
+    dispersion: np.ndarray
+    dispersion_source: str
+    n_iter: int
+    converged: bool
+    row_loglik: np.ndarray = field(repr=False)
+    data: cl.CountData = field(repr=False)
+
+    @property
+    def batch_labels(self) -> list[str]:
+        return list(self.data.batch_labels)
+
+
+def library_sizes(counts) -> np.ndarray:
+    """Each cell's total count (over every gene given): the size factor of the count layer."""
+    return np.asarray(counts.sum(axis=1), dtype=float).ravel()
+
+
+def fit_count_layer(
+    counts,
+    fixed_state: np.ndarray,
+    responsibilities: np.ndarray,
+    *,
+    size_factors: np.ndarray,
+    dispersion: np.ndarray | None = None,
+    batch: np.ndarray | None = None,
+    delta_sd: float = cl.DELTA_SD,
+    beta_sd: float = 5.0,
+    gamma_sd: float = 1.0,
+) -> CountFit:
+    """Fit the count layer given the states' posteriors (the M-step of :class:`CountFit`).
+
+    Parameters
+    ----------
+    counts
+        Cells x genes raw counts of the experiment (dense or sparse).
+    fixed_state
+        The state model's pinning: ``0`` controls, ``-1`` free guide cells, ``1`` guide cells
+        pinned perturbed (escape model off).
+    responsibilities
+        ``(n, K)`` state posteriors from the state model.
+    size_factors
+        Library size of every cell (:func:`library_sizes` of all its measured genes).
+    dispersion
+        NB dispersion per gene; ``None``: the moment estimate over the control cells
+        (:func:`~scotgm_pp.inference.count_layer.control_dispersion`, within batches).
+    batch
+        Optional batch label per cell: each batch but the most frequent gets an offset ``gamma``.
+    delta_sd, beta_sd, gamma_sd
+        Prior standard deviations (:class:`~scotgm_pp.inference.count_layer.CountPrior`).
+
+    Returns
+    -------
+    CountFit
+    """
+    fixed = np.asarray(fixed_state, int)
+    R = np.asarray(responsibilities, float)
+    is_control = fixed == 0
+    source = "given"
+    if dispersion is None:
+        dispersion = cl.control_dispersion(counts, size_factors, is_control, batch)
+        source = "controls"
+    prior = cl.default_count_prior(counts, size_factors, beta_sd=beta_sd, delta_sd=delta_sd, gamma_sd=gamma_sd)
+    data = cl.CountData(counts, size_factors, dispersion, fixed, R.shape[1], batch)
+    cp, n_iter, converged = count_fit.fit_given_states(data, R, prior)
+    se = count_fit.effect_standard_errors(data, cp, R, prior, correction=SE_METHOD)
+    return CountFit(params=cp.params, effect_se=se, prior=prior, dispersion=data.phi.copy(), dispersion_source=source,
+                    n_iter=int(n_iter), converged=bool(converged), row_loglik=cp.row_loglik, data=data)
+
+
+def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = None) -> pd.DataFrame:
+    """Per-gene effect of ``state`` (default: perturbed) against the basal state.
+
+    Columns: ``effect`` (``delta``, natural-log fold change of the gene's share of the library),
+    ``effect_se``, ``effect_z``, ``effect_bound = sign(effect) * max(|effect| - lambda * se, 0)``
+    with ``lambda = sqrt(2 ln G)`` unless ``threshold`` is given (the fold change the counts
+    support after clearing the largest ``|z|`` expected among ``G`` null genes),
+    ``effect_pvalue`` (two-sided Wald), ``effect_qvalue`` (Benjamini-Hochberg over the genes),
+    ``log_rate_basal`` (``beta``) and ``dispersion``.
+    """
+    d = fit.params.delta[state]
+    se = fit.effect_se[state]
+    z = d / se
+    lam = universal_threshold(len(d)) if threshold is None else float(threshold)
+    p = 2.0 * stats.norm.sf(np.abs(z))
+    return pd.DataFrame({
+        "effect": d,
+        "effect_se": se,
+        "effect_z": z,
+        "effect_bound": np.sign(d) * np.maximum(np.abs(d) - lam * se, 0.0),
+        "effect_pvalue": p,
+        "effect_qvalue": stats.false_discovery_control(p),
+        "log_rate_basal": fit.params.beta,
+        "dispersion": fit.dispersion,
+    })
