@@ -100,7 +100,7 @@ def main() -> None:
             res = run_task(payload, context)
             genes = context.var_names[res.gene_index]
             q = pd.Series(res.gene_values["qval"], index=genes)
-            lfc = pd.Series(res.gene_values["lfc"], index=genes)
+            lfc = pd.Series(res.gene_values["lfc_all_guides"], index=genes)
             ours = {g: lfc[g] for g in q.index[q < args.fdr]}
             ln, _ = normalize_log(AnnData(X=X[rows], obs=adata.obs.iloc[rows][[key]].copy(), var=adata.var[[]].copy()),
                                   settings.preprocess, highly_variable=False)
