@@ -82,7 +82,7 @@ def simulate(
         raise ValueError(f"escape_fraction must be in [0, 1), got {escape_fraction}.")
     rng = np.random.default_rng(random_state)
     design = _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs)
-    genes, base, W, targets, effects = design.genes, design.base, design.W, design.targets, design.effects
+    genes, targets = design.genes, design.targets
     de_genes, target_gene = design.de_genes, design.target_gene
 
     labels = [control_label] * n_control
@@ -94,23 +94,9 @@ def simulate(
     n = len(labels)
     escaped = (pert_index >= 0) & (rng.random(n) < escape_fraction)
 
-    log_s = np.log(library_size) + rng.normal(0.0, 0.35, size=n)
-    F = rng.normal(size=(n, n_programs))
-    log_lam = log_s[:, None] + base[None, :] + F @ W.T
-    hit = (pert_index >= 0) & ~escaped
-    log_lam[hit] += effects[pert_index[hit]]
-    batch = None
-    if n_batches > 1:
-        # each cell's batch; every gene gets a log-scale offset per batch (batch 0 the reference)
-        batch = rng.integers(n_batches, size=n)
-        offsets = rng.normal(0.0, batch_effect, size=(n_batches, n_genes))
-        offsets[0] = 0.0
-        log_lam += offsets[batch]
-    lam = np.exp(log_lam)
-    p_nb = dispersion / (dispersion + lam)
-    counts = rng.negative_binomial(dispersion, p_nb)
-    drop = rng.random(counts.shape) < dropout
-    counts[drop] = 0
+    counts, log_s, batch = _draw_cells(rng, design, pert_index, pert_index >= 0, escaped, library_size=library_size,
+                                       dispersion=dispersion, dropout=dropout, n_batches=n_batches,
+                                       batch_effect=batch_effect)
 
     obs = pd.DataFrame(
         {
@@ -218,9 +204,11 @@ def write_simulated(
         X = None
         for b, start in enumerate(range(0, n, chunk_cells)):
             stop = min(start + chunk_cells, n)
-            block = _simulate_block(np.random.default_rng([int(random_state), b]), design, pert_index[start:stop] % max(n_targets, 1),
-                                    pert_index[start:stop] >= 0, escaped[start:stop], library_size, dispersion, dropout,
-                                    n_programs)
+            counts, _, _ = _draw_cells(np.random.default_rng([int(random_state), b]), design,
+                                       pert_index[start:stop] % max(n_targets, 1), pert_index[start:stop] >= 0,
+                                       escaped[start:stop], library_size=library_size, dispersion=dispersion,
+                                       dropout=dropout)
+            block = sp.csr_matrix(counts.astype(np.int32))
             if X is None:
                 write_elem(f, "X", block)  # anndata writes sparse data with maxshape=(None,): appendable
                 X = sparse_dataset(f["X"])
@@ -230,18 +218,30 @@ def write_simulated(
     return path
 
 
-def _simulate_block(rng, design, target_index, guided, escaped, library_size, dispersion, dropout, n_programs):
-    """Counts (CSR int32) of one block of cells under :func:`simulate`'s model."""
+def _draw_cells(rng, design, target_index, guided, escaped, *, library_size, dispersion, dropout, n_batches=1,
+                batch_effect=0.0):
+    """Counts of cells under :func:`simulate`'s model: ``(counts, log library sizes, batches)``.
+
+    ``target_index`` is the row of ``design.effects`` of each guided cell; escaped cells keep the
+    control profile. With ``n_batches > 1`` every cell falls in a random batch whose genes are
+    shifted by ``N(0, batch_effect^2)`` on the log scale (batch 0 the reference).
+    """
     m = target_index.size
     log_s = np.log(library_size) + rng.normal(0.0, 0.35, size=m)
-    F = rng.normal(size=(m, n_programs))
+    F = rng.normal(size=(m, design.W.shape[1]))
     log_lam = log_s[:, None] + design.base[None, :] + F @ design.W.T
     hit = guided & ~escaped
     log_lam[hit] += design.effects[target_index[hit]]
+    batch = None
+    if n_batches > 1:
+        batch = rng.integers(n_batches, size=m)
+        offsets = rng.normal(0.0, batch_effect, size=(n_batches, design.base.size))
+        offsets[0] = 0.0
+        log_lam += offsets[batch]
     lam = np.exp(log_lam)
-    counts = rng.negative_binomial(dispersion, dispersion / (dispersion + lam)).astype(np.int32)
+    counts = rng.negative_binomial(dispersion, dispersion / (dispersion + lam))
     counts[rng.random(counts.shape) < dropout] = 0
-    return sp.csr_matrix(counts)
+    return counts, log_s, batch
 
 
 @dataclass
