@@ -73,3 +73,28 @@ def test_papalexi_reads(papalexi):
     assert counts["non-targeting"] == 2386
     assert len(counts) == 26
     assert isinstance(papalexi.obs, pd.DataFrame)
+
+
+def test_write_simulated_streams_a_screen_to_disk(tmp_path):
+    import anndata as ad
+
+    from scotgm_pp._screen import H5adRows
+
+    path = sg.datasets.write_simulated(tmp_path / "big.h5ad", n_genes=120, n_perturbations=7, n_control=500,
+                                       n_cells_per_perturbation=40, chunk_cells=130, random_state=3)
+    a = ad.read_h5ad(path)
+    assert a.shape == (780, 120) and a.X.dtype == np.int32
+    counts = a.obs["perturbation"].value_counts()
+    assert counts["control"] == 500 and (counts.drop("control") == 40).all() and len(counts) == 8
+    truth = a.uns["simulation"]["target_gene"]
+    assert sorted(truth) == sorted(counts.drop("control").index)
+    # cells are shuffled, and rows read lazily equal the rows in memory
+    assert (a.obs["perturbation"].to_numpy()[:500] != "control").any()
+    rows = np.array([700, 3, 129, 130, 131, 5])
+    np.testing.assert_array_equal(H5adRows(path).read(rows).toarray(), a.X[rows].toarray())
+    # a knocked-down target is low in its perturbed cells
+    pert = sorted(truth)[0]
+    hit = (a.obs["perturbation"] == pert).to_numpy() & ~a.obs["escaped"].to_numpy()
+    g = list(a.var_names).index(truth[pert])
+    ctrl = (a.obs["perturbation"] == "control").to_numpy()
+    assert a.X[hit, g].mean() < 0.3 * a.X[ctrl, g].mean()
