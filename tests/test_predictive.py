@@ -177,7 +177,7 @@ def test_scotgm_replicates_follow_pymc_on_the_gaussian_graph(gaussian_fit):
 
 
 def test_scotgm_new_cells_and_round_trip(gaussian_fit, tmp_path):
-    X, fixed, model = gaussian_fit
+    model = gaussian_fit[2]
     new = model.sample_posterior_predictive(500, state="perturbed", draws=20, random_state=0,
                                             extend_inferencedata=True)
     x = new.posterior_predictive["X"].values

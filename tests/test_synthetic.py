@@ -31,8 +31,8 @@ def _cv_auc(A: np.ndarray, B: np.ndarray) -> float:
 
 
 def _second_moment_auc(A: np.ndarray, B: np.ndarray, reference: np.ndarray, k: int = 10) -> tuple[float, float]:
-    """AUC on squared, group-centred scores along reference PCs (no mean differences), and the
-    median variance ratio B / A along them (see benchmarks/downstream_synthetic_auc.py)."""
+    """AUC on squared, group-centred scores along the PCs of reference cells (no mean differences),
+    and the median variance ratio B / A along them (see benchmarks/downstream_synthetic_auc.py)."""
     Z = _lognorm(reference)
     mu, sd = Z.mean(0), Z.std(0) + 1e-9
     U = np.linalg.svd((Z - mu) / sd, full_matrices=False)[2][:k].T
@@ -111,9 +111,10 @@ def test_counterfactuals_move_the_target_and_keep_the_control_cell(sim_fitted, p
 def test_synthetic_cells_are_hard_to_tell_from_real(sim_fitted, perts):
     """Cross-validated AUC, synthetic vs real perturbed cells, on counts and on log-normalised values.
 
-    Measured over simulated seeds 0-9, all 80 perturbations (benchmarks/downstream_synthetic_auc.py):
-    see the README; here the first three perturbations of seed 0. Synthetic basal cells against the
-    same real cells are the positive control.
+    Measured over simulated seeds 0-9, all 80 perturbations (benchmarks/downstream_synthetic_auc.py),
+    mean / worst perturbation: perturbed-state cells 0.39 / 0.56 (counts), 0.53 / 0.67 (log-normalised);
+    counterfactuals 0.37 / 0.55 and 0.41 / 0.58; synthetic basal cells (the positive control)
+    0.90 / 0.91. Here the first three perturbations of seed 0.
     """
     for pert in perts[:3]:
         real = _real_perturbed(sim_fitted, pert)
@@ -126,10 +127,15 @@ def test_synthetic_cells_are_hard_to_tell_from_real(sim_fitted, perts):
 
 
 def test_genes_co_vary_as_in_real_cells(sim_fitted, pert):
-    """Independent genes miss the spread of the shared expression programs; the copula restores it."""
+    """Independent genes miss the spread of the shared expression programs; the copula restores it.
+
+    Seeds 0-9, 80 perturbations: second-moment AUC 0.96 (independent) against 0.57 (copula), variance
+    along the reference PCs 0.52 and 0.90 of the real cells'.
+    """
     real = _real_perturbed(sim_fitted, pert)
-    ctrl = np.flatnonzero((sim_fitted.obs["perturbation"] == "control").to_numpy())
-    ref = gene_counts(sim_fitted, ctrl[200:], np.asarray(get_record(sim_fitted, pert)["genes"]).astype(str))
+    obs = sim_fitted.obs
+    frame = np.flatnonzero((obs["perturbation"].astype(str) != pert).to_numpy() & obs["escaped"].to_numpy())
+    ref = gene_counts(sim_fitted, frame, np.asarray(get_record(sim_fitted, pert)["genes"]).astype(str))
     tied = sample_cells(sim_fitted, pert, len(real), random_state=0).layers["counts"].toarray()
     indep = sample_cells(sim_fitted, pert, len(real), dependence="independent", random_state=0).layers["counts"].toarray()
     auc_tied, ratio_tied = _second_moment_auc(real, tied, ref)

@@ -24,8 +24,8 @@ import xarray as xr
 from anndata import AnnData
 
 from .._validation import InputError
-from ..models.predictive import DEPENDENCE, draw_cells, draw_counts, draw_states, latent_scale
-from ._posterior import BASAL, PERTURBED, PosteriorDraws, check_record, draw_posterior
+from ..models.predictive import DEPENDENCE, draw_cells, draw_states, latent_scale
+from ._posterior import BASAL, PosteriorDraws, check_record, draw_posterior
 from ._predict import DEFAULT_METHOD, METHODS, _gene_index, _predict, lognorm_change, response_draws
 from ._response import get_record
 from ._synthetic import (
