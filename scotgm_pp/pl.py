@@ -22,6 +22,7 @@ __all__ = [
     "target_ranks",
     "screen_summary",
     "calibration_qq",
+    "posterior_predictive_check",
     "figure_perturbations",
     "save_run_figures",
 ]
@@ -186,6 +187,64 @@ def predicted_vs_observed(
                  f"{len(shown)} genes, direction agreement {acc:.0%}", fontsize=10)
     if len(shown):
         ax.legend(fontsize=7, frameon=False, loc="upper left")
+    return fig
+
+
+def posterior_predictive_check(data, *, ci: float = 0.9, figsize=(8.4, 3.9)) -> Figure:
+    """Observed against replicated per-gene means and zero fractions (a posterior predictive check).
+
+    Parameters
+    ----------
+    data
+        The table of :func:`scotgm_pp.tl.ppc_statistics`, or the InferenceData of
+        :func:`scotgm_pp.tl.posterior_predictive` (its table is computed with ``ci``).
+    ci
+        Central probability of the replicated intervals (when ``data`` is an InferenceData).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels, one point per gene with its replicated interval: mean count (log scales) and
+        fraction of zero counts. Genes whose observed value falls outside the interval are marked;
+        the titles give the share inside.
+    """
+    from .tl._ppc import ppc_statistics
+
+    stats = data if isinstance(data, pd.DataFrame) else ppc_statistics(data, ci=ci)
+    needed = {"observed_mean", "replicated_mean", "mean_lower", "mean_upper", "observed_zero_fraction",
+              "replicated_zero_fraction", "zero_lower", "zero_upper"}
+    if not needed <= set(stats.columns):
+        raise ValueError(f"data must be scotgm_pp.tl.ppc_statistics output; missing columns {sorted(needed - set(stats.columns))}.")
+    fig = Figure(figsize=figsize, layout="constrained")
+    panels = [("observed_mean", "replicated_mean", "mean_lower", "mean_upper", "mean count per cell", True),
+              ("observed_zero_fraction", "replicated_zero_fraction", "zero_lower", "zero_upper",
+               "fraction of zero counts", False)]  # (observed, replicated, lower, upper, label, log scales)
+    level = stats.attrs.get("ci", ci)
+    for j, (o, r, lo, hi, label, log) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, j + 1)
+        x, y = stats[o].to_numpy(float), stats[r].to_numpy(float)
+        low, high = stats[lo].to_numpy(float), stats[hi].to_numpy(float)
+        inside = (x >= low) & (x <= high)
+        ax.errorbar(x, y, yerr=[np.clip(y - low, 0, None), np.clip(high - y, 0, None)], fmt="none", ecolor=_GREY,
+                    lw=0.5, zorder=1)
+        ax.scatter(x[inside], y[inside], s=9, c=_DOWN, label="observed inside the interval", zorder=2)
+        ax.scatter(x[~inside], y[~inside], s=14, c=_UP, marker="x", label="outside", zorder=3)
+        finite = np.concatenate([x, y, low, high])
+        if log:
+            pos = finite[finite > 0]
+            lim = (float(pos.min()) / 1.5, float(pos.max()) * 1.5) if pos.size else (1e-3, 1.0)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        else:
+            lim = (-0.02, 1.02)
+        ax.plot(lim, lim, color="k", lw=0.5, ls="--")
+        ax.set_xlim(lim)
+        ax.set_ylim(lim)
+        ax.set_xlabel(f"observed {label}")
+        ax.set_ylabel(f"replicated {label}")
+        ax.set_title(f"{label}\n{inside.mean():.0%} of {len(x)} genes inside the {level:.0%} interval", fontsize=9)
+        if j == 0:
+            ax.legend(fontsize=7, frameon=False, loc="upper left")
     return fig
 
 

@@ -93,8 +93,8 @@ def test_save_load_round_trip(tmp_path, em_model, adata):
     X_new = np.random.default_rng(3).normal(size=(50, D)) + SHIFT
     np.testing.assert_array_equal(em_model.predict_proba(X_new), loaded.predict_proba(X_new))
     np.testing.assert_array_equal(
-        em_model.sample_posterior_predictive(20, state=1, random_state=4),
-        loaded.sample_posterior_predictive(20, state=1, random_state=4),
+        em_model.sample_posterior_predictive(20, state=1, random_state=4).posterior_predictive["X"].values,
+        loaded.sample_posterior_predictive(20, state=1, random_state=4).posterior_predictive["X"].values,
     )
 
 
@@ -112,8 +112,9 @@ def test_mcmc_two_chains_converge_near_em(adata, em_model, tmp_path):
     assert np.all(np.abs(mc.mean - em_pert) < 3 * sd + 0.05)
     assert model.idata.sample_stats["lp"].shape == (2, 500)
     # posterior predictive draws of the perturbed state have the posterior moments
-    cells = model.sample_posterior_predictive(4000, state="perturbed", random_state=0)
-    np.testing.assert_allclose(cells.mean(0), post["means"].values[:, :, 1].mean((0, 1)), atol=0.1)
+    cells = model.sample_posterior_predictive(40, state="perturbed", random_state=0).posterior_predictive["X"]
+    assert cells.shape == (2, 500, 40, D)
+    np.testing.assert_allclose(cells.values.mean((0, 1, 2)), post["means"].values[:, :, 1].mean((0, 1)), atol=0.1)
     loaded = ScOTGM.load(model.save(tmp_path / "mcmc.nc"))
     assert loaded.method == "mcmc" and loaded.settings == model.settings
     for name in post.data_vars:
@@ -160,10 +161,14 @@ def test_predictions_and_sampling_are_reproducible(em_model):
     P = em_model.predict_proba(X_new)
     np.testing.assert_allclose(P.sum(1), 1.0)
     assert np.all(P[:5, 0] > 0.5) and np.all(P[5:, 1] > 0.9)
-    a, s = em_model.sample_posterior_predictive(100, random_state=3, return_states=True)
-    b = em_model.sample_posterior_predictive(100, random_state=3)
-    np.testing.assert_array_equal(a, b)
-    assert set(np.unique(s)) <= {0, 1}
+    a = em_model.sample_posterior_predictive(100, random_state=3).posterior_predictive
+    b = em_model.sample_posterior_predictive(100, random_state=3).posterior_predictive
+    np.testing.assert_array_equal(a["X"].values, b["X"].values)
+    assert set(np.unique(a["state"].values)) == {0, 1}
+    # replicating the training cells: controls stay basal
+    rep = em_model.sample_posterior_predictive(random_state=3).posterior_predictive
+    assert rep["X"].shape == (1, 1, 400, D)
+    np.testing.assert_array_equal(rep["state"].values[0, 0, :200], 0)
 
 
 def test_errors_name_the_fix(adata):

@@ -468,49 +468,92 @@ class ScOTGM:
 
     def sample_posterior_predictive(
         self,
-        n: int,
-        state: int | str | None = None,
-        random_state: int | np.random.Generator | None = None,
+        n: int | None = None,
         *,
-        return_states: bool = False,
-    ):
-        """Draw synthetic cells from the fitted states.
+        state: int | str | None = None,
+        draws: int | None = None,
+        random_state: int | np.random.Generator | None = None,
+        extend_inferencedata: bool = False,
+    ) -> az.InferenceData:
+        """Posterior predictive draws of the state model's cells (PCA scores), as InferenceData.
 
-        Each cell takes a posterior draw uniformly at random (so parameter uncertainty is
-        propagated), a state (``state`` if given, else from that draw's weights) and then
-        ``x ~ N(mu_state, Sigma_state)``.
+        For every posterior draw (chains and draws kept), cells get a state and then
+        ``x ~ N(mu_state, Sigma_state)`` from that draw, so parameter uncertainty is carried
+        (an EM or MAP fit has a single draw: the fitted point).
+
+        * ``n=None``: replicate the observed cells, as ``pm.sample_posterior_predictive`` does on
+          :func:`~scotgm_pp.models.build_model` (``x_free`` and ``x_pinned_k``): pinned cells stay
+          in their state, free cells draw theirs from the draw's weights
+          (``tests/test_predictive.py`` holds the two to each other).
+        * ``n`` cells: new cells per draw, in ``state`` if given, else states from the weights.
 
         Parameters
         ----------
         n
-            Number of cells.
+            New cells per posterior draw, or ``None`` to replicate the observed cells.
         state
-            State index or name; ``None`` samples states by their weights.
+            State index or name for new cells; ``None`` samples states by their weights.
+        draws
+            Use at most this many draws per chain (evenly thinned); default all.
         random_state
             Seed or Generator; defaults to the model's ``random_state`` setting.
-        return_states
-            Also return the state index of each synthetic cell.
+        extend_inferencedata
+            Also add the ``posterior_predictive`` group to ``self.idata`` (replacing one that is
+            there), so that :meth:`save` keeps it.
 
         Returns
         -------
-        numpy.ndarray or tuple
-            ``(n, d)`` PCA scores (and ``(n,)`` states if ``return_states``).
+        arviz.InferenceData
+            ``posterior`` (the draws used), ``posterior_predictive`` with ``X`` (chain, draw,
+            cell, pc) and ``state`` (chain, draw, cell), and, when replicating, ``observed_data``.
         """
-        if int(n) != n or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}.")
+        idata = self._require_fit()
+        if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+            raise ValueError(f"n must be a positive integer or None (replicate the observed cells), got {n!r}.")
+        if state is not None and n is None:
+            raise ValueError("state= applies to new cells; pass n= as well (replicated cells keep their own states).")
         rng = np.random.default_rng(self.settings["random_state"] if random_state is None else random_state)
-        w, m, c = self._draws()
-        S, K, d = m.shape
-        draw = rng.integers(S, size=int(n))
-        if state is None:
-            u = rng.random(int(n))[:, None]
-            states = np.minimum((np.cumsum(w[draw], axis=1) < u).sum(axis=1), K - 1)
+        post = idata.posterior
+        if draws is not None:
+            if int(draws) < 1:
+                raise ValueError(f"draws must be a positive integer, got {draws!r}.")
+            keep = np.unique(np.linspace(0, post.sizes["draw"] - 1, min(int(draws), post.sizes["draw"])).astype(int))
+            post = post.isel(draw=keep)
+        C, D = post.sizes["chain"], post.sizes["draw"]
+        K = self.settings["n_states"]
+        d = post.sizes["pc"]
+        w = post["weights"].values.reshape(-1, K)
+        m = post["means"].values.reshape(-1, K, d)
+        L = np.linalg.cholesky(post["covariances"].values.reshape(-1, K, d, d))
+        if n is None:
+            fixed = idata.constant_data["fixed_state"].values
+            cells = idata.observed_data["cell"].values
         else:
-            states = np.full(int(n), self._state_index(state))
-        L = np.linalg.cholesky(c)  # (S, K, d, d)
-        eps = rng.standard_normal((int(n), d))
-        cells = m[draw, states] + np.einsum("nij,nj->ni", L[draw, states], eps)
-        return (cells, states) if return_states else cells
+            fixed = np.full(int(n), -1 if state is None else self._state_index(state))
+            cells = np.array([f"synthetic_{i}" for i in range(int(n))])
+        free = fixed < 0
+        X = np.empty((C * D, fixed.size, d))
+        Z = np.empty((C * D, fixed.size), dtype=np.int64)
+        for s in range(C * D):
+            z = fixed.copy()
+            u = rng.random(int(free.sum()))[:, None]
+            z[free] = np.minimum((np.cumsum(w[s], axis=0)[None, :] < u).sum(axis=1), K - 1)
+            X[s] = m[s, z] + np.einsum("nij,nj->ni", L[s, z], rng.standard_normal((fixed.size, d)))
+            Z[s] = z
+        coords = {"chain": post["chain"].values, "draw": post["draw"].values, "cell": cells, "pc": post["pc"].values}
+        pp = xr.Dataset({"X": (("chain", "draw", "cell", "pc"), X.reshape(C, D, fixed.size, d)),
+                         "state": (("chain", "draw", "cell"), Z.reshape(C, D, fixed.size))}, coords=coords)
+        groups = {"posterior": post, "posterior_predictive": pp}
+        if n is None:
+            groups["observed_data"] = idata.observed_data
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            out = az.InferenceData(**groups, attrs={"model": "scotgm_pp.models.ScOTGM", "method": self.method})
+            if extend_inferencedata:
+                if "posterior_predictive" in idata.groups():
+                    del idata.posterior_predictive
+                idata.add_groups(posterior_predictive=pp)
+        return out
 
     # ---------------------------------------------------------------- io
     def save(self, path: str | Path) -> Path:

@@ -1,5 +1,5 @@
-"""Tools: perturbation responses, gene rankings, escaped cells, response prediction and synthetic
-cells (compute only; never plot)."""
+"""Tools: perturbation responses, gene rankings, escaped cells, posterior draws, response prediction,
+synthetic cells and posterior predictive checks (compute only; never plot)."""
 
 from ._calibrate import CalibrationResult, calibration_check
 from ._core import (
@@ -16,6 +16,7 @@ from ._core import (
 from ._counts import count_shift, universal_threshold
 from ._effects import CountFit, effect_table, fit_count_layer, library_sizes
 from ._hits import call_hits
+from ._ppc import posterior_draws, posterior_predictive, ppc_statistics
 from ._predict import observed_response, predict_response
 from ._pair import analyse_pair
 from ._response import get_rankings, get_record, get_responses, perturbation_response
@@ -44,6 +45,9 @@ __all__ = [
     "get_responses",
     "observed_response",
     "perturbation_response",
+    "posterior_draws",
+    "posterior_predictive",
+    "ppc_statistics",
     "predict_response",
     "sample_cells",
     "state_shift",

@@ -192,6 +192,22 @@ def fit_states(
     return StateFit(em=pinned, means=pinned.means, covariances=pinned.covariances, info=info)
 
 
+MAX_PLAN_DIM = 40
+"""Up to this many PCs the Hit-and-Run coupling keeps its recorded plans (memory ``chains x draws x
+d^2`` while it runs) and the record carries :data:`~scotgm_pp.tl._posterior.MAX_PLAN_DRAWS` of them,
+for the posterior draws; above it the record carries the mean plan only."""
+
+
+def _thinned_plans(S0: np.ndarray, S1: np.ndarray, C_draws: np.ndarray) -> np.ndarray:
+    """At most ``MAX_PLAN_DRAWS`` recorded couplings ``(chain, draw, d, d)`` as plans ``K``
+    (``C = L0 K L1^T``, Cholesky factors), evenly thinned over the chains."""
+    from ._posterior import MAX_PLAN_DRAWS, plan_kernel
+
+    flat = C_draws.reshape(-1, *C_draws.shape[-2:])
+    pick = np.unique(np.linspace(0, len(flat) - 1, min(MAX_PLAN_DRAWS, len(flat))).astype(int))
+    return np.stack([plan_kernel(S0, S1, flat[i]) for i in pick])
+
+
 def couple(
     mu0: np.ndarray,
     S0: np.ndarray,
@@ -215,8 +231,11 @@ def couple(
             from ..inference.hit_and_run import sample_coupling
 
             seed = int(rng.integers(2**32)) if rng is not None else 0
+            keep = S0.shape[0] <= MAX_PLAN_DIM
+            kw.setdefault("store_cross_covariance", keep)
             res = sample_coupling(
-                S0, S1, mu_x=mu0, mu_y=mu1, n_x=n0, n_y=n1, random_state=seed, return_idata=False, **kw
+                S0, S1, mu_x=mu0, mu_y=mu1, n_x=n0, n_y=n1, random_state=seed,
+                return_idata=bool(kw["store_cross_covariance"]), **kw
             )
             info = {
                 "temperature": float(res.temperature),
@@ -225,6 +244,8 @@ def couple(
                 "cost_mean": float(np.mean(res.cost_draws)),
                 "cost_sd": float(np.std(res.cost_draws)),
             }
+            if res.idata is not None and "cross_covariance" in res.idata.posterior:
+                info["plan_draws"] = _thinned_plans(S0, S1, res.idata.posterior["cross_covariance"].values)
             return res.cross_covariance, info
         case "paper":
             from ..inference.paper import paper_cross_covariance

@@ -11,12 +11,14 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from ..inference.count_layer import DELTA_SD
+from ..inference.count_layer import DELTA_SD, batch_codes
+from ..inference.em import default_prior
 from ..inference.joint_em import any_effect_llr
 from ..pp import PreprocessParams, prepare_pair
 from ._core import DEFAULT_RANK_BY, fit_perturbation, gene_statistics, resolve_rank_by, state_shift, unpinned_posterior
 from ._counts import count_shift
 from ._effects import SE_METHOD, effect_table, fit_count_layer, library_sizes
+from ._posterior import posterior_record
 
 __all__ = ["analyse_pair"]
 
@@ -131,6 +133,7 @@ def analyse_pair(
         **_state_record(pair, fit),
         **_count_record(cf),
         **llr,
+        **_posterior_entries(pair, fit, cf, size_factors, b, regularization),
         "rank_by": rank_by,
         "loadings": pair.pca.loadings.astype(np.float32),
         "genes": pair.var_names.to_numpy().astype(str),
@@ -179,6 +182,22 @@ def _state_record(pair, fit) -> dict:
         **{f"coupling_{k}": v for k, v in fit.coupling_info.items()},
         **fit.state_info,
     }
+
+
+def _posterior_entries(pair, fit, cf, size_factors, batch, regularization) -> dict:
+    """What the posterior draws and synthetic cells need (:func:`~scotgm_pp.tl._posterior.posterior_record`):
+    the states' conjugate posterior given their responsibilities, the count layer, library-size
+    quantiles and batch shares per state (the Hit-and-Run plans come with the coupling's record,
+    ``coupling_plan_draws``)."""
+    em = fit.em
+    se = np.asarray(cf.effect_se[1], float)
+    se = np.where(np.isfinite(se) & (se > 0), se, cf.prior.delta_sd)
+    prior = default_prior(pair.pca.scores, 2, regularization=regularization)  # the prior fit_states used
+    return posterior_record(
+        pair.pca.scores, em.responsibilities, em.fixed_state, prior, size_factors=size_factors,
+        batch_codes=batch_codes(batch, len(size_factors))[0], beta=cf.params.beta, effect=cf.params.delta[1],
+        effect_se=se, dispersion=cf.dispersion, batch_offset=cf.params.gamma,
+    )
 
 
 def _count_record(cf) -> dict:

@@ -1,23 +1,27 @@
-"""Synthetic cells from a fitted perturbation: the fitted states and counterfactual controls.
+"""Synthetic cells of a fitted perturbation, drawn from the model's posterior predictive.
 
-Three kinds of cells, all made in the experiment's PCA space and mapped back to genes
-(``scaled = scores @ V_m^T``; ``lognorm = scaled * gene_std + gene_mean``, clipped at 0):
+Every synthetic cell takes one posterior draw of the parameters
+(:func:`~scotgm_pp.tl._posterior.draw_posterior`), a library size drawn from those of the
+experiment's cells in its state (the record's quantiles), a batch, and then its PCA scores and
+its counts from the declared graph (:mod:`scotgm_pp.models.predictive`): counts are negative
+binomial with mean ``s exp(beta + delta_z)`` and the count layer's dispersion, every gene's
+marginal exactly the graph's. ``dependence="state"`` (default) ties the genes of a cell
+together through its PCA draw (a Gaussian copula), ``"independent"`` leaves them independent
+given the state as the graph does.
 
 ``"basal"`` / ``"perturbed"``
-    Draws from the fitted state ``N(mu_k, Sigma_k)`` with parameter uncertainty: parameters are
-    first redrawn (:func:`~scotgm_pp.tl._predict.draw_parameters`), then cells. The expression the
-    m PCs do not capture is added back (``residual``): by default the residual of a randomly
-    chosen real control cell (its scaled expression minus its PCA reconstruction), or
-    independent per-gene Gaussian noise with the unexplained variance.
+    Draws from the fitted state.
 ``"counterfactual"``
-    Real control cells pushed through the perturbation: each control cell's scores ``x`` are
-    recomputed by projecting its scaled expression onto the loadings, and ``y = x + z`` with
-    ``z`` drawn from the perturbation distribution. By default ``z`` is drawn *given* ``x``
-    under the fitted coupling (``z | x ~ N(mu_p + (C^T S0^-1 - I)(x - mu_0), S1 - C^T S0^-1 C)``),
-    so the counterfactual population has exactly the perturbed state's law; with
-    ``perturbation_draw="independent"`` ``z ~ N(mu_p, Sigma_p)`` independently of the cell
-    (the convolution of the paper's equation 1). Only the PCA part of the cell changes: its
-    expression outside the m PCs (its own residual) is kept.
+    Real control cells moved to the perturbed state: each gene's count is carried through the
+    latent scale of the copula, the cell's PCA part moved by the fitted transport coupling (so
+    the coupling's plan, and its Hit-and-Run draws, matter here), and mapped back to counts under
+    the perturbed state's marginal (:func:`scotgm_pp.models.predictive.counterfactual_counts`).
+    What does not change is the cell's own: its library size, batch and the part of its
+    expression outside the PCs.
+
+``.X`` is the log-normalisation of the synthetic counts (``log1p`` of counts per
+``target_sum`` of the cell's library size, as the pipeline normalises real cells) and
+``.obsm["X_pca"]`` its projection on the experiment's loadings (as for real cells).
 """
 
 from __future__ import annotations
@@ -28,20 +32,30 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._validation import InputError
-from ._predict import BASAL, PERTURBED, draw_parameters, get_record
+from ..models.predictive import DEPENDENCE, counterfactual_counts, draw_cells, latent_scale
+from ._posterior import BASAL, PERTURBED, PosteriorDraws, check_record, draw_posterior, point_draws
+from ._response import get_record
 
-__all__ = ["sample_cells", "project_cells", "STATES"]
+__all__ = ["sample_cells", "project_cells", "residual_variance", "gene_counts", "STATES", "library_draws",
+           "lognormalise", "experiment_settings"]
 
 STATES = ("perturbed", "basal", "counterfactual")
 
 
-def _params(adata: AnnData, key: str) -> dict:
-    return adata.uns[key].get("params", {})
+def experiment_settings(adata: AnnData, key: str) -> dict:
+    """``target_sum``, ``max_value``, the perturbation key, control label and batch key of a run."""
+    if key not in adata.uns or "params" not in adata.uns[key]:
+        raise KeyError(f"no scotgm results under adata.uns[{key!r}]; run scotgm_pp.tl.perturbation_response first.")
+    params = adata.uns[key]["params"]
+    pre = params.get("preprocess", {})
+    return {"target_sum": float(pre.get("target_sum", 1e4)), "max_value": pre.get("max_value", 10.0),
+            "perturbation_key": params.get("perturbation_key"), "control": params.get("control"),
+            "batch_key": params.get("batch_key")}
 
 
-def _gene_counts(adata: AnnData, cells: np.ndarray, genes: np.ndarray, layer: str | None = None) -> np.ndarray:
+def gene_counts(adata: AnnData, cells: np.ndarray, genes: np.ndarray, layer: str | None = None) -> np.ndarray:
     """Raw counts of the given cells over the record's genes (dense, float)."""
-    missing = [g for g in genes[:5] if g not in adata.var_names]
+    missing = [g for g in genes if g not in adata.var_names][:5]
     if missing:
         raise InputError(f"genes {missing} of the fitted record are not in adata.var_names; pass the screen "
                          "that was analysed.")
@@ -51,18 +65,30 @@ def _gene_counts(adata: AnnData, cells: np.ndarray, genes: np.ndarray, layer: st
     return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=float)
 
 
-def project_cells(counts: np.ndarray, record: dict, *, target_sum: float = 1e4,
-                  max_value: float | None = 10.0) -> tuple[np.ndarray, np.ndarray]:
+def library_sizes_of(adata: AnnData, cells: np.ndarray, layer: str | None = None) -> np.ndarray:
+    """Each cell's total count over every gene of the screen (the count layer's size factor)."""
+    X = adata.layers[layer] if layer else adata.X
+    return np.asarray(X[cells].sum(axis=1), dtype=float).ravel()
+
+
+def lognormalise(counts: np.ndarray, library_size: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
+    """``log1p(target_sum * counts / library_size)`` row by row."""
+    lib = np.asarray(library_size, float)
+    return np.log1p(np.asarray(counts, float) / np.where(lib > 0, lib, 1.0)[:, None] * target_sum)
+
+
+def project_cells(counts: np.ndarray, record: dict, *, target_sum: float = 1e4, max_value: float | None = 10.0,
+                  library_size: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scaled expression and PCA scores of cells given their raw counts over the record's genes.
 
-    Repeats the experiment's preprocessing (normalise to ``target_sum`` over the kept genes,
-    ``log1p``, scale with the record's ``gene_mean``/``gene_std``, clip at ``max_value``) and
-    projects on the loadings by least squares (``scores = scaled V (V^T V)^-1``).
+    Repeats the experiment's preprocessing (normalise to ``target_sum`` by ``library_size``,
+    default the counts' row sums, ``log1p``, scale with the record's ``gene_mean``/``gene_std``,
+    clip at ``max_value``) and projects on the loadings by least squares
+    (``scores = scaled V (V^T V)^-1``).
     """
     counts = np.asarray(counts, float)
-    lib = counts.sum(axis=1, keepdims=True)
-    lib[lib == 0] = 1.0
-    lognorm = np.log1p(counts / lib * target_sum)
+    lib = counts.sum(axis=1) if library_size is None else np.asarray(library_size, float)
+    lognorm = lognormalise(counts, lib, target_sum)
     scaled = (lognorm - np.asarray(record["gene_mean"], float)) / np.asarray(record["gene_std"], float)
     if max_value is not None:
         np.clip(scaled, -max_value, max_value, out=scaled)
@@ -83,58 +109,76 @@ def residual_variance(record: dict) -> np.ndarray:
     return np.clip(1.0 - (V**2) @ pc_var, 0.0, None)
 
 
-def _to_lognorm(scaled: np.ndarray, record: dict) -> np.ndarray:
-    out = scaled * np.asarray(record["gene_std"], float) + np.asarray(record["gene_mean"], float)
-    return np.clip(out, 0.0, None)
+def library_draws(record: dict, state: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Library sizes of ``n`` cells of a state: inverse-CDF draws from the record's quantiles."""
+    q = np.asarray(record["library_quantiles"], float)[state]
+    grid = np.linspace(0.0, 1.0, q.size)
+    return np.interp(rng.random(n), grid, q)
+
+
+def _chol(S: np.ndarray) -> np.ndarray:
+    S = 0.5 * (S + np.swapaxes(S, -1, -2))
+    w, U = np.linalg.eigh(S)
+    return U * np.sqrt(np.clip(w, 0.0, None))[..., None, :]  # L L^T = S (not triangular)
+
+
+def _coupling_maps(draws: PosteriorDraws) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw ``T = C^T S0^-1`` and ``L`` with ``L L^T = S1 - C^T S0^-1 C``."""
+    S0, S1 = draws.covariances[:, BASAL], draws.covariances[:, PERTURBED]
+    C = draws.cross_covariance
+    T = np.swapaxes(np.linalg.solve(S0, C), -1, -2)
+    return T, _chol(S1 - T @ C)
+
+
+def _batches(record: dict, state: int, n: int, rng) -> np.ndarray:
+    w = np.asarray(record["batch_weights"], float)[state]
+    return rng.choice(w.size, size=n, p=w / w.sum()) if w.size > 1 else np.zeros(n, int)
+
+
+def _control_batches(adata, rows, record, settings) -> np.ndarray:
+    labels = np.asarray(record.get("count_batches", []), dtype=str)
+    if labels.size <= 1 or not settings.get("batch_key"):
+        return np.zeros(len(rows), int)
+    obs = adata.obs[settings["batch_key"]].astype(str).to_numpy()[rows]
+    code = {b: j for j, b in enumerate(labels)}
+    return np.array([code.get(b, 0) for b in obs], dtype=int)
 
 
 def sample_cells(
     adata: AnnData,
     perturbation: str,
-    *,
     n: int,
+    *,
     state: str = "perturbed",
     key: str = "scotgm",
-    counts: bool = False,
-    parameter_uncertainty: bool = True,
-    n_parameter_draws: int = 20,
-    residual: str = "cells",
-    perturbation_draw: str = "conditional",
+    dependence: str = "state",
+    n_draws: int | None = 50,
     layer: str | None = None,
     random_state: int | np.random.Generator | None = 0,
 ) -> AnnData:
-    """Synthetic cells of one fitted perturbation, in gene space.
+    """Synthetic cells of one fitted perturbation, with counts, from the posterior predictive.
 
     Parameters
     ----------
     adata
         Screen analysed by :func:`~scotgm_pp.tl.perturbation_response` (raw counts in ``.X`` or
-        ``layer``; needed for ``"counterfactual"`` and for library sizes when ``counts=True``).
+        ``layer``; needed for ``"counterfactual"``).
     perturbation
         Which fitted perturbation.
     n
         Number of cells.
     state
         ``"perturbed"`` or ``"basal"`` (draws from the fitted state), or ``"counterfactual"``
-        (control cells plus perturbation draws; see the module docstring).
+        (real control cells moved to the perturbed state; see the module docstring).
     key
         ``adata.uns`` key of the results.
-    counts
-        Also draw UMI counts: Poisson with rate ``expm1(lognorm) * library / target_sum``, the
-        library sizes resampled from the experiment's real cells. Then ``.layers["counts"]`` holds
-        them and ``.X`` is their log-normalisation (as for real cells).
-    parameter_uncertainty
-        Redraw the state parameters (``n_parameter_draws`` sets, cells spread evenly over them)
-        before drawing cells; otherwise use the fitted point.
-    residual
-        For ``"basal"``/``"perturbed"``, what to add outside the PCs: ``"cells"`` (the residual of
-        a resampled real control cell), ``"gaussian"`` (independent per-gene noise with the
-        variance the PCs do not explain, :func:`residual_variance`) or ``"none"``.
-        Counterfactual cells keep their own residual. Ignored when ``counts=True`` (the Poisson
-        draw supplies the noise).
-    perturbation_draw
-        ``"conditional"`` (``z`` given the control cell under the fitted coupling) or
-        ``"independent"`` (``z ~ N(mu_p, Sigma_p)``).
+    dependence
+        ``"state"`` (genes co-vary through the cell's PCA draw) or ``"independent"`` (the
+        declared graph as is: genes independent given the state). Ignored for counterfactuals,
+        which keep the real cell's own dependence.
+    n_draws
+        Posterior draws of the parameters (:func:`~scotgm_pp.tl._posterior.draw_posterior`);
+        cells are spread evenly over them. ``None`` or 0: every cell from the fitted point.
     layer
         Layer with the raw counts (default ``.X``).
     random_state
@@ -143,129 +187,100 @@ def sample_cells(
     Returns
     -------
     anndata.AnnData
-        ``n`` cells x the record's genes. ``.X`` log-normalised expression (``log1p`` of counts per
-        ``target_sum``). ``.obsm["X_pca"]`` the cells' PCA scores. ``.obs``: ``state``, ``source``
-        (``"fitted state"``, ``"fitted state + control cell residual"`` or ``"control cell +
-        perturbation draw"``), ``perturbation``, ``parameter_draw`` (-1: the fitted point),
-        ``control_cell`` (the real control cell whose residual or profile was used, else "").
-        ``.layers["counts"]`` when ``counts=True``. ``.uns["scotgm_synthetic"]``
-        records the settings.
+        ``n`` cells x the record's genes. ``.X`` log-normalised expression (float32),
+        ``.layers["counts"]`` the synthetic counts (CSR, int64), ``.obsm["X_pca"]`` the projection
+        of ``.X`` on the loadings, ``.obsm["X_state"]`` the PCA-space draw of the state model.
+        ``.obs``: ``state``, ``source``, ``perturbation``, ``parameter_draw`` (-1: the fitted
+        point), ``library_size``, ``batch``, ``control_cell`` (the real control cell a
+        counterfactual started from, else ""). ``.uns["scotgm_synthetic"]`` the settings.
     """
     if state not in STATES:
         raise InputError(f"unknown state {state!r}; choose one of {', '.join(STATES)}.")
-    if residual not in ("cells", "gaussian", "none"):
-        raise InputError(f"unknown residual {residual!r}; choose 'cells', 'gaussian' or 'none'.")
-    if perturbation_draw not in ("conditional", "independent"):
-        raise InputError(f"unknown perturbation_draw {perturbation_draw!r}; choose 'conditional' or 'independent'.")
+    if dependence not in DEPENDENCE:
+        raise InputError(f"unknown dependence {dependence!r}; choose one of {', '.join(DEPENDENCE)}.")
+    if isinstance(n, bool) or int(n) != n or int(n) < 1:
+        raise InputError(f"n must be a positive number of cells, got {n!r}.")
     n = int(n)
-    if n < 1:
-        raise InputError(f"n must be a positive number of cells, got {n}.")
     record = get_record(adata, perturbation, key)
-    params = _params(adata, key)
-    pre = params.get("preprocess", {})
-    target_sum = float(pre.get("target_sum", 1e4))
-    max_value = pre.get("max_value", 10.0)
-    genes = np.asarray(record["genes"]).astype(str)
-    V = np.asarray(record["loadings"], float)
-    m = V.shape[1]
+    check_record(record)
+    settings = experiment_settings(adata, key)
+    target_sum, max_value = settings["target_sum"], settings["max_value"]
     rng = np.random.default_rng(random_state)
-
-    if parameter_uncertainty:
-        n_sets = max(1, min(int(n_parameter_draws), n))
-        draws = draw_parameters(record, n_sets, rng)
-        which = np.arange(n) % n_sets
+    if n_draws:
+        draws = draw_posterior(record, int(n_draws), rng)
+        which = np.arange(n) % draws.n_draws
         rng.shuffle(which)
     else:
-        draws = draw_parameters(record, 1, rng, include_point=True)
+        draws = point_draws(record)
         which = np.zeros(n, int)
-
+    genes = np.asarray(record["genes"]).astype(str)
+    V = np.asarray(record["loadings"], float)
+    r = residual_variance(record)
+    alpha = 1.0 / np.maximum(np.asarray(record["count_dispersion"], float), 1e-12)
     obs = pd.DataFrame(index=[f"synthetic_{state}_{i}" for i in range(n)])
     obs["state"] = state
     obs["perturbation"] = str(perturbation)
-    obs["parameter_draw"] = which if parameter_uncertainty else -1
-    labels = adata.obs[params["perturbation_key"]].astype(str).to_numpy() if "perturbation_key" in params else None
-    ctrl_cells = np.flatnonzero(labels == params["control"]) if labels is not None else np.array([], int)
+    obs["parameter_draw"] = which if n_draws else -1
 
-    scores = np.empty((n, m))
     if state in ("basal", "perturbed"):
         k = BASAL if state == "basal" else PERTURBED
-        for d in np.unique(which):
-            rows = np.flatnonzero(which == d)
-            scores[rows] = rng.multivariate_normal(draws.means[d, k], draws.covariances[d, k], size=len(rows),
-                                                   method="eigh")
-        scaled = scores @ V.T
+        lib = library_draws(record, k, n, rng)
+        batch = _batches(record, k, n, rng)
+        log_mu = np.log(lib)[:, None] + draws.log_rates(which, np.full(n, k)) + draws.batch_offset[batch]
+        covs = draws.covariances[:, k]
+        scale = latent_scale(V, covs, r)[which] if dependence == "state" else None
+        x, y = draw_cells(rng, means=draws.means[which, k], chols=np.linalg.cholesky(covs)[which], log_mu=log_mu,
+                          alpha=alpha, dependence=dependence, loadings=V, residual_variance=r, scale=scale)
         obs["source"] = "fitted state"
         obs["control_cell"] = ""
-        if not counts and residual == "gaussian":
-            scaled = scaled + rng.normal(size=scaled.shape) * np.sqrt(residual_variance(record))
-        elif not counts and residual == "cells":
-            if ctrl_cells.size == 0:
-                raise InputError("residual='cells' resamples real control cells, but none were found in adata; "
-                                 "use residual='gaussian'.")
-            pick = rng.choice(ctrl_cells, size=n, replace=True)
-            scaled0, x = project_cells(_gene_counts(adata, pick, genes, layer), record, target_sum=target_sum,
-                                       max_value=max_value)
-            scaled = scaled + (scaled0 - x @ V.T)
-            obs["source"] = "fitted state + control cell residual"
-            obs["control_cell"] = adata.obs_names[pick].to_numpy()
     else:
-        if ctrl_cells.size == 0:
-            raise InputError("no control cells found in adata (label and key from the fit's params); "
-                             "counterfactual cells start from real control cells.")
-        pick = rng.choice(ctrl_cells, size=n, replace=n > ctrl_cells.size)
-        scaled0, x = project_cells(_gene_counts(adata, pick, genes, layer), record, target_sum=target_sum,
-                                   max_value=max_value)
-        for d in np.unique(which):
-            rows = np.flatnonzero(which == d)
-            mu0, mu1 = draws.means[d, BASAL], draws.means[d, PERTURBED]
-            S0, S1, C = draws.covariances[d, BASAL], draws.covariances[d, PERTURBED], draws.cross_covariance[d]
-            if perturbation_draw == "conditional":
-                # y | x under the Gaussian coupling [[S0, C], [C^T, S1]].
-                A = np.linalg.solve(0.5 * (S0 + S0.T), C).T  # C^T S0^-1
-                cond = S1 - A @ C
-                cond = 0.5 * (cond + cond.T)
-                w, U = np.linalg.eigh(cond)
-                noise = rng.normal(size=(len(rows), m)) * np.sqrt(np.clip(w, 0, None))
-                y = mu1 + (x[rows] - mu0) @ A.T + noise @ U.T
-            else:
-                z = rng.multivariate_normal(draws.perturbation_mean[d], draws.perturbation_cov[d],
-                                            size=len(rows), method="eigh")
-                y = x[rows] + z
-            scores[rows] = y
-        scaled = scaled0 + (scores - x) @ V.T
-        obs["source"] = "control cell + perturbation draw"
+        rows = _control_rows(adata, settings)
+        pick = rng.choice(rows, size=n, replace=n > rows.size)
+        y0 = gene_counts(adata, pick, genes, layer)
+        lib = library_sizes_of(adata, pick, layer)
+        batch = _control_batches(adata, pick, record, settings)
+        base = np.log(np.maximum(lib, 1.0))[:, None] + draws.log_rate_basal[which] + draws.batch_offset[batch]
+        T, L = _coupling_maps(draws)
+        y, _, a_new = counterfactual_counts(
+            rng, y0, log_mu_from=base, log_mu_to=base + draws.effect[which], alpha=alpha, loadings=V,
+            scale_from=latent_scale(V, draws.covariances[:, BASAL], r)[which],
+            scale_to=latent_scale(V, draws.covariances[:, PERTURBED], r)[which], transport=T[which],
+            noise_chol=L[which])
+        x = draws.means[which, PERTURBED] + a_new
+        obs["source"] = "control cell moved to the perturbed state"
         obs["control_cell"] = adata.obs_names[pick].to_numpy()
 
-    lognorm = _to_lognorm(scaled, record)
-    layers = {}
-    if counts:
-        if labels is not None:
-            pool = np.flatnonzero((labels == params["control"]) | (labels == str(perturbation)))
-            lib = _gene_counts(adata, pool, genes, layer).sum(axis=1)
-            lib = lib[lib > 0]
-        else:
-            lib = np.array([target_sum])
-        size = rng.choice(lib, size=n)
-        rate = np.expm1(lognorm) * (size / target_sum)[:, None]
-        umi = rng.poisson(rate)
-        tot = umi.sum(axis=1, keepdims=True).astype(float)
-        tot[tot == 0] = 1.0
-        lognorm = np.log1p(umi / tot * target_sum)
-        layers["counts"] = sp.csr_matrix(umi.astype(np.int64))
-    for col in ("state", "source", "perturbation"):
+    obs["library_size"] = lib
+    batch_labels = np.asarray(record.get("count_batches", ["all"]), dtype=str)
+    obs["batch"] = batch_labels[batch] if batch_labels.size else "all"
+    lognorm = lognormalise(y, lib, target_sum)
+    _, scores = project_cells(y, record, target_sum=target_sum, max_value=max_value, library_size=lib)
+    for col in ("state", "source", "perturbation", "batch"):
         obs[col] = pd.Categorical(obs[col])
-    out = AnnData(X=lognorm.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes), layers=layers or None)
+    out = AnnData(X=lognorm.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes),
+                  layers={"counts": sp.csr_matrix(y.astype(np.int64))})
     out.obsm["X_pca"] = scores
+    out.obsm["X_state"] = x
     out.uns["scotgm_synthetic"] = {
         "perturbation": str(perturbation),
         "state": state,
         "key": key,
-        "counts": bool(counts),
-        "parameter_uncertainty": bool(parameter_uncertainty),
-        "n_parameter_draws": int(n_parameter_draws),
-        "residual": residual if state != "counterfactual" else "own (control cell)",
-        "perturbation_draw": perturbation_draw,
+        "dependence": dependence if state != "counterfactual" else "the control cell's own",
+        "n_draws": int(n_draws or 0),
         "target_sum": target_sum,
-        "units": "log-normalised expression (log1p of counts per target_sum)",
+        "coupling": str(record.get("coupling", "ot")),
+        "units": "log1p of counts per target_sum of the cell's library size",
     }
     return out
+
+
+def _control_rows(adata: AnnData, settings: dict) -> np.ndarray:
+    key, control = settings.get("perturbation_key"), settings.get("control")
+    if key is None or key not in adata.obs:
+        raise InputError("the run's perturbation key is not in adata.obs; counterfactual cells start from real "
+                         "control cells of the analysed screen: pass that AnnData.")
+    rows = np.flatnonzero(adata.obs[key].astype(str).to_numpy() == str(control))
+    if rows.size == 0:
+        raise InputError(f"no control cells ({key} == {control!r}) in adata; counterfactual cells start from real "
+                         "control cells.")
+    return rows
