@@ -116,7 +116,9 @@ def predicted_vs_observed(
     annotate: int = 10,
     figsize=(5.2, 5.0),
 ) -> Figure:
-    """Predicted (equation 5) against observed mean expression changes (the paper's Figure 3).
+    """Predicted against observed mean expression changes (the paper's Figure 3), for the
+    prediction's method (:func:`scotgm_pp.tl.predict_response`: the count layer's effect by
+    default, equation 5 with ``method="paper"``).
 
     Parameters
     ----------
@@ -181,7 +183,8 @@ def predicted_vs_observed(
     ax.axvline(0, color="k", lw=0.4)
     unit = "log-normalised" if units == "lognorm" else "scaled"
     ax.set_xlabel(f"observed mean change ({unit})")
-    ax.set_ylabel(f"predicted change, eq. 5 ({unit})")
+    method = prediction.attrs.get("method", "effect")
+    ax.set_ylabel(f"predicted change, {'eq. 5' if method == 'paper' else method} ({unit})")
     acc = float(agree.mean()) if len(shown) else float("nan")
     ax.set_title(f"{perturbation}: response to {prediction.attrs.get('gene', '?')}\n"
                  f"{len(shown)} genes, direction agreement {acc:.0%}", fontsize=10)
