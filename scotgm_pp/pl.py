@@ -272,7 +272,11 @@ def confusion_matrix(adata: AnnData, perturbation: str, key: str = "scotgm", *, 
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("assigned state")
     ax.set_ylabel("label")
-    ax.set_title(f"{perturbation}: {rec['fraction_perturbed']:.0%} of guide cells perturbed", fontsize=9)
+    title = f"{perturbation}: {rec['fraction_perturbed']:.0%} of guide cells in the perturbed state"
+    row = _summary(adata, key).loc[str(perturbation)]
+    if "effect_detected" in row.index and not bool(row["effect_detected"]):
+        title += f"\nno effect detected (any-effect q = {row['qval_any']:.2g}): guide cells classed 'no effect'"
+    ax.set_title(title, fontsize=9)
     return fig
 
 
