@@ -269,8 +269,11 @@ def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.nd
     """The ``k`` leading right singular vectors of ``Z`` (genes x k) and their squared singular values.
 
     Exact when the smaller side of ``Z`` is at most :data:`EXACT_PCA_MAX`; otherwise a randomized
-    range finder with oversampling and power iterations (Halko, Martinsson & Tropp 2011), whose
-    cost is ``n x g x k``: no genes x genes matrix is formed.
+    range finder in single precision with oversampling and three power iterations (Halko,
+    Martinsson & Tropp 2011), whose cost is ``n x g x k``: no genes x genes matrix is formed. The
+    leading PCs come out to about 1e-5 relative; the trailing ones of a flat (noise) spectrum
+    less precisely (about 10% on their variances), which only moves where a variance threshold
+    falls among PCs of nearly equal variance.
     """
     n, g = Z.shape
     if min(n, g) <= EXACT_PCA_MAX:
@@ -285,12 +288,13 @@ def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.nd
         V = (Z.T @ U[:, order]) / np.where(s > 0, s, 1.0)
         return V, vals
     width = min(min(n, g), k + max(10, k // 2))
-    Y = Z @ rng.standard_normal((g, width))
+    Zs = Z.astype(np.float32)  # single precision: twice the speed, and the leading PCs to ~1e-5
+    Y = Zs @ rng.standard_normal((g, width)).astype(np.float32)
     Q, _ = np.linalg.qr(Y)
-    for _ in range(4):  # power iterations, re-orthonormalised each time
-        Q, _ = np.linalg.qr(Z.T @ Q)
-        Q, _ = np.linalg.qr(Z @ Q)
-    _, s, Vt = np.linalg.svd(Q.T @ Z, full_matrices=False)
+    for _ in range(3):  # power iterations, re-orthonormalised each time
+        Q, _ = np.linalg.qr(Zs.T @ Q)
+        Q, _ = np.linalg.qr(Zs @ Q)
+    _, s, Vt = np.linalg.svd((Q.T @ Zs).astype(np.float64), full_matrices=False)
     return Vt[:k].T, s[:k] ** 2
 
 

@@ -25,14 +25,27 @@ def test_empirical_p_values_match_the_exact_permutation_test():
     phi = np.full(6, 0.2)
     strata = np.zeros(n, int)
     every = np.array([np.isin(np.arange(n), c) for c in itertools.combinations(range(n), k)])
-    z_all = _strata_z(Y, every, lib, phi, strata)
-    z_obs = _strata_z(Y, is_guide[None], lib, phi, strata)[0]
+    z_all = _strata_z(Y, every, lib, phi, strata)[0]
+    z_obs = _strata_z(Y, is_guide[None], lib, phi, strata)[0][0]
     exact = (np.abs(z_all) >= np.abs(z_obs) - 1e-12).mean(axis=0)
     test = resampling_test(Y, ~is_guide, library_size=lib, dispersion=phi, n_resamples=4000, random_state=1)
     np.testing.assert_allclose(test.z, z_obs)
     ok = test.exceedances >= 5
     assert ok.all()
     np.testing.assert_allclose(test.pval, exact, atol=0.02)  # Monte-Carlo error at B = 4000: < 0.008
+
+
+def test_observed_statistic_is_count_shift_s():
+    rng = np.random.default_rng(2)
+    Y = rng.negative_binomial(3, 0.2, size=(90, 15))
+    ctrl = rng.random(90) > 0.3
+    batch = rng.integers(2, size=90)
+    phi = np.full(15, 0.3)
+    test = resampling_test(Y, ctrl, dispersion=phi, batch=batch, n_resamples=20)
+    want = sg.tl.count_shift(Y, ctrl, batch=batch, dispersion=phi)
+    np.testing.assert_allclose(test.lfc, want["lfc"], rtol=1e-9)
+    np.testing.assert_allclose(test.lfc_se, want["lfc_se"], rtol=1e-9)
+    np.testing.assert_allclose(test.z, want["lfc_z"], rtol=1e-9)
 
 
 def test_resamples_keep_each_stratum_s_guide_count():

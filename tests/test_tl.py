@@ -7,6 +7,7 @@ import scipy.sparse as sp
 from sklearn.metrics import roc_auc_score
 
 import scotgm_pp as sg
+from scotgm_pp.tl._counts import nb_dispersion
 from scotgm_pp._validation import InputError
 
 
@@ -56,9 +57,9 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
     assert resp.shape == (8, sim.n_vars) and list(resp.var_names) == list(sim.var_names)
     assert list(resp.obs_names) == sorted(sim.uns["simulation"]["target_gene"])
     assert list(resp.layers) == ["effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue", "effect_qvalue",
-                                 "log_rate_basal", "dispersion", "lfc_all_guides", "lfc_all_guides_se",
-                                 "lfc_all_guides_z", "lfc_all_guides_bound", "mu", "sigma", "score", "shift", "rank",
-                                 "abs_rank", "pval", "qval", "qval_screen"]
+                                 "log_rate_basal", "dispersion", "mu", "sigma", "score", "shift", "rank", "abs_rank",
+                                 "lfc_all_guides", "lfc_all_guides_se", "lfc_all_guides_z", "lfc_all_guides_bound",
+                                 "pval", "qval", "qval_screen"]
     tab = sg.tl.get_rankings(sim_fitted)
     assert list(tab.columns) == ["perturbation", "gene", *resp.layers]
     assert len(tab) == 8 * sim.n_vars
@@ -208,10 +209,14 @@ def test_model_free_baseline_matches_count_shift_and_batches_are_validated(small
     assert out.uns["scotgm"]["params"]["batch_key"] == "rep"
     tab = sg.tl.get_rankings(out).set_index("gene")
     assert tab.loc[truth[pert], "rank"] == 1
-    # the table is count_shift on the same cells and genes (no gene or cell of this simulation is filtered)
+    # the table is count_shift on the same cells and genes (no gene or cell of this simulation is
+    # filtered), with the dispersion the driver estimates once from every control cell
     cells = np.isin(labels, ["control", pert])
     sub = ad[cells]
-    want = sg.tl.count_shift(sub.X, labels[cells] == "control", batch=sub.obs["rep"].to_numpy())
+    ctrl = labels == "control"
+    phi = nb_dispersion(ad.X[ctrl].toarray().astype(float), np.asarray(ad.X[ctrl].sum(1)).ravel(),
+                              pd.factorize(ad.obs["rep"].to_numpy()[ctrl])[0])
+    want = sg.tl.count_shift(sub.X, labels[cells] == "control", batch=sub.obs["rep"].to_numpy(), dispersion=phi)
     want.index = sub.var_names
     got = tab.loc[sub.var_names]
     # (the responses hold gene statistics in float32)

@@ -51,6 +51,9 @@ class ResamplingTest:
     ----------
     z
         Observed statistic per gene.
+    lfc, lfc_se
+        The observed natural-log fold change of the guide cells against the controls and its
+        standard error (``z = lfc / lfc_se``).
     pval
         Two-sided resampling p-value per gene.
     exceedances
@@ -62,6 +65,8 @@ class ResamplingTest:
     """
 
     z: np.ndarray
+    lfc: np.ndarray
+    lfc_se: np.ndarray
     pval: np.ndarray
     exceedances: np.ndarray
     any_statistic: float
@@ -73,18 +78,21 @@ GENE_BLOCK = 2048
 """Genes per block of the resampled statistics (bounds the memory to a few (B + 1) x 2048 arrays)."""
 
 
-def _strata_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strata: np.ndarray) -> np.ndarray:
+def _strata_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strata: np.ndarray):
     """NB Wald z of guide against control cells for every row of ``guide_sets`` (``(R, n)`` 0/1):
-    ``(R, G)``.
+    ``(R, G)``; and the log fold change and its standard error of the first row, ``(G,)`` each.
 
     Per stratum, with ``A = S1 + c`` and ``C = T - S1 + c`` the guide and control sums of a gene
     (plus the pseudocount ``c``), ``L1, L0`` the summed library sizes and ``Q1, Q0`` their sums
     of squares: ``lfc = log(A / C) + log(L0 / L1)`` and
     ``var = 1 / A + 1 / C + phi (Q1 / L1^2 + Q0 / L0^2)`` (the NB variance of the two log rates
-    with ``mu_i = lib_i * rate``); strata combine by inverse variance.
+    with ``mu_i = lib_i * rate``); strata combine by inverse variance (:func:`count_shift`'s
+    statistic).
     """
     R, G = guide_sets.shape[0], Y.shape[1]
     out = np.zeros((R, G))
+    lfc0 = np.zeros(G)
+    se0 = np.full(G, np.inf)
     levels = np.unique(strata)
     for g0 in range(0, G, GENE_BLOCK):
         g1 = min(G, g0 + GENE_BLOCK)
@@ -110,15 +118,13 @@ def _strata_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strat
             lfc = np.log(A / C)
             lfc += np.log(L0s / L1s)[:, None]
             keep = ok[:, None]
-            if levels.size == 1:
-                out[:, g0:g1] = np.where(keep, lfc / np.sqrt(v), 0.0)
-                break
             num += np.where(keep, lfc / v, 0.0)
             prec += np.where(keep, 1.0 / v, 0.0)
-        else:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[:, g0:g1] = np.where(prec > 0, num / np.sqrt(prec), 0.0)
-    return out
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, g0:g1] = np.where(prec > 0, num / np.sqrt(prec), 0.0)
+            lfc0[g0:g1] = np.where(prec[0] > 0, num[0] / np.where(prec[0] > 0, prec[0], 1.0), 0.0)
+            se0[g0:g1] = np.where(prec[0] > 0, 1.0 / np.sqrt(prec[0]), np.inf)
+    return out, lfc0, se0
 
 
 def _permuted_sets(is_guide: np.ndarray, strata: np.ndarray, B: int, rng: np.random.Generator) -> np.ndarray:
@@ -214,7 +220,7 @@ def resampling_test(
     rng = np.random.default_rng(random_state)
     B = int(n_resamples)
     sets = _permuted_sets(~ctrl, strata, B, rng)
-    Z = _strata_z(Y, sets, lib, phi, strata)
+    Z, lfc, lfc_se = _strata_z(Y, sets, lib, phi, strata)
     z, null = Z[0], Z[1:]
     exceed = (np.abs(null) >= np.abs(z)[None, :] - 1e-12).sum(axis=0)
     p_emp = (1.0 + exceed) / (B + 1.0)
@@ -228,7 +234,7 @@ def resampling_test(
     p_any = (1.0 + exceed_any) / (B + 1.0)
     if exceed_any < MIN_EXCEEDANCES:
         p_any = min(_gumbel_upper(max_null, max_obs), p_any)
-    return ResamplingTest(z=z, pval=p, exceedances=exceed, any_statistic=max_obs, pval_any=float(p_any),
+    return ResamplingTest(z=z, lfc=lfc, lfc_se=lfc_se, pval=p, exceedances=exceed, any_statistic=max_obs, pval_any=float(p_any),
                           n_resamples=B)
 
 

@@ -39,6 +39,7 @@ def analyse_pair(
     dispersion: np.ndarray | None = None,
     baseline: bool = True,
     delta_sd: float = DELTA_SD,
+    any_effect: bool = True,
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
@@ -75,6 +76,12 @@ def analyse_pair(
         Also compute the model-free baseline columns ``lfc_all_guides*``
         (:func:`~scotgm_pp.tl.count_shift` of every guide cell against the controls); needed
         for ``rank_by="lfc_all_guides_bound"``.
+    any_effect
+        Also record the model's log-likelihood ratio of the two-state against the one-state
+        model (``llr``, ``llr_gaussian``, ``llr_counts``; :func:`scotgm_pp.inference.any_effect_llr`).
+        It is not calibrated (a free state gains about ``d (d + 3) / 4`` even under the null);
+        :func:`~scotgm_pp.tl.perturbation_response` leaves it out and tests "any effect" by
+        resampling instead.
 
     Returns
     -------
@@ -125,9 +132,10 @@ def analyse_pair(
     shift = state_shift(pair.lognorm, fit.p_perturbed)
     genes = gene_statistics(pair.pca.loadings, fit.mean, fit.cov, genes=pair.var_names.to_numpy(), shift=shift,
                             counts=table, rank_by=rank_by)
-    llr = any_effect_llr(pair.pca.scores, weights=em.weights, means=em.means, covariances=em.covariances,
-                         fixed_state=em.fixed_state, count_data=cf.data, count_params=cf.params, count_prior=cf.prior,
-                         regularization=regularization, count_loglik=cf.row_loglik)
+    llr = {} if not any_effect else any_effect_llr(
+        pair.pca.scores, weights=em.weights, means=em.means, covariances=em.covariances, fixed_state=em.fixed_state,
+        count_data=cf.data, count_params=cf.params, count_prior=cf.prior, regularization=regularization,
+        count_loglik=cf.row_loglik)
     record = {
         **pair.record,
         **_state_record(pair, fit),
