@@ -11,9 +11,13 @@ import pytest
 from scipy import stats
 
 import scotgm_pp
-from scotgm_pp.inference import _har_breathing as hb
+from scotgm_pp.inference import _har_spectral as hsp
 from scotgm_pp.inference import _har_rotations as hr
-from scotgm_pp.inference._har_diagnostics import ess_bulk, ess_tail, rank_normalized_rhat
+from scotgm_pp.inference._har_diagnostics import (
+    ess_bulk,
+    ess_tail,
+    rank_normalized_rhat,
+)
 from scotgm_pp.inference._har_temperature import _inverse_factor, _inverse_wishart_sqrt
 from scotgm_pp.inference.hit_and_run import (
     ESS_MIN,
@@ -122,11 +126,11 @@ def test_truncated_exponential_matches_its_cdf(rate):
     draws = np.array([truncated_exponential(rate, lo, hi, rng) for _ in range(3000)])
     assert np.all((draws >= lo) & (draws <= hi))
     if abs(rate) * (hi - lo) < 1e-12:
-        cdf = lambda x: (x - lo) / (hi - lo)  # noqa: E731
+        cdf = lambda x: (x - lo) / (hi - lo)
     elif rate > 0:  # written from the top end, so that exp never overflows
-        cdf = lambda x: np.exp(rate * (x - hi)) * np.expm1(-rate * (x - lo)) / np.expm1(-rate * (hi - lo))  # noqa: E731
+        cdf = lambda x: np.exp(rate * (x - hi)) * np.expm1(-rate * (x - lo)) / np.expm1(-rate * (hi - lo))
     else:
-        cdf = lambda x: np.expm1(rate * (x - lo)) / np.expm1(rate * (hi - lo))  # noqa: E731
+        cdf = lambda x: np.expm1(rate * (x - lo)) / np.expm1(rate * (hi - lo))
     assert stats.kstest(draws, cdf).pvalue > 0.01
 
 
@@ -203,15 +207,29 @@ def test_breathing_move_preserves_the_target(exact_2x2):
     moved = draws.copy()
     acc = np.zeros(16)
     for J in moved:
-        hb.breathing_move(J, s, 2.0 / eps, rng, acc, 1.0)
+        hsp.spectral_moves(J, s, 2.0 / eps, rng, acc, 1.0, True, False)
     assert np.abs(moved - draws).max() > 0.1
     _same_law(moved, reference, s)
 
 
-def test_chain_matches_exact_rejection_sampler_in_2x2(exact_2x2):
+def test_singular_value_updates_preserve_the_target(exact_2x2):
+    s, eps, draws, reference = exact_2x2
+    rng = np.random.default_rng(3)
+    moved = draws.copy()
+    acc = np.zeros(16)
+    for J in moved:
+        hsp.spectral_moves(J, s, 2.0 / eps, rng, acc, 1.0, False, True)
+    assert np.abs(moved - draws).max() > 0.5
+    assert np.mean(np.linalg.det(moved) < 0) > 0.01  # signs change: the determinant can cross zero
+    _same_law(moved, reference, s)
+
+
+@pytest.mark.parametrize("moves", [SweepMoves(), SweepMoves(rotations=("rows", "cols"), coordinate=True, singular=False)],
+                         ids=["default", "coordinate-line-moves"])
+def test_chain_matches_exact_rejection_sampler_in_2x2(exact_2x2, moves):
     s, eps, exact, _ = exact_2x2
     out = run_chain(s, eps, np.zeros((2, 2)), n_steps=20_000, burn_in=100, thin=2, rng=np.random.default_rng(12),
-                    store_draws=True)
+                    moves=moves, store_draws=True)
     _same_law(out.J_draws, exact, s)
 
 
@@ -344,7 +362,7 @@ def test_unconverged_chains_warn_and_say_what_failed(pair_m10):
 
 def test_same_seed_same_result():
     Sx, Sy = _pair(4)
-    kw = dict(n_steps=60, n_chains=2, return_idata=False, warn=False)
+    kw = {"n_steps": 60, "n_chains": 2, "return_idata": False, "warn": False}
     a = sample_coupling(Sx, Sy, random_state=9, **kw)
     b = sample_coupling(Sx, Sy, random_state=9, **kw)
     c = sample_coupling(Sx, Sy, random_state=10, **kw)
@@ -357,8 +375,8 @@ def test_same_seed_same_result():
 def test_isotropic_hit_and_run_is_available_as_a_baseline_and_mixes_worse(pair_m10):
     """Plain rank-one Hit-and-Run (the original kernel) at the same number of steps: far smaller ESS."""
     Sx, Sy = pair_m10
-    iso = SweepMoves(rotations=(), coordinate=False, n_isotropic=20, breathing=False)
-    kw = dict(temperature=1e-3, n_steps=400, random_state=0, return_idata=False, warn=False)
+    iso = SweepMoves(rotations=(), n_isotropic=20, breathing=False, singular=False)
+    kw = {"temperature": 1e-3, "n_steps": 400, "random_state": 0, "return_idata": False, "warn": False}
     base = sample_coupling(Sx, Sy, moves=iso, **kw)
     ours = sample_coupling(Sx, Sy, **kw)
     assert base.diagnostics.ess_bulk_min < 0.1 * ours.diagnostics.ess_bulk_min
@@ -418,7 +436,11 @@ def pymc_run():
     import pymc.pytensorf
     import pytensor.gradient
 
-    from scotgm_pp.inference.step import HitAndRun, build_coupling_model, dispersed_initvals
+    from scotgm_pp.inference.step import (
+        HitAndRun,
+        build_coupling_model,
+        dispersed_initvals,
+    )
 
     Sx, Sy = _pair(2, seed=8)
     eps = 0.3
@@ -444,7 +466,7 @@ def pymc_run():
 def test_hit_and_run_step_inside_pm_sample(pymc_run):
     import arviz as az
 
-    Sx, Sy, eps, model, idata = pymc_run
+    idata = pymc_run[-1]
     post = idata.posterior
     assert post["K"].shape == (2, 1000, 2, 2)
     assert post["K"].dims == ("chain", "draw", "pc", "pc_target")
@@ -460,7 +482,7 @@ def test_hit_and_run_step_inside_pm_sample(pymc_run):
 def test_pm_sample_agrees_with_sample_coupling(pymc_run):
     import arviz as az
 
-    Sx, Sy, eps, model, idata = pymc_run
+    Sx, Sy, eps, _, idata = pymc_run
     ref = sample_coupling(Sx, Sy, temperature=eps, n_steps=4000, n_chains=2, random_state=2)
     cost = idata.posterior["transport_cost"].values
     se = math.sqrt(cost.var() / float(az.ess(cost)) + ref.cost_draws.var() / ref.ess)

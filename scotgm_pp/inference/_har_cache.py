@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-_KERNEL_MODULES = ("_har_kernel", "_har_rotations", "_har_breathing", "_har_sweep")
+_KERNEL_MODULES = ("_har_kernel", "_har_rotations", "_har_spectral", "_har_sweep")
 _state = {"enabled": None}
 
 
@@ -50,7 +50,11 @@ def enable_kernel_cache() -> bool:
     try:
         from importlib import import_module
 
-        from numba.core.caching import CompileResultCacheImpl, FunctionCache, UserWideCacheLocator
+        from numba.core.caching import (
+            CompileResultCacheImpl,
+            FunctionCache,
+            UserWideCacheLocator,
+        )
         from numba.core.dispatcher import Dispatcher
 
         path = str(kernel_cache_dir())
@@ -61,7 +65,7 @@ def enable_kernel_cache() -> bool:
                 self._cache_path = path
 
         class _Impl(CompileResultCacheImpl):
-            _locator_classes = [_Locator]
+            _locator_classes = (_Locator,)
 
         class _Cache(FunctionCache):
             _impl_class = _Impl

@@ -97,7 +97,7 @@ def _z_scale(X: np.ndarray) -> np.ndarray:
 
 
 def _rhat(X: np.ndarray) -> np.ndarray:
-    c, n, _ = X.shape
+    n = X.shape[1]
     between = n * np.var(X.mean(axis=1), axis=0, ddof=1)
     within = np.mean(np.var(X, axis=1, ddof=1), axis=0)
     return np.sqrt((between / within + n - 1) / n)

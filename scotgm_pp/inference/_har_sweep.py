@@ -9,7 +9,8 @@ A sweep, in the SVD frame of ``G`` (where ``G = diag(s)``), is the composition o
    the eigenvalues of the symmetric part one direction at a time;
 3. ``n_iso`` Hit-and-Run line moves along ``u v^T``, ``u`` and ``v`` uniform on the unit sphere
    (the original kernel: irreducible from any start on its own);
-4. if ``breathe``: the breathing move (:mod:`scotgm_pp.inference._har_breathing`).
+4. in the SVD coordinates (:mod:`scotgm_pp.inference._har_spectral`): if ``breathe``, the
+   breathing move; if ``singular``, one slice-sampling update of each signed singular value.
 
 The line moves need ``M(J)^{-1}``; it is recomputed exactly before them (O(m^3), cheaper than
 carrying it through the ``O(m^2)`` rotations) and kept current through them by Woodbury updates.
@@ -28,7 +29,7 @@ import numpy as np
 from numba import njit
 
 from . import _har_kernel as hk
-from ._har_breathing import breathing_move
+from ._har_spectral import spectral_moves
 from ._har_rotations import rotation_move
 
 N_LINE, ROT_SUM = hk.N_ACC, hk.N_ACC + 1  # extra accumulator slots: line moves made, sum |d<J, s>| of rotations
@@ -46,7 +47,7 @@ def shuffled(n, rng):
 
 
 @njit(cache=False)
-def run_sweeps(J, Minv, s, beta, families, coordinate, n_iso, breathe, pair_i, pair_j, rng, acc, tol,
+def run_sweeps(J, Minv, s, beta, families, coordinate, n_iso, breathe, singular, pair_i, pair_j, rng, acc, tol,
                burn_in, n_kept, thin, J_sum, inner_draws, J_draws, store):
     """``burn_in + n_kept`` sweeps (see the module docstring); the kept ones add ``J`` to ``J_sum``,
     accumulate the line moves' chord lengths and steps in ``acc``, and every ``thin``-th writes
@@ -96,9 +97,9 @@ def run_sweeps(J, Minv, s, beta, families, coordinate, n_iso, breathe, pair_i, p
                 acc[hk.CHORD_SUM] += t_hi - t_lo
                 acc[hk.STEP_SUM] += abs(t)
                 acc[N_LINE] += 1.0
-        # 4. breathing move
-        if breathe:
-            breathing_move(J, s, beta, rng, acc, width)
+        # 4. breathing move and singular-value updates, in the SVD coordinates
+        if breathe or singular:
+            spectral_moves(J, s, beta, rng, acc, width, breathe, singular)
         acc[hk.INNER] = np.sum(s * np.diag(J))  # exact again (the updates above accumulate round-off)
         if record:
             k = i - burn_in

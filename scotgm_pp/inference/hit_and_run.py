@@ -15,12 +15,13 @@ chain is a sweep (:mod:`scotgm_pp.inference._har_sweep`) of
   Sabatti 2000; the conditional on a circle is a von Mises law): they move the orthogonal part
   of the plan, which at low temperature spreads ``~ sqrt(eps)`` along the curved boundary where
   straight Hit-and-Run chords are only ``~ eps`` long;
-* Hit-and-Run line moves (Smith 1984; Lovasz & Vempala 2006) along ``e_k e_k^T`` and along
-  isotropic ``u v^T``: exact chord of the ball (:func:`chord`, in the chain from low-rank-updated
-  inverses, :mod:`scotgm_pp.inference._har_kernel`) and an exact truncated-exponential draw on it
+* Hit-and-Run line moves (Smith 1984; Lovasz & Vempala 2006) along isotropic ``u v^T``: exact
+  chord of the ball (:func:`chord`, in the chain from low-rank-updated inverses,
+  :mod:`scotgm_pp.inference._har_kernel`) and an exact truncated-exponential draw on it
   (:func:`truncated_exponential`);
-* a breathing move that rescales the symmetric polar factor of ``J`` about the identity (group
-  move on the polar coordinates, slice-sampled: :mod:`scotgm_pp.inference._har_breathing`).
+* moves in the singular-value coordinates (:mod:`scotgm_pp.inference._har_spectral`): a
+  breathing move that rescales the symmetric polar factor about the identity (a group move,
+  slice-sampled) and a slice-sampling update of each signed singular value.
 
 Nothing is adapted, so every kept step is an exact ``pi_eps``-invariant transition.  The default
 temperature has a stated reason (:func:`default_temperature`,
@@ -405,9 +406,9 @@ def sample_coupling(
         Cells behind ``Sx`` and ``Sy`` (fractional allowed); only used for the default temperature
         (neither given: ``DEFAULT_CELLS`` = 100 each).
     n_steps
-        Kept steps per chain.  One step is one sweep: 4 rotation-orbit draws in each of the
-        ``m(m-1)/2`` coordinate planes, ``m + 2`` Hit-and-Run line moves and one breathing move
-        (``SweepMoves()``), ``O(m^3)`` work.
+        Kept steps per chain.  One step is one sweep (``SweepMoves()``): 2 rotation-orbit draws in
+        each of the ``m(m-1)/2`` coordinate planes, 2 Hit-and-Run line moves, the breathing move
+        and one update of each singular value; ``O(m^3)`` work.
     n_chains
         Independent chains, run one after the other on one core (R-hat needs at least 2).
     burn_in
@@ -466,51 +467,33 @@ def sample_coupling(
         raise ValueError(f"unknown start {start!r}; choose 'dispersed' or 'local'.")
     moves = SweepMoves() if moves is None else moves
     if not isinstance(moves, SweepMoves):
-        raise ValueError(f"moves must be a SweepMoves, got {type(moves).__name__}.")
-    rng = np.random.default_rng(random_state)
-    with threadpool_limits(limits=1, user_api="blas"):  # m x m BLAS calls are too small to thread
-        return _sample(geom, temperature, n_x, n_y, n_steps, n_chains, burn_in, thin, rng, start, initial_plans,
-                       moves, store_cross_covariance, return_idata, warn, t_start, Sx, Sy)
-
-
-def _sample(geom, temperature, n_x, n_y, n_steps, n_chains, burn_in, thin, rng, start, initial_plans, moves,
-            store_cross_covariance, return_idata, warn, t_start, Sx, Sy) -> CouplingResult:
-    m = geom.m
-    temp_rng, start_rng, *chain_rngs = rng.spawn(n_chains + 2)
-    settings: dict = {}
-    if temperature is None:
-        temperature, regret = regret_temperature(Sx, Sy, n_x, n_y, random_state=temp_rng)
-        nx, ny = (DEFAULT_CELLS, DEFAULT_CELLS) if n_x is None else (n_x, n_y)
-        settings.update(temperature_rule=f"plan regret, n_x={float(nx):g}, n_y={float(ny):g}",
-                        expected_regret=float(regret.mean()),
-                        expected_regret_se=float(regret.std(ddof=1) / np.sqrt(regret.size)))
-    else:
-        settings.update(temperature_rule="given")
-    temperature = float(temperature)
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}.")
-
+        raise TypeError(f"moves must be a SweepMoves, got {type(moves).__name__}.")
     if initial_plans is not None:
-        starts = [geom.Q.T @ K0 @ geom.Pt.T for K0 in _check_initial_plans(initial_plans, n_chains, m)]
-    elif start == "dispersed":
-        starts = dispersed_starts(m, n_chains, start_rng)
-    else:
-        starts = local_starts(geom.singular_values, temperature, n_chains, start_rng)
-
-    outs = [run_chain(geom.singular_values, temperature, J0, n_steps=n_steps, burn_in=burn_in, thin=thin,
-                      rng=rg, moves=moves, store_draws=True) for J0, rg in zip(starts, chain_rngs)]
-
-    cost_draws = geom.cost(np.stack([o.inner_draws for o in outs]))
-    J_mean = np.mean([o.J_mean for o in outs], axis=0)
-    left, right = geom.Lx @ geom.Q, geom.Pt @ geom.Ly  # C = Lx Q J Pt Ly
-    C_draws = np.stack([left @ o.J_draws @ right for o in outs])
-    diagnostics = chain_diagnostics(cost_draws, C_draws)
+        initial_plans = _check_initial_plans(initial_plans, n_chains, m)
+    rng = np.random.default_rng(random_state)
+    temp_rng, start_rng, *chain_rngs = rng.spawn(n_chains + 2)
+    with threadpool_limits(limits=1, user_api="blas"):  # m x m BLAS calls are too small to thread
+        settings: dict = {}
+        temperature = _temperature(Sx, Sy, temperature, n_x, n_y, temp_rng, settings)
+        if initial_plans is not None:
+            starts = [geom.Q.T @ K0 @ geom.Pt.T for K0 in initial_plans]
+        elif start == "dispersed":
+            starts = dispersed_starts(m, n_chains, start_rng)
+        else:
+            starts = local_starts(geom.singular_values, temperature, n_chains, start_rng)
+        outs = [run_chain(geom.singular_values, temperature, J0, n_steps=n_steps, burn_in=burn_in, thin=thin,
+                          rng=rg, moves=moves, store_draws=True) for J0, rg in zip(starts, chain_rngs)]
+        cost_draws = geom.cost(np.stack([o.inner_draws for o in outs]))
+        J_mean = np.mean([o.J_mean for o in outs], axis=0)
+        left, right = geom.Lx @ geom.Q, geom.Pt @ geom.Ly  # C = Lx Q J Pt Ly
+        C_draws = np.stack([left @ o.J_draws @ right for o in outs])
+        diagnostics = chain_diagnostics(cost_draws, C_draws)
     if warn and not diagnostics.passed:
         warnings.warn(
             "Hit-and-Run chains have not converged: " + "; ".join(diagnostics.failures())
             + f". Increase n_steps (now {n_steps} kept steps per chain) or burn_in (now {burn_in}).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
     step_stats = {
         "chord_length": np.array([o.mean_chord_length for o in outs]),
@@ -522,14 +505,16 @@ def _sample(geom, temperature, n_x, n_y, n_steps, n_chains, burn_in, thin, rng, 
     settings.update(n_steps=n_steps, burn_in=burn_in, thin=thin, n_chains=n_chains, sampled_rank=m,
                     start="initial_plans" if initial_plans is not None else start,
                     rotations=",".join(moves.rotations), coordinate_moves=bool(moves.coordinate),
-                    n_isotropic=int(moves.n_isotropic), breathing=bool(moves.breathing))
+                    n_isotropic=int(moves.n_isotropic), breathing=bool(moves.breathing),
+                    singular_value_updates=bool(moves.singular))
     idata = None
     if return_idata:
         idata = _build_idata(geom, cost_draws, C_draws if store_cross_covariance else None, step_stats,
                              temperature, diagnostics, settings)
+    K_mean = geom.Q @ J_mean @ geom.Pt
     return CouplingResult(
-        cross_covariance=geom.cross_covariance(geom.Q @ J_mean @ geom.Pt),
-        K_mean=geom.Q @ J_mean @ geom.Pt,
+        cross_covariance=geom.cross_covariance(K_mean),
+        K_mean=K_mean,
         cost_draws=cost_draws,
         temperature=temperature,
         rhat=diagnostics.cost_rhat,
@@ -542,6 +527,22 @@ def _sample(geom, temperature, n_x, n_y, n_steps, n_chains, burn_in, thin, rng, 
         settings=settings,
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _temperature(Sx, Sy, temperature, n_x, n_y, rng, settings: dict) -> float:
+    """The given temperature (checked) or the default one; records how it was set in ``settings``."""
+    if temperature is None:
+        temperature, regret = regret_temperature(Sx, Sy, n_x, n_y, random_state=rng)
+        nx, ny = (DEFAULT_CELLS, DEFAULT_CELLS) if n_x is None else (n_x, n_y)
+        settings.update(temperature_rule=f"plan regret, n_x={float(nx):g}, n_y={float(ny):g}",
+                        expected_regret=float(regret.mean()),
+                        expected_regret_se=float(regret.std(ddof=1) / np.sqrt(regret.size)))
+    else:
+        settings.update(temperature_rule="given")
+    temperature = float(temperature)
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}.")
+    return temperature
 
 
 def _check_initial_plans(initial_plans, n_chains: int, m: int) -> list[np.ndarray]:

@@ -1,11 +1,11 @@
-"""The transport-plan distribution as a PyMC model, and the exact Hit-and-Run step for it.
+"""The transport-plan distribution as a PyMC model, and the exact sampler step for it.
 
 ``build_coupling_model`` declares ``K`` (dims ``("pc", "pc_target")``) with density
 ``exp(2 <K, G> / eps)`` on the spectral-norm unit ball (``-inf`` outside), plus the
 deterministics ``cross_covariance = Lx K Ly`` and ``transport_cost``.  ``HitAndRun`` is a
 ``pymc`` step method (an ``ArrayStepShared``, like ``pymc.step_methods.slicer.Slice``) that
 updates ``K`` by the exact sweeps of :func:`scotgm_pp.inference.hit_and_run.sample_coupling`
-(rotation-orbit draws, Hit-and-Run line moves, a breathing move)::
+(rotation-orbit draws, Hit-and-Run line moves, moves on the singular values)::
 
     model = build_coupling_model(Sx, Sy, temperature)
     with model:
@@ -119,8 +119,9 @@ class HitAndRun(ArrayStepShared):
     Each PyMC draw makes ``steps_per_draw`` sweeps of exact moves in the SVD frame of ``G``
     (:mod:`scotgm_pp.inference._har_sweep`): von Mises draws on the rotation orbits of every
     coordinate plane, Hit-and-Run line moves (exact chord of the spectral-norm ball, exact
-    truncated-exponential draw ``exp(2 t <D, G> / eps)`` on it) and a breathing move.  Every move
-    leaves the target invariant and nothing is adapted; every draw is accepted.
+    truncated-exponential draw ``exp(2 t <D, G> / eps)`` on it), a breathing move and
+    singular-value updates.  Every move leaves the target invariant and nothing is adapted; every
+    draw is accepted.
 
     Parameters
     ----------
