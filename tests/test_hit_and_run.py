@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 import scotgm_pp
-from scotgm_pp.inference import _har_spectral as hsp
 from scotgm_pp.inference import _har_rotations as hr
+from scotgm_pp.inference import _har_spectral as hsp
 from scotgm_pp.inference._har_diagnostics import (
     ess_bulk,
     ess_tail,

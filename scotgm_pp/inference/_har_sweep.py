@@ -29,8 +29,8 @@ import numpy as np
 from numba import njit
 
 from . import _har_kernel as hk
-from ._har_spectral import spectral_moves
 from ._har_rotations import rotation_move
+from ._har_spectral import spectral_moves
 
 N_LINE, ROT_SUM = hk.N_ACC, hk.N_ACC + 1  # extra accumulator slots: line moves made, sum |d<J, s>| of rotations
 N_ACC = hk.N_ACC + 2
