@@ -19,6 +19,8 @@ from ._har_rotations import COLS, CONJ, ROWS, TWIST
 
 __all__ = ["BallState", "ChainOutput", "SweepMoves", "run_chain"]
 
+ANNEAL_FRACTION = 0.6  # share of the burn-in that cools from anneal_from to the target temperature
+ANNEAL_STAGES = 20
 LINE_TOL = 0.1  # round-off bound that triggers an exact refresh in a line move (a safety net, see line_move)
 _FAMILY_CODES = {"rows": ROWS, "cols": COLS, "conj": CONJ, "twist": TWIST}
 
@@ -133,6 +135,16 @@ class BallState:
             hk.refresh(self.K, self.Minv, self.acc)
 
 
+def _cooling_schedule(temperature: float, anneal_from: float | None, burn_in: int) -> list[tuple[float, int]]:
+    """``(temperature, sweeps)`` stages of the annealed part of the burn-in (empty: no annealing)."""
+    n_anneal = int(ANNEAL_FRACTION * burn_in)
+    if anneal_from is None or anneal_from <= temperature or n_anneal < ANNEAL_STAGES:
+        return []
+    temps = np.geomspace(anneal_from, temperature, ANNEAL_STAGES + 1)[:-1]
+    sizes = np.diff(np.linspace(0, n_anneal, ANNEAL_STAGES + 1).round().astype(int))
+    return [(float(e), int(n)) for e, n in zip(temps, sizes) if n > 0]
+
+
 @dataclass
 class ChainOutput:
     """Raw output of :func:`run_chain` (one chain, SVD frame)."""
@@ -159,6 +171,7 @@ def run_chain(
     rng: np.random.Generator,
     moves: SweepMoves | None = None,
     store_draws: bool = False,
+    anneal_from: float | None = None,
 ) -> ChainOutput:
     """Run one chain on ``pi(J) ~ exp(2 <J, diag(s)> / temperature)``, ``||J||_2 <= 1``.
 
@@ -179,6 +192,10 @@ def run_chain(
         The moves of a sweep (default :class:`SweepMoves`).
     store_draws
         Also return the recorded ``J`` matrices.
+    anneal_from
+        If given (and above ``temperature``), the first ``ANNEAL_FRACTION`` (60%) of the burn-in
+        cools geometrically from this temperature to ``temperature``, in ``ANNEAL_STAGES`` stages;
+        the rest of the burn-in and every kept step use ``temperature``.
 
     Returns
     -------
@@ -193,8 +210,11 @@ def run_chain(
     J_draws = np.empty((n_draws if store_draws else 0, m, m))
     J_sum = np.zeros((m, m))
     t0 = time.perf_counter()
-    state.run(s, 2.0 / temperature, moves, rng, n_steps, burn_in=burn_in, thin=thin, J_sum=J_sum,
-              inner_draws=inner_draws, J_draws=J_draws)
+    cooling = _cooling_schedule(temperature, anneal_from, burn_in)
+    for eps_k, n_k in cooling:
+        state.run(s, 2.0 / eps_k, moves, rng, n_k)
+    state.run(s, 2.0 / temperature, moves, rng, n_steps, burn_in=burn_in - sum(n for _, n in cooling), thin=thin,
+              J_sum=J_sum, inner_draws=inner_draws, J_draws=J_draws)
     seconds = time.perf_counter() - t0
     n_line = max(float(state.acc[hs.N_LINE]), 1.0)
     return ChainOutput(
