@@ -8,8 +8,9 @@ One move along a rank-one direction ``D = u v^T``:
   exactly at ``t = -+1 / (sqrt(alpha beta) +- gamma)``: the two ends of the chord.
 * draw.  ``t`` from ``exp(rate * t)`` truncated to the chord (inverse CDF from the heavy end).
 * update.  Woodbury: ``M'^{-1} = M^{-1} - Z^T S Z`` with ``Z = W^T M^{-1}`` and a 2 x 2 ``S``,
-  i.e. ``O(m^2)`` per move.  ``M^{-1}`` is ill-conditioned near the boundary; a running
-  round-off estimate (:func:`line_move`) triggers an exact refresh.
+  i.e. ``O(m^2)`` per move.  ``M^{-1}`` is ill-conditioned near the boundary; the chain
+  recomputes it exactly (:func:`refresh`) before each sweep's line moves, and a running
+  round-off bound (:func:`line_move`) triggers a refresh within them.
 
 ``M(K)^{-1} = [[A, -E], [-E^T, B]]`` with ``A = (I - K K^T)^{-1}``, ``E = A K``,
 ``B = (I - K^T K)^{-1}``.  Everything here is a pure function over arrays; the random numbers

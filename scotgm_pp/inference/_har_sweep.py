@@ -16,8 +16,8 @@ The line moves need ``M(J)^{-1}``; it is recomputed exactly before them (O(m^3),
 carrying it through the ``O(m^2)`` rotations) and kept current through them by Woodbury updates.
 
 Every move leaves ``pi`` invariant exactly (rotation and breathing moves by the group-move
-theorem, line moves because each direction is drawn independently of the state), hence so
-does the sweep; nothing is adapted.  All random numbers come from the chain's
+theorem, line moves because each direction is drawn independently of the state, singular-value
+updates as slice-sampling updates of a conditional), hence so does the sweep; nothing is adapted.  All random numbers come from the chain's
 ``numpy.random.Generator``, passed in (numba draws from the same bit generator state).
 """
 

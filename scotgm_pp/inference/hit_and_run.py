@@ -23,7 +23,8 @@ chain is a sweep (:mod:`scotgm_pp.inference._har_sweep`) of
   breathing move that rescales the symmetric polar factor about the identity (a group move,
   slice-sampled) and a slice-sampling update of each signed singular value.
 
-Nothing is adapted, so every kept step is an exact ``pi_eps``-invariant transition.  The default
+Nothing is adapted, so every kept step is an exact ``pi_eps``-invariant transition (far starts are
+annealed during the burn-in only, see :func:`sample_coupling`).  The default
 temperature has a stated reason (:func:`default_temperature`,
 :mod:`scotgm_pp.inference._har_temperature`); convergence is checked on every entry of ``C``
 (:mod:`scotgm_pp.inference._har_diagnostics`).
