@@ -76,6 +76,7 @@ __all__ = [
 
 DEFAULT_STEPS = 1000  # kept sweeps per chain
 MAX_DRAWS = 500  # recorded draws per chain (default thinning)
+MIN_BURN_IN = 100  # default burn-in is at least this many steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +415,8 @@ def sample_coupling(
     n_chains
         Independent chains, run one after the other on one core (R-hat needs at least 2).
     burn_in
-        Steps discarded per chain (default ``n_steps // 4``).
+        Steps discarded per chain (default ``max(n_steps // 4, MIN_BURN_IN)``, ``MIN_BURN_IN`` = 100:
+        enough for the annealing of far starts).
     thin
         Record every ``thin``-th kept step (default: at most ``MAX_DRAWS`` = 500 draws per chain).
         ``cross_covariance`` averages every kept step regardless.
@@ -472,7 +474,7 @@ def sample_coupling(
     m = geom.m
     n_steps = _check_positive_int(n_steps, "n_steps")
     n_chains = _check_positive_int(n_chains, "n_chains")
-    burn_in = _check_positive_int(n_steps // 4 if burn_in is None else burn_in, "burn_in", 0)
+    burn_in = _check_positive_int(max(n_steps // 4, MIN_BURN_IN) if burn_in is None else burn_in, "burn_in", 0)
     thin = _check_positive_int(max(1, -(-n_steps // MAX_DRAWS)) if thin is None else thin, "thin")
     if n_steps < thin:
         raise ValueError(f"n_steps ({n_steps}) must be at least thin ({thin}).")
