@@ -96,7 +96,7 @@ def plan_regret_draws(Sx, Sy, n_x: float, n_y: float, *, n_draws: int = N_REGRET
     numpy.ndarray
         ``n_draws`` values of ``R = 2 (sum(s_hat) - <K*(Sx', Sy'), G_hat>) >= 0`` (module docstring).
     """
-    from .hit_and_run import coupling_geometry
+    from ._har_geometry import coupling_geometry
 
     geom = coupling_geometry(Sx, Sy)
     if not (np.isfinite(n_x) and np.isfinite(n_y) and n_x > 0 and n_y > 0):
