@@ -1,14 +1,15 @@
-"""The transport-plan distribution as a PyMC model, and the exact Hit-and-Run step for it.
+"""The transport-plan distribution as a PyMC model, and the exact sampler step for it.
 
 ``build_coupling_model`` declares ``K`` (dims ``("pc", "pc_target")``) with density
 ``exp(2 <K, G> / eps)`` on the spectral-norm unit ball (``-inf`` outside), plus the
 deterministics ``cross_covariance = Lx K Ly`` and ``transport_cost``.  ``HitAndRun`` is a
 ``pymc`` step method (an ``ArrayStepShared``, like ``pymc.step_methods.slicer.Slice``) that
-updates ``K`` by exact Hit-and-Run moves (see :mod:`scotgm_pp.inference.hit_and_run`)::
+updates ``K`` by the exact sweeps of :func:`scotgm_pp.inference.hit_and_run.sample_coupling`
+(rotation-orbit draws, Hit-and-Run line moves, moves on the singular values)::
 
     model = build_coupling_model(Sx, Sy, temperature)
     with model:
-        step = HitAndRun([model["K"]], steps_per_draw=100)
+        step = HitAndRun([model["K"]], steps_per_draw=1)
         idata = pm.sample(draws=500, tune=500, chains=4, cores=1, step=step,
                           initvals=dispersed_initvals(model, 4), random_seed=1)
 
@@ -32,12 +33,12 @@ from pymc.step_methods.compound import Competence, StepMethodState
 from pymc.step_methods.state import dataclass_state
 from pymc.util import get_value_vars_from_user_vars
 from pytensor.tensor.nlinalg import svd
-from threadpoolctl import ThreadpoolController
 
 from . import _har_kernel as hk
-from ._har_chain import BallState
-from ._har_directions import DirectionMixture
-from .hit_and_run import _dispersed_starts, coupling_geometry
+from . import _har_sweep as hs
+from ._har_chain import BallState, SweepMoves
+from ._har_starts import dispersed_starts
+from .hit_and_run import coupling_geometry
 
 __all__ = ["HitAndRun", "build_coupling_model", "dispersed_initvals"]
 
@@ -103,24 +104,24 @@ def dispersed_initvals(model: pm.Model, n_chains: int, *, name: str = "K", rando
     """
     G = model[_G_NAME].get_value()
     Q, _, Pt = np.linalg.svd(G)
-    starts = _dispersed_starts(Q @ Pt, n_chains, np.random.default_rng(random_state))
-    return [{name: K0} for K0 in starts]
+    starts = dispersed_starts(G.shape[0], n_chains, np.random.default_rng(random_state))
+    return [{name: Q @ J0 @ Pt} for J0 in starts]
 
 
 @dataclass_state
 class HitAndRunState(StepMethodState):
     steps_per_draw: int
-    refresh_every: int
 
 
 class HitAndRun(ArrayStepShared):
-    """Exact Hit-and-Run step for the transport plan ``K`` of :func:`build_coupling_model`.
+    """Exact step for the transport plan ``K`` of :func:`build_coupling_model`.
 
-    Each draw makes ``steps_per_draw`` moves: a direction ``D`` from a fixed distribution (by
-    default the mixture adapted to the SVD frame of ``G``: skew rank-two, symmetric rank-one and
-    isotropic rank-one directions, see :mod:`scotgm_pp.inference._har_directions`), the exact
-    chord of the spectral-norm ball through ``K``, and an exact draw from the truncated
-    exponential ``exp(2 t <D, G> / eps)`` on it.  Every move is accepted.
+    Each PyMC draw makes ``steps_per_draw`` sweeps of exact moves in the SVD frame of ``G``
+    (:mod:`scotgm_pp.inference._har_sweep`): von Mises draws on the rotation orbits of every
+    coordinate plane, Hit-and-Run line moves (exact chord of the spectral-norm ball, exact
+    truncated-exponential draw ``exp(2 t <D, G> / eps)`` on it), a breathing move and
+    singular-value updates.  Every move leaves the target invariant and nothing is adapted; every
+    draw is accepted.
 
     Parameters
     ----------
@@ -131,19 +132,16 @@ class HitAndRun(ArrayStepShared):
         data when omitted; when given they must agree with the model (else ``ValueError``), so the
         step can never sample a different density from the one the model declares.
     steps_per_draw
-        Hit-and-Run moves per PyMC draw (each is ``O(m^2)``; PyMC's per-draw overhead is larger,
-        so use ``m^2`` or so for large ``m``).
-    refresh_every
-        Moves between exact SVD refreshes of the low-rank-updated inverses.
-    directions
-        ``"adapted"`` (default) or ``"isotropic"`` (rank-one ``u v^T`` uniform on the spheres).
+        Sweeps per PyMC draw (each is ``O(m^3)``).
+    moves
+        The moves of a sweep (default :class:`~scotgm_pp.inference.hit_and_run.SweepMoves`).
     model, rng, initial_point, blocked
         As for other PyMC step methods; all randomness comes from ``self.rng``, which PyMC
         seeds per chain.
 
-    Sampler stats: ``chord_length`` and ``step_size`` (``|t|``) of the last move,
-    ``transport_cost`` of the returned state, ``n_exact_refreshes`` (cumulative SVD refreshes
-    triggered by the round-off budget).
+    Sampler stats: ``chord_length`` and ``step_size`` (``|t|``), means over the draw's line moves;
+    ``transport_cost`` of the returned state; ``n_exact_refreshes`` (cumulative refreshes of the
+    updated inverses triggered by the round-off bound).
     """
 
     name = "hit_and_run"
@@ -166,8 +164,7 @@ class HitAndRun(ArrayStepShared):
         mu_x=None,
         mu_y=None,
         steps_per_draw: int = 1,
-        refresh_every: int = 100,
-        directions: str = "adapted",
+        moves: SweepMoves | None = None,
         model=None,
         rng=None,
         initial_point=None,
@@ -185,22 +182,14 @@ class HitAndRun(ArrayStepShared):
         self.G, self.temperature, self.const = self._target(model, shape[0], Sx, Sy, temperature, mu_x, mu_y)
         self.m = shape[0]
         self.steps_per_draw = int(steps_per_draw)
-        self.refresh_every = int(refresh_every)
-        if self.steps_per_draw < 1 or self.refresh_every < 1:
-            raise ValueError("steps_per_draw and refresh_every must be positive integers.")
-        match directions:
-            case "adapted":
-                self.directions = DirectionMixture(self.G)
-            case "isotropic":
-                self.directions = DirectionMixture(self.G, weights=(1.0, 0.0, 0.0), whiten=0.0)
-            case _:
-                raise ValueError(f"unknown directions {directions!r}; choose 'adapted' or 'isotropic'.")
+        if self.steps_per_draw < 1:
+            raise ValueError(f"steps_per_draw must be a positive integer, got {steps_per_draw!r}.")
+        self.moves = SweepMoves() if moves is None else moves
+        self.Q, self.s, self.Pt = np.linalg.svd(self.G)
         self._state: BallState | None = None
-        self._threadpool = ThreadpoolController()  # m x m BLAS calls are too small to thread
-        self._n_moves = 0
+        self._last_K: np.ndarray | None = None
         shared = make_shared_replacements(initial_point, vars, model)
         super().__init__(vars, shared, blocked=blocked, rng=rng)
-
     @staticmethod
     def _target(model, m, Sx, Sy, temperature, mu_x, mu_y):
         names = model.named_vars
@@ -229,40 +218,26 @@ class HitAndRun(ArrayStepShared):
         return Competence.INCOMPATIBLE
 
     def _ball_state(self, K: np.ndarray) -> BallState:
-        if self._state is not None and np.array_equal(self._state.materialise(), K):
+        if self._state is not None and self._last_K is not None and np.array_equal(self._last_K, K):
             return self._state  # continuing the same chain: keep the updated inverses
         if not np.all(np.isfinite(K)) or np.linalg.norm(K, 2) >= 1.0:
             raise ValueError("the current plan K is not strictly inside the unit spectral-norm ball; "
                              "start the chains inside it (e.g. initvals=dispersed_initvals(model, chains)).")
-        self._state = BallState(K)
+        self._state = BallState(self.Q.T @ K @ self.Pt.T)  # the SVD frame of G
         return self._state
 
     def astep(self, q0: RaveledVars) -> tuple[RaveledVars, StatsType]:
         m = self.m
-        with self._threadpool.limit(limits=1, user_api="blas"):
-            return self._astep(q0)
-
-    def _astep(self, q0: RaveledVars) -> tuple[RaveledVars, StatsType]:
-        m = self.m
         state = self._ball_state(q0.data.reshape(m, m).astype(float))
-        n = self.steps_per_draw
-        U, V, ranks, slopes = self.directions.draw(n, self.rng)
-        unifs = 1.0 - self.rng.random(n)
-        rates = (2.0 / self.temperature) * slopes
-        if n > 1:  # all but the last move in one compiled call (nothing recorded: burn_in = inf)
-            no_draws = np.empty(0)
-            hk.run_block(state.K, state.Minv, U[:-1], V[:-1], ranks[:-1], slopes[:-1], rates[:-1],
-                         unifs[:-1], self._n_moves, np.iinfo(np.int64).max, 1, self.refresh_every,
-                         state.tol, state.acc, np.zeros((m, m)), no_draws, np.empty((0, m, m)), False)
-            self._n_moves += n - 1
-        t, t_lo, t_hi = state.move(U[-1], V[-1], ranks[-1], rates[-1], unifs[-1])
-        self._n_moves += 1
-        if self._n_moves % self.refresh_every == 0:
-            state.refresh()
-        K = state.materialise().copy()
+        before = state.acc[[hk.CHORD_SUM, hk.STEP_SUM, hs.N_LINE]].copy()
+        state.run(self.s, 2.0 / self.temperature, self.moves, self.rng, self.steps_per_draw,
+                  J_sum=np.zeros((m, m)), inner_draws=np.empty(0), J_draws=np.empty((0, m, m)))
+        chord_sum, step_sum, n_line = state.acc[[hk.CHORD_SUM, hk.STEP_SUM, hs.N_LINE]] - before
+        K = self.Q @ state.materialise() @ self.Pt
+        self._last_K = K
         stats = {
-            "chord_length": float(t_hi - t_lo),
-            "step_size": float(abs(t)),
+            "chord_length": float(chord_sum / n_line) if n_line else float("nan"),
+            "step_size": float(step_sum / n_line) if n_line else float("nan"),
             "transport_cost": float(self.const - 2.0 * np.sum(K * self.G)),
             "n_exact_refreshes": int(state.n_exact_refreshes),
         }

@@ -237,13 +237,10 @@ def couple(
                 S0, S1, mu_x=mu0, mu_y=mu1, n_x=n0, n_y=n1, random_state=seed,
                 return_idata=bool(kw["store_cross_covariance"]), **kw
             )
-            info = {
-                "temperature": float(res.temperature),
-                "rhat": float(res.rhat),
-                "ess": float(res.ess),
-                "cost_mean": float(np.mean(res.cost_draws)),
-                "cost_sd": float(np.std(res.cost_draws)),
-            }
+            # temperature (and its rule), R-hat/ESS of the cost, cost_mean/sd, sampled_rank, n_steps,
+            # burn_in, n_chains, worst R-hat and bulk/tail ESS over the entries of C, converged,
+            # seconds.  sample_coupling has already warned (naming what failed) if not converged.
+            info = res.summary()
             if res.idata is not None and "cross_covariance" in res.idata.posterior:
                 info["plan_draws"] = _thinned_plans(S0, S1, res.idata.posterior["cross_covariance"].values)
             return res.cross_covariance, info
