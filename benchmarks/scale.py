@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 WILCOXON_ALL = r"""
 import sys, time, warnings, numpy as np, scanpy as sc, anndata as ad
 warnings.simplefilter("ignore")
@@ -145,6 +147,8 @@ def main() -> None:
                     help="time the Wilcoxon tests on this share of the perturbations and scale up")
     ap.add_argument("--skip-wilcoxon", action="store_true")
     ap.add_argument("--skip-sampled-wilcoxon", action="store_true")
+    ap.add_argument("--compare-workers", action="store_true",
+                    help="also run scotgm with 1 worker and print the speed-up of --workers over it")
     ap.add_argument("--out", default="benchmarks/out/scale")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -169,6 +173,18 @@ def main() -> None:
                       "--control", "control", "--out", str(run_dir), "--overwrite", "--quiet",
                       "--n-workers", str(args.workers)], "scotgm run")
     report["scotgm"] = scotgm
+    if args.compare_workers and args.workers > 1:
+        one = measure([sys.executable, "-m", "scotgm_pp.cli", "run", str(data), "--perturbation-key", "perturbation",
+                       "--control", "control", "--out", str(run_dir) + "_1worker", "--overwrite", "--quiet",
+                       "--n-workers", "1"], "scotgm run, 1 worker")
+        report["scotgm_1_worker"] = one
+        report["speedup_workers"] = one["wall_seconds"] / scotgm["wall_seconds"]
+        from anndata import read_h5ad
+
+        a = read_h5ad(run_dir / "responses.h5ad")
+        b = read_h5ad(Path(str(run_dir) + "_1worker") / "responses.h5ad")
+        report["max_abs_difference_1_vs_n_workers"] = float(max(
+            np.nanmax(np.abs(np.asarray(a.layers[k], float) - np.asarray(b.layers[k], float))) for k in a.layers))
     f = args.wilcoxon_fraction
     for tag, script, skip in (("wilcoxon_all_controls", WILCOXON_ALL, args.skip_wilcoxon),
                               ("wilcoxon_sampled_controls", WILCOXON_SAMPLED,
@@ -186,6 +202,10 @@ def main() -> None:
     print(f"screen: {report['cells']} cells x {args.genes} genes x {args.perturbations} perturbations "
           f"({args.controls} controls), {args.workers} scotgm workers")
     print(f"scotgm run: {scotgm['wall_seconds']:.1f} s, peak RSS {scotgm['peak_rss_gib']:.2f} GiB")
+    if "speedup_workers" in report:
+        print(f"scotgm run, 1 worker: {report['scotgm_1_worker']['wall_seconds']:.1f} s; speed-up of {args.workers} "
+              f"workers {report['speedup_workers']:.2f}x; largest difference between their results "
+              f"{report['max_abs_difference_1_vs_n_workers']:.3g}")
     for tag in ("wilcoxon_all_controls", "wilcoxon_sampled_controls"):
         if tag in report:
             w = report[tag]

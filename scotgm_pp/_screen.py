@@ -22,6 +22,8 @@ __all__ = ["MemoryRows", "H5adRows", "CountScan", "scan_counts", "rows_of", "Scr
            "screen_from_h5ad"]
 
 BLOCK_ROWS = 20_000
+READ_GAP = 8
+"""Rows of a file at most this many rows apart are read in one slice."""
 """Rows per block of the screen pass (bounded memory whatever the screen's size)."""
 
 
@@ -110,33 +112,35 @@ class H5adRows:
             self._indptr = None
 
     def read(self, rows) -> sp.csr_matrix:
-        """The given rows (in the given order) as a CSR matrix, reading runs of consecutive rows
-        with one slice each."""
+        """The given rows (in the given order) as a CSR matrix. Rows closer than
+        :data:`READ_GAP` apart are read with one slice (and the rows between dropped), so a
+        scattered sample costs one read per cluster of rows, not one per row."""
         rows = _as_index(rows)
         node = self._node()
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-        runs = np.split(sorted_rows, breaks) if sorted_rows.size else []
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        sorted_rows = np.unique(rows)
+        breaks = np.flatnonzero(np.diff(sorted_rows) > READ_GAP) + 1
+        starts = sorted_rows[np.concatenate([[0], breaks])]
+        stops = sorted_rows[np.concatenate([breaks - 1, [sorted_rows.size - 1]])] + 1
+        # position of each screen row inside the concatenated spans
+        offsets = np.concatenate([[0], np.cumsum(stops - starts)[:-1]])
+        span_of = np.searchsorted(starts, rows, side="right") - 1
+        positions = offsets[span_of] + rows - starts[span_of]
         if self.format == "dense":
-            parts = [np.asarray(node[int(r[0]) : int(r[-1]) + 1]) for r in runs]
-            block = sp.csr_matrix(np.vstack(parts)) if parts else sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
-        else:
-            ip = self._indptr
-            data, indices, lengths = [], [], []
-            for r in runs:
-                a, b = int(ip[r[0]]), int(ip[r[-1] + 1])
-                data.append(node["data"][a:b])
-                indices.append(node["indices"][a:b])
-                lengths.append(np.diff(ip[r[0] : r[-1] + 2]))
-            if runs:
-                indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-                block = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=(len(rows), self.shape[1]))
-            else:
-                block = sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        return block[inverse] if not np.array_equal(order, np.arange(order.size)) else block
+            block = np.vstack([np.asarray(node[int(a):int(b)]) for a, b in zip(starts, stops)])
+            return sp.csr_matrix(block[positions])
+        ip, data_ds, indices_ds = self._indptr, node["data"], node["indices"]
+        data, indices, lengths = [], [], []
+        for a, b in zip(starts, stops):
+            lo, hi = int(ip[a]), int(ip[b])
+            data.append(data_ds[lo:hi])
+            indices.append(indices_ds[lo:hi])
+            lengths.append(np.diff(ip[a : b + 1]))
+        indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+        spans = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
+                              shape=(int(indptr.size - 1), self.shape[1]))
+        return spans[positions]
 
     def blocks(self, size: int = BLOCK_ROWS):
         for start in range(0, self.shape[0], size):

@@ -40,12 +40,17 @@ def serial(small_sim):
     return _run(small_sim, n_control_cells=80)
 
 
-def test_local_cluster_gives_the_serial_results(small_sim, serial):
-    """1 worker in this process, 2 local Dask workers, and a LocalCluster named by its address."""
+def test_local_cluster_gives_the_serial_results(small_sim, serial, tmp_path):
+    """1 worker in this process, 2 local Dask workers (writing their own record files), and a
+    LocalCluster named by its address."""
     from dask.distributed import Client, LocalCluster
 
-    two = _run(small_sim, n_control_cells=80, n_jobs=2)
+    two = _run(small_sim, n_control_cells=80, n_jobs=2, store=tmp_path / "records")
     _layers_equal(serial, two)
+    assert len(list((tmp_path / "records").glob("p_*.h5"))) == 3
+    pert = serial.uns["scotgm"]["summary"].index[0]
+    np.testing.assert_array_equal(sg.tl.get_record(two, pert)["covariances"],
+                                  sg.tl.get_record(serial, pert)["covariances"])
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None, processes=True) as cluster, \
             Client(cluster) as client:
         remote = _run(small_sim, n_control_cells=80, client=client.scheduler.address,
@@ -208,3 +213,22 @@ def test_responses_and_rankings_tables(serial):
     tab = sg.tl.get_rankings(serial, top=5)
     assert len(tab) == 5 * resp.n_obs
     assert pd.api.types.is_integer_dtype(tab["rank"])
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_file_rows_read_in_any_order_with_repeats(tmp_path, dense):
+    from scotgm_pp._screen import H5adRows
+
+    rng = np.random.default_rng(0)
+    X = sp.random(400, 30, density=0.3, format="csr", random_state=1)
+    X.data = np.round(X.data * 10)
+    path = tmp_path / "rows.h5ad"
+    ad.AnnData(X=X.toarray() if dense else X).write_h5ad(path)
+    reader = H5adRows(path)
+    cases = [rng.choice(400, 60, replace=False), rng.integers(0, 400, 200), np.arange(50, 150),
+             np.array([399, 0, 399, 5]), np.array([], dtype=int)]
+    for rows in cases:
+        got = reader.read(rows)
+        assert got.shape == (rows.size, 30)
+        np.testing.assert_array_equal(got.toarray(), X.toarray()[rows])
+    reader.close()

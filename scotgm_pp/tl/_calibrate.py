@@ -24,8 +24,8 @@ from .._screen import scan_counts, screen_from_anndata
 from .._validation import InputError
 from ..pp import normalize_log, resolve_min_genes
 from ._calls import bh_qvalues
-from ._execute import ScreenContext, TaskPayload, map_tasks, run_task
-from ._plan import MIN_CELLS, N_CONTROL_CELLS, RunSettings, Task, sample_controls, screen_labels, task_seed
+from ._execute import ScreenContext, TaskPayload, assemble_counts, map_tasks, run_task
+from ._plan import MIN_CELLS, N_CONTROL_CELLS, Task, sample_controls, screen_labels, task_seed
 from ._response import _batch_labels, _Payloads, _settings
 
 __all__ = ["calibration_check", "CalibrationResult", "BASELINES"]
@@ -75,7 +75,7 @@ def _null_task(payload: TaskPayload, ctx: _NullContext) -> dict:
         if "effect_pvalue" in result.gene_values:
             out["model-wald"] = np.asarray(result.gene_values["effect_pvalue"], float)
     if ctx.baselines:
-        counts = AnnData(X=payload.counts, obs=pd.DataFrame(index=pd.Index(payload.obs_names, dtype=object)),
+        counts = AnnData(X=assemble_counts(payload, ctx.screen), obs=pd.DataFrame(index=pd.Index(payload.obs_names, dtype=object)),
                          var=pd.DataFrame(index=pd.Index(ctx.screen.var_names, dtype=object)))
         ln, _ = normalize_log(counts, ctx.preprocess, highly_variable=False)
         kept = pd.Index(payload.obs_names).get_indexer(ln.obs_names)
@@ -191,11 +191,13 @@ def calibration_check(
     if not todo:
         raise InputError(f"no null set could be built: {tasks[0].skip_reason}")
     pool = np.unique(np.concatenate([t.control_rows for t in todo]))
-    ctx = _NullContext(screen=ScreenContext(settings=run_settings, var_names=screen.var_names.to_numpy(),
-                                            dispersion=scan.dispersion),
+    payloads = _Payloads(screen, batch, pool, scan.n_detected)
+    ctx = _NullContext(screen=payloads.context(ScreenContext(settings=run_settings,
+                                                             var_names=screen.var_names.to_numpy(),
+                                                             dispersion=scan.dispersion)),
                        preprocess=run_settings.preprocess, baselines=tuple(baselines))
     outs: list[dict] = []
-    map_tasks(todo, _Payloads(screen, batch, pool, scan.n_detected), ctx, outs.append, fn=_null_task, n_jobs=n_jobs, client=client,
+    map_tasks(todo, payloads, ctx, outs.append, fn=_null_task, n_jobs=n_jobs, client=client,
               progress=progress, desc="null sets")
     outs.sort(key=lambda o: o["name"])
     methods = ["scotgm", *(["model-wald"] if any("model-wald" in o for o in outs) else []), *baselines]

@@ -67,7 +67,7 @@ class Collector:
 
     def add(self, result: TaskResult, *, stored: bool = False) -> None:
         """Put one result in place (``stored``: it was read back from the store, so do not write it again)."""
-        if self.store is not None and not stored:
+        if self.store is not None and not (stored or result.stored):
             self.store.write(result)
         if result.skip_reason is not None:
             self.skipped[result.perturbation] = result.skip_reason

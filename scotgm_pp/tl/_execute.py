@@ -36,23 +36,42 @@ __all__ = ["ScreenContext", "TaskPayload", "TaskResult", "run_task", "map_tasks"
 
 @dataclass(frozen=True)
 class ScreenContext:
-    """What every task shares: the settings, the genes, and the controls' dispersion per gene."""
+    """What every task shares (sent once to each worker): the settings, the genes, the controls'
+    dispersion per gene and, when they fit in memory, the control cells the tasks sample from
+    (``control_pool``, whose row ``pool_pos[r]`` is screen row ``r``). With ``store_path`` the
+    worker writes its own result file there (workers that share the run's filesystem)."""
 
     settings: RunSettings
     var_names: np.ndarray
     dispersion: np.ndarray | None = None
+    control_pool: sp.csr_matrix | None = None
+    pool_pos: np.ndarray | None = None
+    store_path: str | None = None
 
 
 @dataclass
 class TaskPayload:
     """One perturbation's cells (guide cells and sampled controls, in screen order), as a worker
-    receives them."""
+    receives them. Without ``counts``, the worker assembles them from ``guide_counts`` and the
+    context's control pool (:func:`assemble_counts`)."""
 
     task: Task
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
     obs_names: np.ndarray
     is_control: np.ndarray
     batch: np.ndarray | None = None
+    guide_counts: sp.csr_matrix | None = None
+
+
+def assemble_counts(payload: TaskPayload, context: ScreenContext) -> sp.csr_matrix:
+    """The task's counts in screen order: its guide rows, and its control rows from the pool."""
+    if payload.counts is not None:
+        return payload.counts
+    task = payload.task
+    ctrl = context.control_pool[context.pool_pos[task.control_rows]]
+    rows = np.concatenate([task.guide_rows, task.control_rows])
+    order = np.argsort(rows, kind="stable")
+    return sp.vstack([payload.guide_counts, ctrl], format="csr")[order]
 
 
 @dataclass
@@ -81,6 +100,7 @@ class TaskResult:
     perturbation: str
     key: str
     skip_reason: str | None = None
+    stored: bool = False
     summary: dict = field(default_factory=dict)
     gene_index: np.ndarray | None = None
     gene_values: dict = field(default_factory=dict)
@@ -109,7 +129,20 @@ def _summary(record: dict) -> dict:
 
 def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
     """Fit one perturbation: build its (guide + sampled controls) AnnData, run
-    :func:`~scotgm_pp.tl.analyse_pair`, and keep its numbers aligned to the screen's genes."""
+    :func:`~scotgm_pp.tl.analyse_pair`, and keep its numbers aligned to the screen's genes. With
+    ``context.store_path`` the result is written there and returned without its heavy record."""
+    result = _fit_task(payload, context)
+    if context.store_path is not None:
+        from ._store import RecordStore
+
+        RecordStore(context.store_path).write(result)
+        result.stored = True
+        result.record = {}
+    return result
+
+
+def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
+    payload.counts = assemble_counts(payload, context)
     task, s = payload.task, context.settings
     is_control = np.asarray(payload.is_control, bool)
     # the model-free lfc_all_guides columns come from the calls' statistic (the same NB contrast)

@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._screen import H5adRows, MemoryRows, Screen, scan_counts, screen_from_anndata
+from .._screen import Screen, scan_counts, screen_from_anndata
 from .._validation import InputError, check_library_sizes
 from ..pp import PreprocessParams, resolve_min_genes
 from ._collect import Collector
@@ -83,38 +83,44 @@ def _batch_labels(obs: pd.DataFrame, batch_key: str | None) -> np.ndarray | None
 
 
 POOL_MAX_BYTES = 2**30
-"""From a file, the control cells the tasks sample are read once into memory when they take at
-most this much (estimated from their detected genes); otherwise each task reads its own."""
+"""The control cells the tasks sample are read once into memory (and sent once to each worker)
+when they take at most this much (estimated from their detected genes); otherwise each task
+reads its own."""
 
 
 class _Payloads:
-    """Reads one task's cells. From a file, the control cells are read once into memory (the
-    pool every task samples from) when they fit in :data:`POOL_MAX_BYTES`, and each task's guide
-    cells are read when it is sent."""
+    """Reads one task's cells. The control cells the tasks sample are read once into a pool (when
+    they fit in :data:`POOL_MAX_BYTES`) that travels with the run's context, once per worker;
+    each task then carries only its guide cells. Otherwise each task carries all its cells."""
 
     def __init__(self, screen: Screen, batch: np.ndarray | None, pool_rows: np.ndarray,
                  n_detected: np.ndarray | None = None):
         self.screen = screen
         self.batch = batch
-        self.obs_names = screen.obs_names.to_numpy()
+        # fixed-width strings: pickled as one buffer, not one object per cell
+        self.obs_names = screen.obs_names.to_numpy().astype(str)
         self.pool = None
+        self.pool_pos = None
         size = 12.0 * (float(n_detected[pool_rows].sum()) if n_detected is not None else 0.0)
-        if isinstance(screen.rows, H5adRows) and pool_rows.size and size <= POOL_MAX_BYTES:
-            self.pool = MemoryRows(screen.rows.read(pool_rows))
+        if pool_rows.size and size <= POOL_MAX_BYTES:
+            self.pool = screen.rows.read(pool_rows)
             self.pool_pos = np.full(screen.n_obs, -1, dtype=np.int64)
             self.pool_pos[pool_rows] = np.arange(pool_rows.size)
 
+    def context(self, context: ScreenContext) -> ScreenContext:
+        """``context`` with the control pool attached."""
+        return replace(context, control_pool=self.pool, pool_pos=self.pool_pos)
+
     def __call__(self, task: Task) -> TaskPayload:
         guide = self.screen.rows.read(task.guide_rows)
-        if self.pool is not None:
-            ctrl = self.pool.read(self.pool_pos[task.control_rows])
-        else:
-            ctrl = self.screen.rows.read(task.control_rows)
         rows = np.concatenate([task.guide_rows, task.control_rows])
         order = np.argsort(rows, kind="stable")  # the cells in screen order
-        counts = sp.vstack([guide, ctrl], format="csr")[order]
+        counts = None
+        if self.pool is None:
+            counts = sp.vstack([guide, self.screen.rows.read(task.control_rows)], format="csr")[order]
+            guide = None
         rows = rows[order]
-        return TaskPayload(task=task, counts=counts, obs_names=self.obs_names[rows],
+        return TaskPayload(task=task, counts=counts, guide_counts=guide, obs_names=self.obs_names[rows],
                            is_control=order >= task.guide_rows.size,
                            batch=None if self.batch is None else self.batch[rows])
 
@@ -182,9 +188,14 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
             todo.append(task)
     if todo:
         pool_rows = np.unique(np.concatenate([t.control_rows for t in todo]))
-        context = ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
-                                dispersion=plan.dispersion)
-        map_tasks(todo, _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected), context, collector.add,
+        # workers of a local run write their own result files; a remote scheduler's workers may
+        # not see this filesystem, so this process writes them
+        own_files = store is not None and client is None
+        payloads = _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected)
+        context = payloads.context(ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
+                                                 dispersion=plan.dispersion,
+                                                 store_path=str(store.path) if own_files else None))
+        map_tasks(todo, payloads, context, collector.add,
                   n_jobs=_auto_workers(n_jobs, client, todo, len(plan.screen.var_names)), client=client,
                   progress=progress)
     return ScreenRun(settings=plan.settings, perturbations=plan.perturbations, collector=collector, store=store,
