@@ -3,7 +3,7 @@
     python benchmarks/scale.py --cells 20000 --genes 5000 --perturbations 100 --controls 10000
     python benchmarks/scale.py --cells 300000 --genes 8000 --perturbations 2000 --controls 100000 \
         --wilcoxon-fraction 0.1
-    python benchmarks/scale.py --cells 1000000 --genes 8000 --perturbations 2000 --controls 800000 \
+    python benchmarks/scale.py --cells 1000000 --genes 8000 --perturbations 2000 --controls 100000 \
         --skip-wilcoxon
 
 The screen is simulated straight to an .h5ad file (``sg.datasets.write_simulated``, cells in

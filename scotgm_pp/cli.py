@@ -1,4 +1,4 @@
-"""The ``scotgm`` command: ``demo``, ``run`` and ``benchmark``."""
+"""The ``scotgm`` command: ``demo``, ``run``, ``benchmark`` and ``calibrate``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ projected to PCA and fitted with a two-state model (controls = basal state; guid
 mixture of escaped and perturbed cells) whose count layer gives each gene's effect in the
 perturbed state. Genes are ranked by that effect, shrunk to the bound its standard error
 supports (rank 1 = strongest knock-down), and called by a resampling test at a stated FDR.
-Perturbations are fitted in parallel on Dask (local workers, or a cluster's scheduler).
+Perturbations are fitted in parallel on Dask (local workers, or a cluster's scheduler) when the
+screen is large enough for worker start-up to pay off.
 """
 
 BUG_REPORT = ("scotgm: this is a bug in scotgm_pp, not a problem with your input. Please report it with the "
@@ -61,8 +62,8 @@ def _fraction(text: str) -> float:
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel")
     g.add_argument("--n-workers", type=_positive_int, default=None,
-                   help="local Dask worker processes (default: every core, once the screen is large enough for "
-                        "worker start-up to pay off; 1: no Dask)")
+                   help="local Dask worker processes (default: every core; run and demo stay in this process "
+                        "when the screen is too small for worker start-up to pay off; 1: no Dask)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="address of a running dask.distributed scheduler (e.g. tcp://10.0.0.1:8786): run there")
 

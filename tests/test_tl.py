@@ -273,3 +273,16 @@ def test_hit_and_run_coupling_in_the_pipeline(small_sim):
     w2 = sg.inference.gaussian_w2(*rec["means"][:1], S0, rec["means"][1], S1)
     assert rec["coupling_cost_mean"] >= w2 - 1e-9
     assert rec["coupling_cost_sd"] > 0
+
+
+def test_screen_warns_when_hit_and_run_chains_do_not_mix(small_sim):
+    """The worker's convergence check reaches the user: too few steps fail R-hat/ESS, and the
+    screen says which perturbations and how to fix it."""
+    pert = sorted(small_sim.uns["simulation"]["target_gene"])[0]
+    with pytest.warns(RuntimeWarning, match=r"Hit-and-Run chains of 1 of 1 perturbations .*n_steps"):
+        out = sg.tl.perturbation_response(small_sim, "perturbation", "control", copy=True, n_jobs=1,
+                                          perturbations=[pert], coupling="hit_and_run",
+                                          coupling_kwargs={"n_steps": 4})
+    summary = out.uns["scotgm"]["summary"]
+    assert not summary.loc[pert, "coupling_converged"]
+    assert summary.loc[pert, "coupling_ess_bulk_min_cross_cov"] < 400

@@ -9,10 +9,13 @@ dict. Nothing else per perturbation is kept, so memory grows with the size of th
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ..inference._har_diagnostics import ESS_MIN, RHAT_MAX
 from ._calls import bh_qvalues
 from ._execute import TaskResult
 from ._store import RecordStore
@@ -101,6 +104,15 @@ class Collector:
         for p, q in zip(done, q_any):
             self.summaries[p]["qval_any"] = float(q)
             self.summaries[p]["effect_detected"] = bool(not np.isfinite(q) or q < effect_fdr)
+        # Hit-and-Run chains are checked in the worker; the warning is raised here, where the user is
+        unmixed = [p for p in done if self.summaries[p].get("coupling_converged") is False]
+        if unmixed:
+            names = ", ".join(map(str, unmixed[:5])) + (", ..." if len(unmixed) > 5 else "")
+            warnings.warn(
+                f"the Hit-and-Run chains of {len(unmixed)} of {len(done)} perturbations ({names}) missed "
+                f"R-hat <= {RHAT_MAX} or ESS >= {ESS_MIN:g} on the cross-covariance (see the summary's "
+                "coupling_rhat_max_cross_cov and coupling_ess_bulk_min_cross_cov); give more steps with "
+                "coupling_kwargs={'n_steps': ...}.", RuntimeWarning, stacklevel=2)
 
     def cell_classes(self) -> pd.Categorical:
         """control / perturbed / escaped / no effect / not analysed / unassigned, one per cell.

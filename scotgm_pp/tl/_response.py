@@ -291,8 +291,8 @@ def perturbation_response(
     (:mod:`scotgm_pp.pp`, on a copy), projected to PCA, and fitted with the two-state model:
     controls pinned to the basal state, guide cells a mixture of basal (escaped) and perturbed.
     The perturbation distribution ``Z = Y - X`` under the chosen coupling is mapped to genes.
-    Perturbations are fitted in parallel on Dask (:func:`~scotgm_pp.tl.analyse_pair` per
-    perturbation); results do not depend on ``n_jobs`` or the scheduler, because each
+    Perturbations are fitted in parallel on Dask when the screen is large enough
+    (:func:`~scotgm_pp.tl.analyse_pair` per perturbation; see ``n_jobs``); results do not depend on ``n_jobs`` or the scheduler, because each
     perturbation's seed comes from ``random_state`` and its label.
 
     Parameters
@@ -348,8 +348,9 @@ def perturbation_response(
     random_state
         Seed (an integer from 0 to 2**63 - 1); the same seed gives the same result.
     n_jobs
-        Local Dask workers (processes, one thread each); ``None``: every core; 1: in this
-        process, without Dask. In a script, start the run under ``if __name__ == "__main__":``
+        Local Dask workers (processes, one thread each); ``None``: every core when the
+        screen holds at least :data:`AUTO_PARALLEL_WORK` cell x gene entries to fit, else in this
+        process; 1: in this process, without Dask. In a script, start the run under ``if __name__ == "__main__":``
         (Dask's worker processes import the main module).
     client
         A ``dask.distributed.Client`` or a scheduler address such as ``"tcp://10.0.0.1:8786"``:
