@@ -63,14 +63,21 @@ class TaskPayload:
     guide_counts: sp.csr_matrix | None = None
 
 
+def screen_order(task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """The task's cells (guide rows, then control rows) put in screen order: ``(rows, order)``
+    with ``rows`` the sorted screen rows and ``order`` the permutation that sorts them."""
+    rows = np.concatenate([task.guide_rows, task.control_rows])
+    order = np.argsort(rows, kind="stable")
+    return rows[order], order
+
+
 def assemble_counts(payload: TaskPayload, context: ScreenContext) -> sp.csr_matrix:
     """The task's counts in screen order: its guide rows, and its control rows from the pool."""
     if payload.counts is not None:
         return payload.counts
     task = payload.task
     ctrl = context.control_pool[context.pool_pos[task.control_rows]]
-    rows = np.concatenate([task.guide_rows, task.control_rows])
-    order = np.argsort(rows, kind="stable")
+    _, order = screen_order(task)
     return sp.vstack([payload.guide_counts, ctrl], format="csr")[order]
 
 

@@ -26,7 +26,7 @@ from .._validation import InputError, check_library_sizes
 from ..pp import PreprocessParams, resolve_min_genes
 from ._collect import Collector
 from ._core import DEFAULT_RANK_BY
-from ._execute import ScreenContext, TaskPayload, TaskResult, map_tasks
+from ._execute import ScreenContext, TaskPayload, TaskResult, map_tasks, screen_order
 from ._plan import (
     MIN_CELLS,
     N_CONTROL_CELLS,
@@ -113,13 +113,11 @@ class _Payloads:
 
     def __call__(self, task: Task) -> TaskPayload:
         guide = self.screen.rows.read(task.guide_rows)
-        rows = np.concatenate([task.guide_rows, task.control_rows])
-        order = np.argsort(rows, kind="stable")  # the cells in screen order
+        rows, order = screen_order(task)
         counts = None
         if self.pool is None:
             counts = sp.vstack([guide, self.screen.rows.read(task.control_rows)], format="csr")[order]
             guide = None
-        rows = rows[order]
         return TaskPayload(task=task, counts=counts, guide_counts=guide, obs_names=self.obs_names[rows],
                            is_control=order >= task.guide_rows.size,
                            batch=None if self.batch is None else self.batch[rows])
