@@ -92,8 +92,8 @@ def test_graph_declares_the_count_layer(screen):
     assert {"weights", "precision", "mean_0", "mean_1", "beta", "delta", "gamma"} <= names
     assert model.named_vars_to_dims["delta"] == ("effect_state", "gene")
     assert model.named_vars_to_dims["gamma"] == ("batch_offset", "gene")
-    assert model.named_vars_to_dims["cells_free"] == ("cell_free", "feature")
-    assert model.named_vars_to_dims["y_pinned_0"] == ("cell_pinned_0", "gene")
+    assert model.named_vars_to_dims["XY"] == ("cell", "feature")
+    assert [v.name for v in model.observed_RVs] == ["XY"]
     assert model.coords["batch"] == ("rep1", "rep2")  # the most frequent batch is the reference
     assert len(model.coords["feature"]) == screen["X"].shape[1] + screen["y"].shape[1]
     with pytest.raises(ValueError, match="size_factors"):
@@ -115,14 +115,15 @@ def test_graph_draws_synthetic_cells_forward(screen):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with model:
-            pp = pm.sample_posterior_predictive(az.from_dict(posterior=post), var_names=["cells_free"],
+            pp = pm.sample_posterior_predictive(az.from_dict(posterior=post), var_names=["XY"],
                                                 random_seed=1, progressbar=False)
-    draws = pp.posterior_predictive["cells_free"].values[0]  # (draws, free cells, PCs + genes)
+    free = screen["kw"]["fixed_state"] < 0
+    draws = pp.posterior_predictive["XY"].values[0][:, free]  # (draws, free cells, PCs + genes)
     x, counts = draws[..., :2], draws[..., 2:]
     perturbed = x[..., 0] > 2.0
     assert perturbed.mean() == pytest.approx(0.75, abs=0.02)
     np.testing.assert_allclose(x[perturbed].std(axis=0), 0.5, atol=0.02)
-    s = np.broadcast_to(model["size_factors"].get_value()[screen["kw"]["fixed_state"] < 0], perturbed.shape)
+    s = np.broadcast_to(model["size_factors"].get_value()[free], perturbed.shape)
     rate = counts[..., 0][perturbed].sum() / (s[perturbed].sum() * 0.02)
     assert rate == pytest.approx(np.exp(-1.0), rel=0.05)
     assert np.all(counts == np.round(counts)) and counts.min() >= 0

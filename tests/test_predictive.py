@@ -59,7 +59,7 @@ def count_graph():
             "mean_1": params["means"][None, :, 1], "precision_0": np.linalg.inv(params["covs"][:, 0])[None],
             "precision_1": np.linalg.inv(params["covs"][:, 1])[None], "beta": params["beta"][None],
             "delta": params["delta"][None, :, None]}
-    ref = _pymc_draws(model, post, ["cells_free", "x_pinned_0", "y_pinned_0"])
+    ref = _pymc_draws(model, post, ["XY"])["XY"].values  # (chain, draw, cell, PCs + genes)
     return dict(s=s, fixed=fixed, phi=phi, params=params, ref=ref)
 
 
@@ -79,11 +79,11 @@ def _numpy_free_cells(g, dependence, rng, loadings=None, resid=None):
     return np.stack(xs), np.stack(ys)
 
 
-def _same_law(a: np.ndarray, b: np.ndarray, what: str, rel: float = 0.03) -> None:
+def _same_law(a: np.ndarray, b: np.ndarray, what: str, rel: float = 0.03, rel_sd: float = 0.05) -> None:
     assert stats.ks_2samp(a, b).pvalue > 1e-3, what
     scale = max(np.std(b), 1e-9)
     assert abs(np.mean(a) - np.mean(b)) < rel * max(abs(np.mean(b)), scale) + 4 * scale / np.sqrt(a.size), what
-    assert np.std(a) == pytest.approx(np.std(b), rel=0.05), what
+    assert np.std(a) == pytest.approx(np.std(b), rel=rel_sd), what
 
 
 @pytest.mark.parametrize("dependence", ["independent", "state"])
@@ -92,7 +92,7 @@ def test_numpy_cells_follow_the_graphs_posterior_predictive(count_graph, depende
     V = np.array([[0.8, 0.1], [0.6, -0.2], [0.1, 0.9], [0.0, 0.7], [-0.5, 0.3], [0.2, 0.2]])
     resid = np.full(G, 0.3)
     x, y = _numpy_free_cells(g, dependence, np.random.default_rng(5), V, resid)
-    pm_free = ref["cells_free"].values[0]  # (draw, cell, PCs + genes)
+    pm_free = ref[0][:, g["fixed"] < 0]  # (draw, free cell, PCs + genes)
     for j in range(D):
         _same_law(x[..., j].ravel(), pm_free[..., j].ravel(), f"PC{j + 1}")
     for j in range(G):
@@ -119,7 +119,9 @@ def test_pinned_cells_and_nb_draws_follow_the_graph(count_graph):
     mu = s0[None, :, None] * np.exp(g["params"]["beta"])[:, None, :]  # (draw, cell, gene)
     y = draw_counts(rng, mu, 1 / g["phi"])
     for j in range(G):
-        _same_law(y[..., j].ravel().astype(float), ref["y_pinned_0"].values[0][..., j].ravel(), f"gene {j}")
+        # heavy-tailed NB counts (dispersion up to 0.6) on 6,000 draws: the SD is noisier than the mean
+        _same_law(y[..., j].ravel().astype(float), ref[0][:, g["fixed"] == 0, D + j].ravel(), f"gene {j}",
+                  rel_sd=0.08)
 
 
 def test_counterfactual_counts_have_the_target_law_and_keep_the_cells_rank():
@@ -156,22 +158,16 @@ def gaussian_fit():
 
 def test_scotgm_replicates_follow_pymc_on_the_gaussian_graph(gaussian_fit):
     X, fixed, model = gaussian_fit
-    post = model.idata.posterior
-    covs = post["covariances"].values
-    pm_post = {"weights": post["weights"].values, "mean_0": post["means"].values[:, :, 0],
-               "mean_1": post["means"].values[:, :, 1], "precision_0": np.linalg.inv(covs[:, :, 0]),
-               "precision_1": np.linalg.inv(covs[:, :, 1])}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = build_model(X, fixed_state=fixed, prior=model._prior(X))
-    ref = _pymc_draws(graph, pm_post, ["x_free", "x_pinned_0"])
+    post = model.idata.posterior  # named as the graph's variables: PyMC reads it as it is
+    pm_post = {name: post[name].values for name in ("weights", "mean_0", "mean_1", "precision_0", "precision_1")}
+    ref = _pymc_draws(model.model, pm_post, ["X"])["X"].values
     ours = model.sample_posterior_predictive(random_state=2)
     Xr = ours.posterior_predictive["X"]
     assert Xr.dims == ("chain", "draw", "cell", "pc") and Xr.shape[:2] == (2, 150)
     free = fixed < 0
     for j in range(D):
-        _same_law(Xr.values[:, :, free, j].ravel(), ref["x_free"].values[..., j].ravel(), f"free PC{j + 1}")
-        _same_law(Xr.values[:, :, ~free, j].ravel(), ref["x_pinned_0"].values[..., j].ravel(), f"pinned PC{j + 1}")
+        _same_law(Xr.values[:, :, free, j].ravel(), ref[:, :, free, j].ravel(), f"free PC{j + 1}")
+        _same_law(Xr.values[:, :, ~free, j].ravel(), ref[:, :, ~free, j].ravel(), f"pinned PC{j + 1}")
     np.testing.assert_array_equal(ours.posterior_predictive["state"].values[:, :, ~free], 0)
     assert "observed_data" in ours.groups()
 

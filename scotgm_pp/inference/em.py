@@ -8,7 +8,13 @@ The density maximised here is the one declared by :func:`scotgm_pp.models.build_
 * ``mu_k | Lambda_k ~ N(m0, (kappa0 Lambda_k)^{-1})``,
 * free cells ``x_i ~ sum_k pi_k N(mu_k, Lambda_k^{-1})``,
 * pinned cells (``fixed_state[i] = k >= 0``, e.g. non-targeting controls in state 0)
-  ``x_i ~ N(mu_k, Lambda_k^{-1})``: their state is known, so they carry no ``pi`` term.
+  ``x_i ~ N(mu_k, Lambda_k^{-1})``: their state is known, so they carry no ``pi`` term;
+* in general, a per-cell allowed-state mask ``A_i`` (``allowed_states``): the cell's state is
+  drawn from the weights renormalised over ``A_i``,
+  ``x_i ~ sum_{k in A_i} pi_k / (sum_{j in A_i} pi_j) N(mu_k, Lambda_k^{-1})``. Free cells
+  (every state allowed) and pinned cells (one state allowed) are its two extremes; partly
+  restricted cells (e.g. guide cells allowed {basal, their own perturbed state} in a
+  multi-perturbation model) lie between.
 
 Given responsibilities ``r_ik`` the M-step is the exact joint maximiser over
 ``(pi, mu, Lambda)``::
@@ -18,6 +24,9 @@ Given responsibilities ``r_ik`` the M-step is the exact joint maximiser over
     Sigma_k  = (Psi0 + S_k + kappa0 (mu_k - m0)(mu_k - m0)^T) / (N_k + nu0 - d)
 
 with ``S_k = sum_i r_ik (x_i - mu_k)(x_i - mu_k)^T``, so the log density never decreases.
+With partly restricted cells the weights have no closed form; the M-step then raises the
+weights' objective by minorise-maximise steps (each one increases it), a generalised EM that
+still never decreases the log density.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ __all__ = [
     "log_density",
     "gaussian_logpdf",
     "validate_fixed_state",
+    "validate_allowed_states",
+    "scaled_prior",
 ]
 
 _LOG2PI = np.log(2.0 * np.pi)
@@ -140,6 +151,55 @@ def default_prior(
     )
 
 
+
+def scaled_prior(
+    X: np.ndarray,
+    n_states: int = 2,
+    *,
+    kappa: float = 0.1,
+    extra_dof: int = 2,
+    dirichlet: float = 1.0,
+) -> NormalWishartPrior:
+    """Weakly informative prior on the data's scale: a priori every state looks like the data.
+
+    ``Psi0 = (nu0 - d - 1) diag(Var X)`` so that the prior mean of every state covariance
+    ``E[Sigma_k] = Psi0 / (nu0 - d - 1)`` is the data's per-feature variance, and
+    ``mu_k | Sigma_k ~ N(mean X, Sigma_k / kappa)`` puts state means within a few standard
+    deviations of the data (``kappa = 0.1``: about 3.2). Unlike :func:`default_prior`, whose
+    scale grows with the number of cells (it is built to act as the paper's ridge on the MAP
+    covariance), its prior predictive stays within the data's range.
+
+    Parameters
+    ----------
+    X
+        Cells x features ``(n, d)``.
+    n_states
+        Number of states ``K``.
+    kappa
+        Prior pseudo-count of the means.
+    extra_dof
+        ``nu0 - d``, an integer ``>= 2`` (the prior mean of the covariance needs ``nu0 > d + 1``).
+    dirichlet
+        Concentration of the state weights (``>= 1``).
+
+    Returns
+    -------
+    NormalWishartPrior
+    """
+    X = np.asarray(X, float)
+    n, d = X.shape
+    if int(extra_dof) != extra_dof or extra_dof < 2:
+        raise ValueError(f"extra_dof must be an integer >= 2 (E[Sigma] exists only for nu0 > d + 1), got {extra_dof!r}.")
+    var = np.var(X, axis=0) if n > 1 else np.ones(d)
+    var = np.where(var > 0, var, max(float(np.mean(var)), 1.0))
+    return NormalWishartPrior(
+        mean=X.mean(axis=0),
+        kappa=float(kappa),
+        dof=float(d + int(extra_dof)),
+        scale_inv=(int(extra_dof) - 1) * np.diag(var),
+        dirichlet=np.full(n_states, float(dirichlet)),
+    )
+
 @dataclass
 class EMResult:
     """Result of :func:`fit_em`.
@@ -172,6 +232,7 @@ class EMResult:
     regularization: str = "map"
     fixed_state: np.ndarray | None = field(default=None, repr=False)
     covariance: str = "full"
+    allowed_states: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def precisions(self) -> np.ndarray:
@@ -294,8 +355,12 @@ def _prior_log_density(weights, means, Linv, half_logdet, prior, wishart_const=N
     return total + float(np.sum(wishart) + np.sum(normal))
 
 
-def _mixture_terms(logN, weights, free, fixed):
-    """Likelihood and responsibilities from the ``(n, K)`` component log densities."""
+def _mixture_terms(logN, weights, free, fixed, mask=None):
+    """Likelihood and responsibilities from the ``(n, K)`` component log densities.
+
+    ``free`` marks cells with every state allowed, ``fixed >= 0`` pinned cells and, with
+    ``mask``, ``fixed == -2`` cells restricted to the states ``mask[i]`` allows.
+    """
     all_free = bool(free.all())
     R = logN.copy() if all_free else np.zeros_like(logN)
     loglik = 0.0
@@ -312,12 +377,62 @@ def _mixture_terms(logN, weights, free, fixed):
         a /= total
         if not all_free:
             R[free] = a
-    pinned = ~free
+    pinned = fixed >= 0
     if pinned.any():
         rows = np.flatnonzero(pinned)
         loglik += float(logN[rows, fixed[pinned]].sum())
         R[rows, fixed[pinned]] = 1.0
+    if mask is not None and np.any(fixed == -2):
+        rows = np.flatnonzero(fixed == -2)
+        allowed = mask[rows]
+        with np.errstate(divide="ignore"):
+            a = np.where(allowed, logN[rows] + np.log(weights)[None, :], -np.inf)
+            log_norm = np.log((weights[None, :] * allowed).sum(axis=1))
+        amax = a.max(axis=1, keepdims=True)
+        e = np.exp(a - amax)
+        total = e.sum(axis=1, keepdims=True)
+        loglik += float(np.sum(np.log(total[:, 0]) + amax[:, 0] - log_norm))
+        R[rows] = e / total
     return loglik, R
+
+
+def _restricted_weights(a: np.ndarray, allowed: np.ndarray, w0: np.ndarray | None, n_steps: int = 25) -> np.ndarray:
+    """Raise ``sum_k a_k log w_k - sum_i log(sum_{k in A_i} w_k)`` over the simplex.
+
+    Minorise-maximise: ``-log s >= -log s0 - (s - s0) / s0`` turns each step into
+    ``max sum_k a_k log w_k - sum_k c_k w_k`` s.t. ``sum w = 1``, solved by
+    ``w_k = a_k / (c_k + lambda)`` with the scalar ``lambda`` found by bracketing. Every step
+    increases the objective, so EM stays monotone.
+    """
+    from scipy.optimize import brentq
+
+    K = a.size
+    M = allowed.astype(float)
+    w = np.full(K, 1.0 / K) if w0 is None else np.asarray(w0, float).copy()
+    w = np.where(a > 0, np.maximum(w, 1e-300), 0.0)
+    w /= w.sum()
+    pos = a > 0
+    for _ in range(n_steps):
+        c = M.T @ (1.0 / (M @ w))
+        lo = -float(c[pos].min())
+        hi = float(a.sum())
+
+        def excess(lam):
+            return float(np.sum(a[pos] / (c[pos] + lam))) - 1.0
+
+        step = 1e-12 * max(1.0, abs(lo))
+        while excess(lo + step) <= 0:  # pragma: no cover - needs a_k ~ 0 at the minimum c_k
+            step /= 10.0
+            if step < 1e-300:
+                break
+        lam = brentq(excess, lo + step, max(hi, lo + 2 * step), xtol=1e-14, rtol=1e-14)
+        new = np.where(pos, a / (c + lam), 0.0)
+        new /= new.sum()
+        if np.max(np.abs(new - w)) < 1e-13:
+            w = new
+            break
+        w = new
+    return w
 
 
 def free_responsibilities(X: np.ndarray, weights, means, covariances) -> np.ndarray:
@@ -337,6 +452,7 @@ def log_density(
     prior: NormalWishartPrior,
     fixed_state: np.ndarray | None = None,
     covariance: str = "full",
+    allowed_states: np.ndarray | None = None,
 ) -> float:
     """Joint log density (prior + likelihood) of the model in the untransformed space.
 
@@ -356,6 +472,8 @@ def log_density(
     covariance
         ``"full"`` (one precision per state) or ``"tied"`` (one shared precision; the
         ``covariances`` must then be equal).
+    allowed_states
+        Instead of ``fixed_state``: a ``(n, K)`` boolean mask of the states each cell may take.
 
     Returns
     -------
@@ -363,10 +481,10 @@ def log_density(
     """
     X = np.asarray(X, float)
     means = np.asarray(means, float)
-    fixed = np.full(X.shape[0], -1) if fixed_state is None else np.asarray(fixed_state, dtype=int)
+    fixed, mask = validate_allowed_states(allowed_states, fixed_state, X.shape[0], means.shape[0])
     Linv, half_logdet = _inverse_cholesky(np.asarray(covariances, float))
     logN = _log_gaussians_from(X, means, Linv, half_logdet)
-    loglik, _ = _mixture_terms(logN, np.asarray(weights, float), fixed < 0, fixed)
+    loglik, _ = _mixture_terms(logN, np.asarray(weights, float), fixed == -1, fixed, mask)
     tied = _check_covariance(covariance)
     return loglik + _prior_log_density(np.asarray(weights, float), means, Linv, half_logdet, prior, tied=tied)
 
@@ -377,14 +495,18 @@ def _check_covariance(covariance: str) -> bool:
     return covariance == "tied"
 
 
-def _m_step(X, R, free, prior, regularization, tied=False):
+def _m_step(X, R, free, prior, regularization, tied=False, partial=None, weights_old=None):
     n, d = X.shape
     K = R.shape[1]
     Nk = R.sum(axis=0)
     alpha = np.asarray(prior.dirichlet, float)
     Nfree = Nk if free.all() else R[free].sum(axis=0)
-    denom = Nfree.sum() + alpha.sum() - K
-    weights = (Nfree + alpha - 1) / denom if denom > 0 else np.full(K, 1.0 / K)
+    if partial is not None:
+        rows, allowed = partial
+        weights = _restricted_weights(Nfree + R[rows].sum(axis=0) + alpha - 1, allowed, weights_old)
+    else:
+        denom = Nfree.sum() + alpha.sum() - K
+        weights = (Nfree + alpha - 1) / denom if denom > 0 else np.full(K, 1.0 / K)
     Sx = R.T @ X  # (K, d) weighted sums
     if regularization == "map":
         means = (Sx + prior.kappa * prior.mean) / (Nk + prior.kappa)[:, None]
@@ -456,6 +578,57 @@ def _initial_responsibilities(X, fixed, K, rng):
     return R
 
 
+
+def _restricted_start(X, fixed, mask):
+    """Deterministic start with partly restricted cells: every unpinned cell in its one allowed
+    state that no cell is pinned to (its "open" state), or ``None`` when some cell has several."""
+    K = mask.shape[1]
+    pinned_states = np.zeros(K, bool)
+    pinned_states[np.unique(fixed[fixed >= 0])] = True
+    open_allowed = mask & ~pinned_states[None, :]
+    rows = np.flatnonzero(fixed < 0)
+    if np.any(open_allowed[rows].sum(axis=1) > 1):
+        return None
+    R = np.zeros(mask.shape)
+    R[np.flatnonzero(fixed >= 0), fixed[fixed >= 0]] = 1.0
+    for i in rows:
+        choice = open_allowed[i] if open_allowed[i].any() else mask[i]
+        R[i] = choice / choice.sum()
+    return R
+
+
+def _restricted_kmeans_start(X, fixed, mask, rng):
+    """Random start with partly restricted cells: k-means with each cell assigned to the nearest
+    centre among its allowed states; pinned states' centres start at their pinned cells' mean,
+    the others at a cell allowed in them, drawn k-means++ style away from the centres so far."""
+    n, K = mask.shape
+    centers = np.zeros((K, X.shape[1]))
+    seeded = []
+    pinned_states = set(np.unique(fixed[fixed >= 0]).tolist())
+    for k in pinned_states:
+        centers[k] = X[fixed == k].mean(axis=0)
+        seeded.append(centers[k])
+    for k in range(K):
+        if k in pinned_states:
+            continue
+        rows = np.flatnonzero(mask[:, k])
+        if seeded:
+            d2 = np.min([np.sum((X[rows] - c) ** 2, axis=1) for c in seeded], axis=0)
+            p = d2 / d2.sum() if d2.sum() > 0 else None
+        else:
+            p = None
+        centers[k] = X[rows[rng.choice(rows.size, p=p)]]
+        seeded.append(centers[k])
+    pinned = np.flatnonzero(fixed >= 0)
+    for _ in range(20):
+        d2 = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+        labels = np.argmin(np.where(mask, d2, np.inf), axis=1)
+        labels[pinned] = fixed[pinned]
+        for k in range(K):
+            if np.any(labels == k):
+                centers[k] = X[labels == k].mean(axis=0)
+    return np.eye(K)[labels]
+
 def validate_scores(X) -> np.ndarray:
     """Cells x features as a finite float array, or an error naming the problem."""
     X = np.asarray(X, dtype=float)
@@ -505,6 +678,55 @@ def validate_fixed_state(fixed_state, n_cells: int, n_states: int) -> np.ndarray
     return fixed
 
 
+
+def validate_allowed_states(allowed_states, fixed_state, n_cells: int, n_states: int) -> tuple[np.ndarray, np.ndarray]:
+    """One per-cell description of which states each cell may take.
+
+    Parameters
+    ----------
+    allowed_states
+        ``None`` or a boolean ``(n_cells, n_states)`` mask (0/1 integers accepted): ``True``
+        where the cell may be in the state. Every row needs at least one allowed state.
+    fixed_state
+        ``None`` or the ``-1`` / ``k`` vector of :func:`validate_fixed_state`; give at most one
+        of the two.
+    n_cells, n_states
+        Expected shape.
+
+    Returns
+    -------
+    fixed, mask
+        ``fixed``: ``-1`` every state allowed, ``k`` only state ``k``, ``-2`` a proper subset of
+        two or more states; ``mask``: the ``(n_cells, n_states)`` boolean mask.
+    """
+    if allowed_states is None:
+        fixed = validate_fixed_state(fixed_state, n_cells, n_states)
+        mask = np.ones((n_cells, n_states), bool)
+        pinned = np.flatnonzero(fixed >= 0)
+        mask[pinned] = False
+        mask[pinned, fixed[pinned]] = True
+        return fixed, mask
+    if fixed_state is not None:
+        raise ValueError("pass fixed_state or allowed_states, not both (a pinned cell is a row of allowed_states "
+                         "with one True entry).")
+    raw = np.asarray(allowed_states)
+    if raw.shape != (n_cells, n_states):
+        raise ValueError(f"allowed_states must have shape ({n_cells}, {n_states}) (cells x states), got {raw.shape}.")
+    if raw.dtype.kind == "b":
+        mask = raw.copy()
+    elif raw.dtype.kind in "iuf" and np.all(np.isin(raw, (0, 1))):
+        mask = raw.astype(bool)
+    else:
+        raise ValueError("allowed_states must be booleans (or 0/1): True where the cell may be in the state.")
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"allowed_states allows no state for {empty.size} cell(s) (first: row {empty[0]}); "
+                         "every cell needs at least one allowed state.")
+    count = mask.sum(axis=1)
+    fixed = np.where(count == n_states, -1, np.where(count == 1, mask.argmax(axis=1), -2)).astype(int)
+    return fixed, mask
+
+
 def fit_em(
     X: np.ndarray,
     *,
@@ -518,6 +740,7 @@ def fit_em(
     random_state: int | np.random.Generator | None = None,
     n_init: int = 1,
     covariance: str = "full",
+    allowed_states: np.ndarray | None = None,
 ) -> EMResult:
     """MAP of the sc-OTGM mixture by expectation-maximisation.
 
@@ -553,6 +776,10 @@ def fit_em(
         ``"full"``: a precision per state. ``"tied"``: one precision shared by every state
         (``build_model(..., covariance="tied")``), so states differ only by their means; the
         semi-supervised escape model uses it to find which guide cells carry the perturbation.
+    allowed_states
+        Instead of ``fixed_state``: a ``(n, n_states)`` boolean mask of the states each cell may
+        take (e.g. in a screen model, guide cells of perturbation ``g`` allowed ``{basal, g}``).
+        A cell allowed a subset of states draws its state from the weights renormalised over it.
 
     Returns
     -------
@@ -564,7 +791,7 @@ def fit_em(
         raise ValueError(f"regularization must be 'map' or 'paper', got {regularization!r}.")
     if int(n_states) != n_states or n_states < 1:
         raise ValueError(f"n_states must be a positive integer, got {n_states!r}.")
-    fixed = validate_fixed_state(fixed_state, n, int(n_states))
+    fixed, mask = validate_allowed_states(allowed_states, fixed_state, n, int(n_states))
     if n < n_states + 1:
         raise ValueError(f"need more than {n_states} cells to fit {n_states} states, got {n}.")
     if int(max_iter) < 1 or tol < 0:
@@ -585,32 +812,59 @@ def fit_em(
         raise ValueError(f"n_init must be >= 1, got {n_init}.")
     tied = _check_covariance(covariance)
     rng = np.random.default_rng(random_state)
-    free = fixed < 0
+    partial = np.any(fixed == -2)
+    mask_arg = mask if partial else None
 
     if init_responsibilities is not None:
         R = np.array(init_responsibilities, dtype=float)
-        R[np.flatnonzero(~free)] = 0.0
-        R[np.flatnonzero(~free), fixed[~free]] = 1.0
-        return _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=False, tied=tied)
-    n_open = n_states - len(np.unique(fixed[~free]))
-    deterministic_start = (not free.any()) or n_open <= 1
+        pinned = np.flatnonzero(fixed >= 0)
+        R[pinned] = 0.0
+        R[pinned, fixed[pinned]] = 1.0
+        if partial:  # restricted rows: keep their allowed states only
+            rows = np.flatnonzero(fixed == -2)
+            Rp = R[rows] * mask[rows]
+            total = Rp.sum(axis=1, keepdims=True)
+            R[rows] = np.where(total > 0, Rp / np.where(total > 0, total, 1.0), mask[rows] / mask[rows].sum(1, keepdims=True))
+        return _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=False, tied=tied,
+                       mask=mask_arg)
+    if partial:
+        # Restricted cells: the deterministic start (every unpinned cell in its open state) and
+        # n_init nearest-allowed-centre starts; a state allowed to a group with many escaped
+        # cells can otherwise settle between the group's two modes. The best log density wins.
+        candidates = [_restricted_start(X, fixed, mask)]
+        candidates += [_restricted_kmeans_start(X, fixed, mask, rng) for _ in range(int(n_init))]
+        best = None
+        for R in (c for c in candidates if c is not None):
+            result = _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=True,
+                             tied=tied, mask=mask)
+            if best is None or result.logp > best.logp:
+                best = result
+        return best
+    else:
+        free = fixed < 0
+        n_open = n_states - len(np.unique(fixed[~free]))
+        deterministic_start = (not free.any()) or n_open <= 1
     best = None
     for _ in range(1 if deterministic_start else int(n_init)):
         R = _initial_responsibilities(X, fixed, n_states, rng)
-        result = _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=True, tied=tied)
+        result = _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=True, tied=tied,
+                         mask=mask_arg)
         if best is None or result.logp > best.logp:
             best = result
     return best
 
 
-def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, uniform_start, tied=False) -> EMResult:
-    free = fixed < 0
+def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, uniform_start, tied=False,
+            mask=None) -> EMResult:
+    free = fixed == -1
+    partial = None if mask is None else (np.flatnonzero(fixed == -2), mask[fixed == -2])
     wishart_const = _wishart_normalizer(prior)
     trace = []
     converged = False
     it = 0
+    weights = None
     for it in range(1, max_iter + 1):
-        weights, means, covs = _m_step(X, R, free, prior, regularization, tied)
+        weights, means, covs = _m_step(X, R, free, prior, regularization, tied, partial, weights)
         if it == 1 and uniform_start:
             # The starting point: states from the initial partition, uniform weights, so
             # that no state starts with zero weight for the free cells.
@@ -618,7 +872,7 @@ def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, unif
         # One Cholesky per state serves the log density of this iterate and the next E-step.
         Linv, half_logdet = _inverse_cholesky(covs)
         logN = _log_gaussians_from(X, means, Linv, half_logdet)
-        loglik, R = _mixture_terms(logN, weights, free, fixed)
+        loglik, R = _mixture_terms(logN, weights, free, fixed, mask)
         trace.append(loglik + _prior_log_density(weights, means, Linv, half_logdet, prior, wishart_const, tied))
         if len(trace) > 1 and abs(trace[-1] - trace[-2]) <= tol * max(1.0, abs(trace[-2])):
             converged = True
@@ -635,4 +889,5 @@ def _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, *, unif
         regularization=regularization,
         fixed_state=fixed,
         covariance="tied" if tied else "full",
+        allowed_states=mask,
     )

@@ -68,16 +68,21 @@ class GibbsResult:
     mean_responsibilities: np.ndarray
 
 
-def _sample_normal_wishart(kn, mn, nun, psin, rng):
-    """One draw of ``(mu, Sigma)`` from NW(mn, kn, nun, Psi_n^{-1}) by the Bartlett decomposition."""
-    d = mn.shape[0]
+def _sample_covariance_factor(nun, psin, rng):
+    """``G`` with ``G G^T = Sigma = Lambda^{-1}``, ``Lambda ~ Wishart(nun, Psi_n^{-1})`` (Bartlett)."""
+    d = psin.shape[0]
     C = np.linalg.cholesky(psin)  # Psi_n = C C^T; F = C^{-T} has F F^T = Psi_n^{-1}
     A = np.tril(rng.standard_normal((d, d)), -1)
     A[np.diag_indices(d)] = np.sqrt(rng.chisquare(nun - np.arange(d)))
     # Lambda = F A A^T F^T, Sigma = Lambda^{-1} = G G^T with G = C A^{-T}
-    G = C @ np.tril(np.linalg.inv(A)).T
+    return C @ np.tril(np.linalg.inv(A)).T
+
+
+def _sample_normal_wishart(kn, mn, nun, psin, rng):
+    """One draw of ``(mu, Sigma)`` from NW(mn, kn, nun, Psi_n^{-1}) by the Bartlett decomposition."""
+    G = _sample_covariance_factor(nun, psin, rng)
     Sigma = G @ G.T
-    mu = mn + G @ rng.standard_normal(d) / np.sqrt(kn)
+    mu = mn + G @ rng.standard_normal(mn.shape[0]) / np.sqrt(kn)
     return mu, 0.5 * (Sigma + Sigma.T)
 
 
@@ -104,6 +109,7 @@ def sample_gibbs(
     init: EMResult | None = None,
     random_state: int | np.random.Generator | None = None,
     progressbar: bool = False,
+    covariance: str = "full",
 ) -> GibbsResult:
     """Sample the posterior of the sc-OTGM mixture by conjugate Gibbs sampling.
 
@@ -129,6 +135,10 @@ def sample_gibbs(
         Seed or Generator; the only source of randomness.
     progressbar
         Show a tqdm bar over the sweeps (off by default in library calls).
+    covariance
+        ``"full"`` (a precision per state) or ``"tied"`` (one shared precision:
+        ``Lambda | z ~ Wishart(nu0 + n, (Psi0 + sum_k [S_k + kappa0 N_k / kappa_k (xbar_k - m0)(.)^T])^{-1})``,
+        then ``mu_k | Lambda, z ~ N(m_k, (kappa_k Lambda)^{-1})``).
 
     Returns
     -------
@@ -141,11 +151,14 @@ def sample_gibbs(
     if draws < 1 or tune < 0:
         raise ValueError(f"draws must be >= 1 and tune >= 0, got draws={draws}, tune={tune}.")
     fixed = np.full(n, -1, dtype=int) if fixed_state is None else np.asarray(fixed_state, dtype=int)
+    if covariance not in ("full", "tied"):
+        raise ValueError(f"covariance must be 'full' or 'tied', got {covariance!r}.")
+    tied = covariance == "tied"
     if prior is None:
         prior = default_prior(X, n_states)
     rng = np.random.default_rng(random_state)
     if init is None:
-        init = fit_em(X, fixed_state=fixed, n_states=n_states, prior=prior, random_state=rng)
+        init = fit_em(X, fixed_state=fixed, n_states=n_states, prior=prior, random_state=rng, covariance=covariance)
     K = n_states
     free = fixed < 0
     free_idx = np.flatnonzero(free)
@@ -177,6 +190,7 @@ def sample_gibbs(
             means = np.empty((K, d))
             covs = np.empty((K, d, d))
             counts = np.bincount(z, minlength=K).astype(float)
+            stats = []
             for k in range(K):
                 Xk = X[z == k]
                 Nk = counts[k]
@@ -186,8 +200,17 @@ def sample_gibbs(
                 kn = kappa0 + Nk
                 mn = (kappa0 * m0 + Nk * xbar) / kn
                 dm = xbar - m0
-                psin = psi0 + Sk + (kappa0 * Nk / kn) * np.outer(dm, dm)
-                means[k], covs[k] = _sample_normal_wishart(kn, mn, nu0 + Nk, 0.5 * (psin + psin.T), rng)
+                stats.append((kn, mn, Sk + (kappa0 * Nk / kn) * np.outer(dm, dm)))
+                if not tied:
+                    psin = psi0 + stats[k][2]
+                    means[k], covs[k] = _sample_normal_wishart(kn, mn, nu0 + Nk, 0.5 * (psin + psin.T), rng)
+            if tied:
+                psin = psi0 + sum(st[2] for st in stats)
+                G = _sample_covariance_factor(nu0 + n, 0.5 * (psin + psin.T), rng)
+                Sigma = G @ G.T
+                covs[:] = 0.5 * (Sigma + Sigma.T)
+                for k, (kn, mn, _) in enumerate(stats):
+                    means[k] = mn + G @ rng.standard_normal(d) / np.sqrt(kn)
             free_counts = np.bincount(z[free_idx], minlength=K).astype(float)
             weights = rng.dirichlet(alpha + free_counts)
             Linv, half_logdet = _inverse_cholesky(covs)
@@ -202,7 +225,7 @@ def sample_gibbs(
             if np.any(perm != np.arange(K)):
                 REL[c, j] = 1
             W[c, j], M[c, j], S[c, j] = weights[perm], means[perm], covs[perm]
-            LP[c, j] = loglik + _prior_log_density(weights, means, Linv, half_logdet, prior)
+            LP[c, j] = loglik + _prior_log_density(weights, means, Linv, half_logdet, prior, tied=tied)
             R_sum += R[:, perm]
     return GibbsResult(
         weights=W,

@@ -40,9 +40,13 @@ def digest(idata) -> str:
 
 
 def verify(idata, path) -> dict:
-    """Check a loaded InferenceData; return its settings. Raises ValueError naming the problem."""
+    """Check a loaded InferenceData; return ``{"model_config", "sampler_config", "settings"}``.
+    Raises ValueError naming the problem."""
     if "settings" not in idata.attrs:
         raise ValueError(f"{path} is not a saved ScOTGM model (no 'settings' in its attrs).")
+    if "model_config" not in idata.attrs:
+        raise ValueError(f"{path} was saved by an older scotgm_pp (no model_config in its attrs); refit and save "
+                         "the model with this version.")
     stored = idata.attrs.get(DIGEST_ATTR)
     if stored is None:
         raise ValueError(f"{path} has no {DIGEST_ATTR} digest: it was not written by ScOTGM.save (or was edited); "
@@ -50,10 +54,11 @@ def verify(idata, path) -> dict:
     if stored != digest(idata):
         raise ValueError(f"{path} was altered after it was saved (its {DIGEST_ATTR} digest does not match its "
                          "contents); refit and save the model.")
-    settings = json.loads(idata.attrs["settings"])
-    post = idata.posterior
-    names = [str(s) for s in post.coords["state"].values] if "state" in post.coords else None
-    if names is not None and (settings.get("state_names") != names or settings.get("n_states") != len(names)):
-        raise ValueError(f"{path}: the settings name the states {settings.get('state_names')} but the arrays hold "
+    config = {key: json.loads(idata.attrs[key]) for key in ("model_config", "sampler_config", "settings")}
+    group = idata.posterior if "posterior" in idata.groups() else getattr(idata, "map", None)
+    names = [str(s) for s in group.coords["state"].values] if group is not None and "state" in group.coords else None
+    mc = config["model_config"]
+    if names is not None and (mc.get("state_names") != names or mc.get("n_states") != len(names)):
+        raise ValueError(f"{path}: the model_config names the states {mc.get('state_names')} but the arrays hold "
                          f"{names}; the file is inconsistent.")
-    return settings
+    return config

@@ -18,19 +18,18 @@ How ``z`` is declared
 ---------------------
 ``pm.Mixture`` marginalises the state of one observed variable; here two observations of a
 cell (its PCA scores ``x_i``, an MvNormal, and its counts ``y_i``, NegativeBinomials) share one
-state. Pinned cells (controls) have a known state, so their ``x`` and ``y`` are ordinary
-observed variables (``x_pinned_k``, ``y_pinned_k``). The free cells are one
-:class:`pymc.CustomDist`, ``cells_free`` (dims ``cell_free, feature``; ``feature`` = the PCs
-then the genes), with
+state. Every cell is one row of a :class:`pymc.CustomDist`, ``XY`` (dims ``cell, feature``;
+``feature`` = the PCs then the genes), with
 
-* a ``logp`` that marginalises ``z`` exactly: ``logsumexp_k [log w_k + log N(x_i | k) +
-  sum_g log NB(y_ig | k)]``, the density EM climbs;
-* a generative ``dist``: ``z_i ~ Categorical(w)``, ``x_i ~ N(mu_z, Sigma_z)``,
+* a ``logp`` that marginalises ``z`` exactly over the cell's allowed states ``A_i``:
+  ``logsumexp_{k in A_i} [log w_k - log sum_{j in A_i} w_j + log N(x_i | k) + sum_g log NB(y_ig | k)]``,
+  the density EM climbs (a pinned cell has one allowed state and no weight term);
+* a generative ``dist``: ``z_i`` from the renormalised weights, ``x_i ~ N(mu_z, Sigma_z)``,
   ``y_i ~ NB(. | z)``, so ``pm.sample_prior_predictive`` / ``pm.sample_posterior_predictive``
   draw synthetic cells (scores and counts) from the graph.
 
 This needs no extra dependency (``pymc_extras.marginalize`` would declare ``z`` explicitly but
-adds a package); the price is the concatenated ``feature`` axis of ``cells_free``.
+adds a package); the price is the concatenated ``feature`` axis of ``XY``.
 
 Which evidence informs ``z``
 ----------------------------
@@ -52,10 +51,10 @@ from pytensor.tensor.type_other import NoneTypeT
 
 from ..inference.count_layer import PHI_MIN, CountPrior, batch_codes
 
-__all__ = ["count_coords", "add_count_layer", "free_cells_joint"]
+__all__ = ["count_coords", "add_count_layer", "cells_joint"]
 
 
-def count_coords(n: int, batch, state_names: list[str], genes: list[str], pcs: list[str], with_free: bool) -> dict:
+def count_coords(n: int, batch, state_names: list[str], genes: list[str], pcs: list[str]) -> dict:
     """Coordinates the count layer adds to the model (pass them to ``pm.Model(coords=...)``:
     coordinates added later are mutable, and PyMC would redraw every variable sized by them
     in ``sample_posterior_predictive``)."""
@@ -66,8 +65,7 @@ def count_coords(n: int, batch, state_names: list[str], genes: list[str], pcs: l
     if len(labels) > 1:
         out["batch"] = labels
         out["batch_offset"] = labels[1:]
-    if with_free:
-        out["feature"] = list(pcs) + list(genes)
+    out["feature"] = list(pcs) + list(genes)
     return out
 
 
@@ -111,26 +109,27 @@ def add_count_layer(
 
 
 def _joint_logp(d: int, n_states: int):
-    def logp(value, weights, means, precisions, log_rate, offset, alpha):
+    def logp(value, means, precisions, log_w, log_rate, offset, alpha):
+        from .graph import gaussian_log_densities
+
         x = value[..., :d]
         y = value[..., d:]
+        lx = gaussian_log_densities(x, means, precisions, n_states)
         comps = []
         for k in range(n_states):
-            lx = pm.logp(pm.MvNormal.dist(mu=means[k], tau=precisions[k]), x)
             mu = pt.exp(offset + log_rate[k])
-            ly = pm.logp(pm.NegativeBinomial.dist(mu=mu, alpha=alpha), y).sum(axis=-1)
-            comps.append(pt.log(weights[k]) + lx + ly)
-        return pt.logsumexp(pt.stack(comps, axis=-1), axis=-1)
+            comps.append(pm.logp(pm.NegativeBinomial.dist(mu=mu, alpha=alpha), y).sum(axis=-1))
+        return pt.logsumexp(lx + pt.stack(comps, axis=-1) + log_w, axis=-1)
 
     return logp
 
 
 def _joint_dist(d: int):
-    def dist(weights, means, precisions, log_rate, offset, alpha, size):
+    def dist(means, precisions, log_w, log_rate, offset, alpha, size):
         n = offset.shape[0] if size is None or isinstance(size.type, NoneTypeT) else size[0]
-        z = pm.Categorical.dist(p=weights, size=(n,))
+        z = pm.Categorical.dist(logit_p=log_w, shape=(n,))
         chol = pt.linalg.cholesky(pt.linalg.inv(precisions))  # (K, d, d), Sigma_k = L L^T
-        eps = pm.Normal.dist(0.0, 1.0, size=(n, d))
+        eps = pm.Normal.dist(0.0, 1.0, shape=(n, d))
         x = means[z] + (chol[z] @ eps[..., None])[..., 0]
         y = pm.NegativeBinomial.dist(mu=pt.exp(offset + log_rate[z]), alpha=alpha)
         return pt.concatenate([x, pt.cast(y, "float64")], axis=-1)
@@ -138,20 +137,22 @@ def _joint_dist(d: int):
     return dist
 
 
-def free_cells_joint(name: str, *, weights, means, precisions, layer: dict, rows: np.ndarray, observed: np.ndarray,
-                     d: int, n_states: int, dims) -> pt.TensorVariable:
-    """The free cells' PCA scores and counts under one marginalised state (see the module docstring)."""
+def cells_joint(name: str, *, means, precisions, log_weights, layer: dict, observed: np.ndarray, d: int,
+                n_states: int, dims) -> pt.TensorVariable:
+    """Every cell's PCA scores and counts under one marginalised state (see the module docstring);
+    ``log_weights`` is the ``(n, K)`` log prior state probability of each cell (``-inf`` for a
+    state the cell may not take)."""
     return pm.CustomDist(
         name,
-        weights,
         means,
         precisions,
+        log_weights,
         layer["state_log_rate"],
-        layer["cell_offset"][rows],
+        layer["cell_offset"],
         layer["alpha"],
         logp=_joint_logp(d, int(n_states)),
         dist=_joint_dist(d),
-        signature="(k),(k,d),(k,d,d),(k,g),(g),(g)->(c)",
+        signature="(k,d),(k,d,d),(k),(k,g),(g),(g)->(c)",
         observed=observed,
         dims=dims,
     )

@@ -2,17 +2,34 @@
 
 Per perturbation experiment, in an ``d``-dimensional PCA space, with ``K`` states:
 
-* ``weights ~ Dirichlet(alpha)``: state weights of the *free* cells (dims ``state``);
-* ``precision_k ~ Wishart(nu0, V = Psi0^{-1})``, one per state (dims ``pc, pc_bis``);
+* ``weights ~ Dirichlet(alpha)``: state weights (dims ``state``);
+* ``precision_k ~ Wishart(nu0, V = Psi0^{-1})``, one per state (dims ``pc, pc_bis``), or one
+  shared ``precision`` with ``covariance="tied"``;
 * ``mean_k | precision_k ~ N(m0, (kappa0 precision_k)^{-1})`` (dims ``pc``);
-* free cells (``fixed_state == -1``): ``x_i ~ sum_k weights_k N(mean_k, precision_k^{-1})``,
-  the categorical state marginalised by :class:`pymc.Mixture`;
-* pinned cells (``fixed_state == k``): ``x_i ~ N(mean_k, precision_k^{-1})``, no weight term.
+* every cell ``i`` has a set of allowed states ``A_i`` (the ``allowed_states`` data, dims
+  ``cell, state``): its state is drawn from the weights renormalised over ``A_i`` and
+  ``x_i | z_i ~ N(mean_z, precision_z^{-1})``. The state is marginalised in the observed
+  variable ``X`` (dims ``cell, pc``)::
+
+      log p(x_i) = logsumexp_{k in A_i} [log w_k - log sum_{j in A_i} w_j + log N(x_i | k)]
+
+  A free cell allows every state (a plain mixture), a pinned cell one state (no weight term:
+  e.g. non-targeting controls in state 0), and a cell may allow any subset in between (guide
+  cells of perturbation ``g`` allowed ``{basal, g}`` in a model of several perturbations).
+
+``X`` is one :class:`pymc.CustomDist` over all cells, whatever the options: its ``logp`` is
+the marginal above (``pm.compute_log_likelihood`` gives it per cell, for ``az.loo``) and its
+generative ``dist`` draws the state and then the scores, so ``pm.sample_prior_predictive`` and
+``pm.sample_posterior_predictive`` draw cells from the graph.
 
 Given ``counts``, the count observation layer joins the graph (:mod:`scotgm_pp.models.count_graph`):
 every cell's counts are negative binomial with a state-specific log rate and share the cell's
-state with its PCA scores; the free cells' scores and counts are then one variable,
-``cells_free``, whose state is marginalised in its ``logp`` and drawn in its generative ``dist``.
+state with its PCA scores; the observed variable is then ``XY`` (dims ``cell, feature``: the
+PCs, then the genes), with the same marginal over the allowed states.
+
+No variable carries an ``initval``: starting points go to ``pm.sample(initvals=...)`` or
+``pm.find_MAP(start=...)`` (:func:`initial_values`, :func:`model_point`), so
+``pm.model.fgraph.clone_model`` and ``pm.compute_log_likelihood`` work on the model.
 
 The EM backends maximise exactly these densities in the untransformed space
 (``model.compile_logp(jacobian=False)``): :func:`scotgm_pp.inference.fit_em` the Gaussian graph,
@@ -40,14 +57,16 @@ import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
 from pymc.logprob.transforms import Transform
+from pytensor.tensor.type_other import NoneTypeT
 
 from ..inference.count_layer import CountPrior, default_count_prior
-from ..inference.em import NormalWishartPrior, default_prior, validate_fixed_state, validate_scores
-from .count_graph import add_count_layer, count_coords, free_cells_joint
+from ..inference.em import NormalWishartPrior, default_prior, validate_allowed_states, validate_scores
+from .count_graph import add_count_layer, cells_joint, count_coords
 
 __all__ = [
     "LogCholeskyTransform",
     "build_model",
+    "initial_values",
     "default_contrasts",
     "default_state_names",
     "model_point",
@@ -143,6 +162,7 @@ def build_model(
     X: np.ndarray,
     *,
     fixed_state: np.ndarray | None = None,
+    allowed_states: np.ndarray | None = None,
     n_states: int = 2,
     prior: NormalWishartPrior | None = None,
     state_names: Sequence[str] | None = None,
@@ -164,6 +184,9 @@ def build_model(
     fixed_state
         Length-``n`` integers: ``-1`` for a free cell, ``k`` for a cell observed in state ``k``
         (e.g. non-targeting controls in state 0). ``None``: every cell is free.
+    allowed_states
+        Instead of ``fixed_state``: a boolean ``(n, n_states)`` mask of the states each cell
+        may take (see the module docstring).
     n_states
         Number of states ``K >= 1`` (e.g. 2: basal and perturbed; 4: two cell types x condition).
     prior
@@ -172,7 +195,8 @@ def build_model(
     state_names
         Labels of the ``state`` coordinate; default :func:`default_state_names`.
     coords
-        Optional coordinate values for ``"cell"`` (length ``n``) and ``"pc"`` (length ``d``).
+        Optional coordinate values for ``"cell"`` (length ``n``), ``"pc"`` (length ``d``) and
+        ``"gene"`` (with counts).
     contrasts
         Pairs ``(state, reference)`` for the perturbation deterministics; default every state
         against state 0.
@@ -185,23 +209,21 @@ def build_model(
         layer (:mod:`scotgm_pp.models.count_graph`), sharing each cell's state. Needs
         ``size_factors`` (library size per cell) and ``dispersion`` (plug-in NB dispersion per
         gene); ``batch`` (label per cell) adds batch offsets; ``count_prior`` defaults to
-        :func:`~scotgm_pp.inference.count_layer.default_count_prior`. ``coords["gene"]`` names
-        the genes.
+        :func:`~scotgm_pp.inference.count_layer.default_count_prior`.
 
     Returns
     -------
     pymc.Model
         Free variables ``weights`` (dims ``state``), ``mean_{k}`` (``pc``) and
-        ``precision_{k}`` (``pc, pc_bis``, log-Cholesky transformed); observed ``x_free``
-        (``cell_free, pc``) and ``x_pinned_{k}`` (``cell_pinned_{k}, pc``); data
-        ``fixed_state`` (``cell``); deterministics ``means`` (``state, pc``),
-        ``precisions`` and ``covariances`` (``state, pc, pc_bis``), ``perturbation_mean``
-        (``contrast, pc``) = ``mean_a - mean_b`` and ``perturbation_cov_independent``
-        (``contrast, pc, pc_bis``) = ``Sigma_a + Sigma_b`` (the independent coupling). With
-        counts, also ``beta`` (``gene``), ``delta`` (``effect_state, gene``), ``gamma``
-        (``batch_offset, gene``, with batches), ``state_log_rate`` (``state, gene``), observed
-        ``y_pinned_{k}`` (``cell_pinned_{k}, gene``) and, in place of ``x_free``, ``cells_free``
-        (``cell_free, feature``: the PCs, then the genes).
+        ``precision_{k}`` (``pc, pc_bis``, log-Cholesky transformed; ``precision`` when tied);
+        data ``allowed_states`` (``cell, state``); observed ``X`` (``cell, pc``);
+        deterministics ``means`` (``state, pc``), ``precisions`` and ``covariances``
+        (``state, pc, pc_bis``), ``perturbation_mean`` (``contrast, pc``) = ``mean_a - mean_b``
+        and ``perturbation_cov_independent`` (``contrast, pc, pc_bis``) = ``Sigma_a + Sigma_b``
+        (the independent coupling). With counts, also ``beta`` (``gene``), ``delta``
+        (``effect_state, gene``), ``gamma`` (``batch_offset, gene``, with batches),
+        ``state_log_rate`` (``state, gene``), and the observed ``XY`` (``cell, feature``: the
+        PCs, then the genes) in place of ``X``.
     """
     X = validate_scores(X)
     n, d = X.shape
@@ -210,7 +232,7 @@ def build_model(
     n_states = int(n_states)
     if covariance not in ("full", "tied"):
         raise ValueError(f"covariance must be 'full' or 'tied', got {covariance!r}.")
-    fixed = validate_fixed_state(fixed_state, n, n_states)
+    _, mask = validate_allowed_states(allowed_states, fixed_state, n, n_states)
     prior = default_prior(X, n_states) if prior is None else prior
     _check_prior(prior, d, n_states)
 
@@ -238,24 +260,11 @@ def build_model(
             raise ValueError(f"coords['gene'] needs {Y.shape[1]} labels, got {len(genes)}.")
         if count_prior is None:
             count_prior = default_count_prior(Y, np.asarray(size_factors, float))
-    cells_arr = np.asarray(cells, dtype=object)
-    free = fixed < 0
-    model_coords = {
-        "cell": cells,
-        "pc": pcs,
-        "pc_bis": pcs,
-        "state": names,
-    }
+    model_coords = {"cell": cells, "pc": pcs, "pc_bis": pcs, "state": names}
     if pairs:
         model_coords["contrast"] = [f"{names[a]} - {names[b]}" for a, b in pairs]
-    if free.any():
-        model_coords["cell_free"] = cells_arr[free].tolist()
-    for k in range(n_states):
-        if np.any(fixed == k):
-            model_coords[f"cell_pinned_{k}"] = cells_arr[fixed == k].tolist()
-
     if Y is not None:
-        model_coords.update(count_coords(n, batch, names, genes, pcs, bool(free.any())))
+        model_coords.update(count_coords(n, batch, names, genes, pcs))
     m0 = np.asarray(prior.mean, float)
     V = prior.scale
     V = 0.5 * (V + V.T)
@@ -263,7 +272,7 @@ def build_model(
     kappa = float(prior.kappa)
 
     with pm.Model(coords=model_coords) as model:
-        pm.Data("fixed_state", fixed, dims="cell")
+        allowed = pm.Data("allowed_states", mask.astype("int8"), dims=("cell", "state"))
         weights = pm.Dirichlet("weights", a=np.asarray(prior.dirichlet, float), dims="state")
         means, precisions = [], []
 
@@ -271,23 +280,15 @@ def build_model(
             with warnings.catch_warnings():
                 # pm.Wishart warns that NUTS cannot sample it; the transform below handles that.
                 warnings.filterwarnings("ignore", message="The Wishart distribution", category=UserWarning)
-                return pm.Wishart(
-                    name,
-                    nu=nu,
-                    V=V,
-                    dims=("pc", "pc_bis"),
-                    default_transform=LogCholeskyTransform(d),
-                    initval=nu * V,
-                )
+                return pm.Wishart(name, nu=nu, V=V, dims=("pc", "pc_bis"), default_transform=LogCholeskyTransform(d))
 
         shared = wishart("precision") if covariance == "tied" else None
         for k in range(n_states):
             lam = shared if shared is not None else wishart(f"precision_{k}")
-            mu = pm.MvNormal(f"mean_{k}", mu=m0, tau=kappa * lam, dims="pc", initval=m0)
-            means.append(mu)
+            means.append(pm.MvNormal(f"mean_{k}", mu=m0, tau=kappa * lam, dims="pc"))
             precisions.append(lam)
         means_t = pm.Deterministic("means", pt.stack(means), dims=("state", "pc"))
-        pm.Deterministic("precisions", pt.stack(precisions), dims=("state", "pc", "pc_bis"))
+        precisions_t = pm.Deterministic("precisions", pt.stack(precisions), dims=("state", "pc", "pc_bis"))
         covs = pt.stack([pt.linalg.inv(lam) for lam in precisions])
         covs = pm.Deterministic("covariances", 0.5 * (covs + covs.transpose(0, 2, 1)), dims=("state", "pc", "pc_bis"))
         if pairs:
@@ -297,36 +298,101 @@ def build_model(
             pm.Deterministic(
                 "perturbation_cov_independent", covs[a_idx] + covs[b_idx], dims=("contrast", "pc", "pc_bis")
             )
-        layer = None
-        if Y is not None:
+        log_w = cell_log_weights(weights, allowed)
+        if Y is None:
+            pm.CustomDist(
+                "X", means_t, precisions_t, log_w,
+                logp=_gaussian_logp(n_states), dist=_gaussian_dist(d),
+                signature="(k,d),(k,d,d),(k)->(d)", observed=X, dims=("cell", "pc"),
+            )
+        else:
             layer = add_count_layer(Y, size_factors=size_factors, dispersion=dispersion, batch=batch,
                                     count_prior=count_prior, state_names=names, genes=genes)
-        if free.any() and layer is None:
-            components = [pm.MvNormal.dist(mu=means[k], tau=precisions[k]) for k in range(n_states)]
-            pm.Mixture("x_free", w=weights, comp_dists=components, observed=X[free], dims=("cell_free", "pc"))
-        elif free.any():
-            free_cells_joint("cells_free", weights=weights, means=means_t, precisions=pt.stack(precisions),
-                             layer=layer, rows=np.flatnonzero(free), observed=np.hstack([X[free], Y[free]]), d=d,
-                             n_states=n_states, dims=("cell_free", "feature"))
-        for k in range(n_states):
-            if np.any(fixed == k):
-                pm.MvNormal(
-                    f"x_pinned_{k}",
-                    mu=means[k],
-                    tau=precisions[k],
-                    observed=X[fixed == k],
-                    dims=(f"cell_pinned_{k}", "pc"),
-                )
-                if layer is not None:
-                    rows = np.flatnonzero(fixed == k)
-                    pm.NegativeBinomial(
-                        f"y_pinned_{k}",
-                        mu=pt.exp(layer["cell_offset"][rows] + layer["state_log_rate"][k]),
-                        alpha=layer["alpha"],
-                        observed=Y[rows],
-                        dims=(f"cell_pinned_{k}", "gene"),
-                    )
+            cells_joint("XY", means=means_t, precisions=precisions_t, log_weights=log_w, layer=layer,
+                        observed=np.hstack([X, Y]), d=d, n_states=n_states, dims=("cell", "feature"))
     return model
+
+
+def cell_log_weights(weights, allowed):
+    """``(n, K)`` log prior state probabilities of each cell: ``log w_k - log sum_{j in A_i} w_j``
+    for the allowed states, ``-inf`` for the others (``allowed``: the 0/1 ``(n, K)`` mask)."""
+    allowed = pt.as_tensor(allowed)
+    norm = pt.log(pt.sum(weights[None, :] * allowed, axis=-1, keepdims=True))
+    return pt.switch(pt.eq(allowed, 1), pt.log(weights)[None, :] - norm, -np.inf)
+
+
+def gaussian_log_densities(x, means, precisions, n_states: int):
+    """``(n, K)`` log N(x_i | mean_k, precision_k^{-1}) by one Cholesky factor per state and
+    matrix products (``x' Lambda x = |x' L|^2`` for ``Lambda = L L'``), so that the gradient
+    stays a few matrix products rather than a solve per cell."""
+    d = x.shape[-1]
+    comps = []
+    for k in range(n_states):
+        L = pt.linalg.cholesky(precisions[k], lower=True)
+        z = (x - means[k]) @ L
+        half_logdet = pt.sum(pt.log(pt.diagonal(L)))
+        comps.append(half_logdet - 0.5 * pt.sum(z**2, axis=-1) - 0.5 * d * np.log(2.0 * np.pi))
+    return pt.stack(comps, axis=-1)
+
+
+def _gaussian_logp(n_states: int):
+    def logp(value, means, precisions, log_w):
+        return pt.logsumexp(gaussian_log_densities(value, means, precisions, n_states) + log_w, axis=-1)
+
+    return logp
+
+
+def _gaussian_dist(d: int):
+    def dist(means, precisions, log_w, size):
+        n = log_w.shape[0] if size is None or isinstance(size.type, NoneTypeT) else size[0]
+        z = pm.Categorical.dist(logit_p=log_w, shape=(n,))
+        chol = pt.linalg.cholesky(pt.linalg.inv(precisions))  # (K, d, d), Sigma_k = L L^T
+        eps = pm.Normal.dist(0.0, 1.0, shape=(n, d))
+        return means[z] + (chol[z] @ eps[..., None])[..., 0]
+
+    return dist
+
+
+def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, precisions: np.ndarray,
+                   counts=None) -> dict[str, np.ndarray]:
+    """Starting values of :func:`build_model`'s free variables, keyed by variable name, in
+    the constrained space: what ``pm.sample(initvals=...)`` takes.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`build_model`.
+    weights, means, precisions
+        ``(K,)``, ``(K, d)`` and ``(K, d, d)`` (precisions, i.e. inverse covariances).
+    counts
+        The count layer's :class:`~scotgm_pp.inference.count_layer.CountParams` (for a model
+        built with counts).
+    """
+    weights = np.asarray(weights, float)
+    means = np.asarray(means, float)
+    precisions = np.asarray(precisions, float)
+    out: dict[str, np.ndarray] = {}
+    for rv in model.free_RVs:
+        name = rv.name
+        if name == "weights":
+            out[name] = weights
+        elif name.startswith("mean_"):
+            out[name] = means[int(name.split("_")[1])]
+        elif name.startswith("precision_"):
+            lam = precisions[int(name.split("_")[1])]
+            out[name] = 0.5 * (lam + lam.T)
+        elif name == "precision":  # the tied model's shared precision
+            out[name] = 0.5 * (precisions[0] + precisions[0].T)
+        elif name in ("beta", "delta", "gamma"):
+            if counts is None:
+                raise ValueError("the model has a count layer: pass counts=CountParams(...).")
+            out[name] = {"beta": counts.beta, "delta": counts.delta[1:], "gamma": counts.gamma[1:]}[name]
+        else:
+            raise KeyError(
+                f"free variable {name!r} is not one build_model declares; give its starting value yourself "
+                "(pm.sample(initvals={...})) or let PyMC choose one."
+            )
+    return out
 
 
 def _check_counts(counts, n: int, size_factors, dispersion) -> np.ndarray | None:
@@ -376,35 +442,17 @@ def model_point(
         ``{value variable name: value in the transformed space}``, ready for
         ``model.compile_logp(jacobian=False)``, ``compile_dlogp`` or ``pm.find_MAP(start=...)``.
     """
-    weights = np.asarray(weights, float)
-    means = np.asarray(means, float)
-    precisions = np.asarray(precisions, float)
+    raw_values = initial_values(model, weights, means, precisions, counts)
     point: dict[str, np.ndarray] = {}
     for rv in model.free_RVs:
         value = model.rvs_to_values[rv]
         transform = model.rvs_to_transforms.get(rv)
-        name = rv.name
-        if name == "weights":
-            raw = weights
-        elif name.startswith("mean_"):
-            raw = means[int(name.split("_")[1])]
-        elif name.startswith("precision_"):
-            lam = precisions[int(name.split("_")[1])]
-            raw = 0.5 * (lam + lam.T)
-        elif name == "precision":  # the tied model's shared precision
-            lam = precisions[0]
-            raw = 0.5 * (lam + lam.T)
-        elif name in ("beta", "delta", "gamma"):
-            if counts is None:
-                raise ValueError("the model has a count layer: pass counts=CountParams(...) to model_point.")
-            raw = {"beta": counts.beta, "delta": counts.delta[1:], "gamma": counts.gamma[1:]}[name]
-        else:  # pragma: no cover - build_model declares no other free variable
-            raise KeyError(f"unexpected free variable {name!r}; was the model built by build_model?")
+        raw = raw_values[rv.name]
         if transform is None:
             point[value.name] = raw
         elif isinstance(transform, LogCholeskyTransform):
             point[value.name] = transform.forward_numpy(raw)
-        elif name == "weights":
+        elif rv.name == "weights":
             point[value.name] = _simplex_forward_numpy(raw)
         else:  # pragma: no cover
             point[value.name] = transform.forward(pt.as_tensor(raw)).eval()

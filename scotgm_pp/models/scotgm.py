@@ -1,13 +1,33 @@
 """``ScOTGM``: the user-facing model class over the PyMC graph and the numeric backends.
 
-The pattern is pymc-marketing's ``ModelBuilder``: settings in the constructor, one
-``fit(data, *, method=...)`` entry point, the result as an :class:`arviz.InferenceData`
-(``.idata``) whose ``attrs`` carry the settings, so that :meth:`ScOTGM.save` /
-:meth:`ScOTGM.load` through netCDF round-trip exactly.
+The pattern is pymc-marketing's ``ModelBuilder``: the model's definition in a ``model_config``
+dict (states, covariance type, priors), the sampler's in ``sampler_config``, one
+``fit(data, *, method=...)`` entry point, the PyMC model of the fitted data as ``.model`` and
+the result as an :class:`arviz.InferenceData` (``.idata``) whose ``attrs`` carry both configs,
+so that :meth:`ScOTGM.save` / :meth:`ScOTGM.load` through netCDF rebuild the same model.
+
+One naming scheme
+-----------------
+Every parameter in ``.idata`` carries the name of a variable of ``.model`` (``weights``,
+``mean_{k}``, ``precision_{k}`` or the tied ``precision``, and the deterministics ``means``,
+``precisions``, ``covariances``, ``perturbation_mean``, ``perturbation_cov_independent``), and
+the observed cells are ``X`` (dims ``cell, pc``) in ``observed_data``, ``log_likelihood``,
+``prior_predictive`` and ``posterior_predictive`` alike, whatever the options.
+
+Where results go
+----------------
+* ``method="nuts"`` (``pm.sample``) and ``"mcmc"`` (conjugate Gibbs): draws in ``posterior``,
+  the per-cell ``log_likelihood`` of ``X`` (for ``az.loo`` / ``az.compare``), ``sample_stats``.
+* ``method="em"`` and ``"map"``: point estimates are not draws, so they are not stored as a
+  one-draw ``posterior`` (on which ``az.summary`` returns NaN); they are in the ``map`` group,
+  without ``chain`` / ``draw`` dimensions, with the same variable names.
+* :meth:`ScOTGM.sample_prior_predictive` adds ``prior`` and ``prior_predictive``,
+  :meth:`ScOTGM.sample_posterior_predictive` ``posterior_predictive``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass
@@ -23,14 +43,55 @@ from ..inference.em import (
     default_prior,
     fit_em,
     free_responsibilities,
-    validate_fixed_state,
+    scaled_prior,
+    validate_allowed_states,
 )
 from .graph import default_contrasts, default_state_names
 
-__all__ = ["ScOTGM", "PerturbationDistribution"]
+__all__ = ["ScOTGM", "PerturbationDistribution", "ConvergenceWarning", "DEFAULT_MODEL_CONFIG",
+           "DEFAULT_SAMPLER_CONFIG", "check_convergence"]
 
-_METHODS = ("em", "map", "mcmc")
-_FORMAT_VERSION = 1
+_METHODS = ("em", "map", "mcmc", "nuts")
+_FORMAT_VERSION = 2
+POINT_GROUP = "map"
+"""The InferenceData group of EM and MAP point estimates."""
+
+RHAT_MAX = 1.01
+ESS_MIN = 400
+
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {
+    "n_states": 2,
+    "state_names": None,
+    "covariance": "full",
+    "prior": "scaled",
+    "kappa": 0.1,
+    "extra_dof": 2,
+    "dirichlet": 1.0,
+    "regularization": 0.01,
+}
+"""The model's definition. ``prior``: ``"scaled"`` (default; weakly informative on the data's
+scale, :func:`~scotgm_pp.inference.em.scaled_prior`: prior predictive cells within the data's
+range) or ``"ridge"`` (:func:`~scotgm_pp.inference.em.default_prior`, the prior of the screen
+pipeline, built so that the MAP covariance carries the paper's ``regularization`` ridge; its scale
+grows with the number of cells, so its prior predictive is far wider than the data). ``kappa``:
+prior pseudo-count of the state means; ``extra_dof``: Wishart degrees of freedom above the
+dimension (an integer); ``dirichlet``: concentration of the weights; ``covariance``: ``"full"``
+(one per state) or ``"tied"`` (shared)."""
+
+DEFAULT_SAMPLER_CONFIG: dict[str, Any] = {
+    "draws": 1000,
+    "tune": 1000,
+    "chains": 2,
+    "target_accept": 0.9,
+    "nuts_sampler": "pymc",
+}
+"""``pm.sample`` settings of ``method="nuts"`` (``draws``, ``tune``, ``chains`` also set the
+Gibbs sampler of ``method="mcmc"``); ``nuts_sampler`` may be ``"nutpie"`` or ``"numpyro"`` where
+those packages are installed."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A sampler's chains missed R-hat <= 1.01 or a bulk ESS >= 400."""
 
 
 @dataclass
@@ -57,106 +118,150 @@ class PerturbationDistribution:
     reference: str
 
 
+def _check_model_config(config: dict) -> dict:
+    unknown = set(config) - set(DEFAULT_MODEL_CONFIG)
+    if unknown:
+        raise ValueError(f"model_config has unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_MODEL_CONFIG)}.")
+    c = {**DEFAULT_MODEL_CONFIG, **config}
+    K = c["n_states"]
+    if isinstance(K, bool) or int(K) != K or K < 1:
+        raise ValueError(f"n_states must be a positive integer, got {K!r}.")
+    c["n_states"] = K = int(K)
+    names = c["state_names"] if c["state_names"] is not None else default_state_names(K)
+    if len(names) != K or len(set(map(str, names))) != K:
+        raise ValueError(f"state_names must be {K} distinct labels, got {c['state_names']!r}.")
+    c["state_names"] = [str(x) for x in names]
+    if c["covariance"] not in ("full", "tied"):
+        raise ValueError(f"covariance must be 'full' or 'tied', got {c['covariance']!r}.")
+    if c["prior"] not in ("scaled", "ridge"):
+        raise ValueError(f"prior must be 'scaled' (weakly informative on the data's scale) or 'ridge', got {c['prior']!r}.")
+    dof = c["extra_dof"]
+    if isinstance(dof, bool) or int(dof) != dof or dof < (2 if c["prior"] == "scaled" else 0):
+        raise ValueError(f"extra_dof must be an integer (pm.Wishart needs integer dof), >= 2 with the scaled prior; "
+                         f"got {dof!r}.")
+    c["extra_dof"] = int(dof)
+    for key in ("kappa", "regularization"):
+        if not float(c[key]) > 0:
+            raise ValueError(f"{key} must be > 0, got {c[key]!r}.")
+        c[key] = float(c[key])
+    if not float(c["dirichlet"]) >= 1:
+        raise ValueError(f"dirichlet must be >= 1 (the MAP needs it), got {c['dirichlet']!r}.")
+    c["dirichlet"] = float(c["dirichlet"])
+    return c
+
+
 class ScOTGM:
-    """sc-OTGM mixture of basal and perturbed cell states, fitted by EM, MAP or MCMC.
+    """sc-OTGM mixture of basal and perturbed cell states, fitted by EM, MAP, Gibbs or NUTS.
 
     Parameters
     ----------
     n_states
-        Number of Gaussian states (2: basal and perturbed; more for cell types x condition).
-    regularization
-        Prior covariance ridge as a fraction of the mean PC variance (paper: 0.01), see
-        :func:`scotgm_pp.inference.default_prior`.
-    kappa
-        Prior pseudo-count of the state means.
-    extra_dof
-        Wishart degrees of freedom above the dimension (an integer: ``pm.Wishart`` needs one).
-    dirichlet
-        Dirichlet concentration of the state weights (``>= 1``).
+        Number of Gaussian states (2: basal and perturbed; more for several perturbations or
+        cell types x condition). Shorthand for ``model_config["n_states"]``.
+    model_config
+        The model (see :data:`DEFAULT_MODEL_CONFIG`): states, ``covariance`` (``"full"`` or
+        ``"tied"``) and the priors. Stored in the InferenceData's attrs.
+    sampler_config
+        ``pm.sample`` settings (see :data:`DEFAULT_SAMPLER_CONFIG`).
+    covariance, state_names, regularization, kappa, extra_dof, dirichlet
+        Shorthands for the ``model_config`` keys of the same names (they override it).
     m_step
         ``"map"`` (exact MAP M-step) or ``"paper"`` (Algorithm 3 as published), passed to
         :func:`scotgm_pp.inference.fit_em`.
-    state_names
-        Labels of the states; default ``["basal", "perturbed"]`` for two states.
     max_iter, tol
         EM stopping rule.
     n_init
         EM restarts when two or more states hold no pinned cells (the best log density wins).
     draws, tune, chains
-        MCMC settings (``method="mcmc"``), per chain.
+        Shorthands for the ``sampler_config`` keys (per chain).
     random_state
         Integer seed (or ``None``); every random draw comes from a Generator built from it.
 
     Notes
     -----
-    A state's meaning comes from its pinned cells (``fixed_state``). States without pinned cells
-    are exchangeable under the model: their labels are arbitrary (for ``n_states=2`` with
-    controls pinned to state 0 there is one such state, "perturbed", so nothing is ambiguous).
-    To label several unpinned states (e.g. the perturbed state of each cell type), pin some of
-    their cells or pass ``init_responsibilities=`` to ``fit``.
+    A state's meaning comes from the cells allowed in it. States that no cell is pinned to are
+    exchangeable under the model unless the allowed states tell them apart: pass ``labels`` and
+    ``control`` to :meth:`fit` with one state per perturbation (``state_names``) so that guide
+    cells of perturbation ``g`` may only be basal or ``g``.
 
     Examples
     --------
-    >>> model = ScOTGM(random_state=0).fit(adata, fixed_state="state0", method="em")  # doctest: +SKIP
-    >>> model.perturbation().mean  # doctest: +SKIP
+    >>> model = ScOTGM(random_state=0).fit(adata, labels="gene", control="NT")  # doctest: +SKIP
+    >>> model.model  # the pm.Model of the fit  # doctest: +SKIP
+    >>> model.fit(adata, labels="gene", control="NT", method="nuts")  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        n_states: int = 2,
+        n_states: int | None = None,
         *,
-        regularization: float = 0.01,
-        kappa: float = 0.01,
-        extra_dof: int = 2,
-        dirichlet: float = 1.0,
-        m_step: str = "map",
+        model_config: dict | None = None,
+        sampler_config: dict | None = None,
+        covariance: str | None = None,
         state_names: list[str] | None = None,
+        regularization: float | None = None,
+        kappa: float | None = None,
+        extra_dof: int | None = None,
+        dirichlet: float | None = None,
+        m_step: str = "map",
         max_iter: int = 500,
         tol: float = 1e-8,
         n_init: int = 4,
-        draws: int = 500,
-        tune: int = 200,
-        chains: int = 2,
+        draws: int | None = None,
+        tune: int | None = None,
+        chains: int | None = None,
         random_state: int | None = 0,
     ):
-        if int(n_states) != n_states or n_states < 1:
-            raise ValueError(f"n_states must be a positive integer, got {n_states!r}.")
-        if int(extra_dof) != extra_dof or extra_dof < 0:
-            raise ValueError(f"extra_dof must be a non-negative integer (pm.Wishart needs integer dof), got {extra_dof!r}.")
+        config = dict(model_config or {})
+        for key, value in (("n_states", n_states), ("covariance", covariance), ("state_names", state_names),
+                           ("regularization", regularization), ("kappa", kappa), ("extra_dof", extra_dof),
+                           ("dirichlet", dirichlet)):
+            if value is not None:
+                config[key] = value
+        self.model_config = _check_model_config(config)
+        sampler = {**DEFAULT_SAMPLER_CONFIG, **(sampler_config or {})}
+        for key, value in (("draws", draws), ("tune", tune), ("chains", chains)):
+            if value is not None:
+                sampler[key] = value
+        for key in ("draws", "tune", "chains"):
+            if isinstance(sampler[key], bool) or int(sampler[key]) != sampler[key] or sampler[key] < (key != "tune"):
+                raise ValueError(f"{key} must be a {'non-negative' if key == 'tune' else 'positive'} integer, "
+                                 f"got {sampler[key]!r}.")
+            sampler[key] = int(sampler[key])
+        self.sampler_config = sampler
         if m_step not in ("map", "paper"):
             raise ValueError(f"m_step must be 'map' or 'paper', got {m_step!r}.")
-        if random_state is not None and not isinstance(random_state, (int, np.integer)):
+        if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer))):
             raise TypeError(
                 "random_state must be an int or None (it is stored with the model so that fits "
                 f"can be reproduced), got {type(random_state).__name__}."
             )
-        names = list(state_names) if state_names is not None else default_state_names(int(n_states))
-        if len(names) != n_states or len(set(map(str, names))) != n_states:
-            raise ValueError(f"state_names must be {n_states} distinct labels, got {state_names!r}.")
         self.settings: dict[str, Any] = {
-            "n_states": int(n_states),
-            "regularization": float(regularization),
-            "kappa": float(kappa),
-            "extra_dof": int(extra_dof),
-            "dirichlet": float(dirichlet),
             "m_step": str(m_step),
-            "state_names": [str(s) for s in names],
             "max_iter": int(max_iter),
             "tol": float(tol),
             "n_init": int(n_init),
-            "draws": int(draws),
-            "tune": int(tune),
-            "chains": int(chains),
             "random_state": None if random_state is None else int(random_state),
         }
         self.idata: az.InferenceData | None = None
+        self._model = None
+        self._data: dict | None = None
+
+    @property
+    def n_states(self) -> int:
+        return self.model_config["n_states"]
+
+    @property
+    def state_names(self) -> list[str]:
+        return self.model_config["state_names"]
 
     # ------------------------------------------------------------------ data
-    @staticmethod
-    def _resolve_data(data, fixed_state, obsm_key: str):
-        """Return X, fixed_state (raw), cell names, PCA info from an ndarray or an AnnData."""
+    def _resolve_data(self, data, fixed_state=None, allowed_states=None, labels=None, control=None,
+                      obsm_key: str = "X_pca") -> dict:
+        """Scores, the allowed-state mask, cell names and PCA info from an ndarray or an AnnData."""
         pca: dict[str, np.ndarray] = {}
-        if hasattr(data, "obsm") and hasattr(data, "obs"):
+        is_adata = hasattr(data, "obsm") and hasattr(data, "obs")
+        if is_adata:
             if obsm_key not in data.obsm:
                 raise KeyError(
                     f"obsm_key {obsm_key!r} not in adata.obsm (keys: {list(data.obsm.keys())}); "
@@ -164,12 +269,14 @@ class ScOTGM:
                 )
             X = np.asarray(data.obsm[obsm_key], float)
             cells = [str(c) for c in data.obs_names]
+            for name, value in (("fixed_state", fixed_state), ("labels", labels)):
+                if isinstance(value, str):
+                    if value not in data.obs.columns:
+                        raise KeyError(f"{name} column {value!r} not in adata.obs; columns are: {list(data.obs.columns)}.")
             if isinstance(fixed_state, str):
-                if fixed_state not in data.obs.columns:
-                    raise KeyError(
-                        f"fixed_state column {fixed_state!r} not in adata.obs; columns are: {list(data.obs.columns)}."
-                    )
                 fixed_state = np.asarray(data.obs[fixed_state])
+            if isinstance(labels, str):
+                labels = np.asarray(data.obs[labels]).astype(str)
             if "PCs" in getattr(data, "varm", {}) and data.varm["PCs"].shape[1] == X.shape[1]:
                 pca["pca_loadings"] = np.asarray(data.varm["PCs"], float)
                 pca["genes"] = np.asarray([str(g) for g in data.var_names], dtype=object)
@@ -178,26 +285,122 @@ class ScOTGM:
                 if key in info and np.shape(info[key]) == (X.shape[1],):
                     pca[f"pca_{key}"] = np.asarray(info[key], float)
         else:
-            if isinstance(fixed_state, str):
-                raise TypeError("fixed_state may name an obs column only when data is an AnnData; pass an array.")
+            if isinstance(fixed_state, str) or isinstance(labels, str):
+                raise TypeError("fixed_state or labels may name an obs column only when data is an AnnData; pass an array.")
             X = np.asarray(data, float)
             if X.ndim != 2:
                 raise ValueError(f"data must be a 2-D array (cells x PCs) or an AnnData, got shape {X.shape}.")
             cells = [f"cell_{i}" for i in range(X.shape[0])]
         if not np.all(np.isfinite(X)):
             raise ValueError("data contains non-finite values; remove or impute them before fitting.")
-        return X, fixed_state, cells, pca
+        if labels is not None:
+            if fixed_state is not None or allowed_states is not None:
+                raise ValueError("pass labels (with control) or fixed_state or allowed_states, not several.")
+            allowed_states = self.allowed_from_labels(labels, control)
+        elif control is not None:
+            raise ValueError("control= needs labels= (the obs column or array of guide labels).")
+        fixed, mask = validate_allowed_states(allowed_states, fixed_state, X.shape[0], self.n_states)
+        if X.shape[0] < self.n_states + 1:
+            raise ValueError(f"need more than {self.n_states} cells to fit {self.n_states} states, got {X.shape[0]}.")
+        return {"X": X, "fixed": fixed, "mask": mask, "cells": cells, "pca": pca}
+
+    def allowed_from_labels(self, labels, control) -> np.ndarray:
+        """The allowed-state mask of cells labelled by their guide.
+
+        Control cells (``labels == control``) are pinned to the first state (basal). With two
+        states every other cell may be basal or perturbed. With more, a cell labelled ``g`` may be
+        basal or the state named ``g`` (so ``state_names=["basal", "STAT1", "IRF1"]`` declares
+        one perturbed state per perturbation); a label without a state of its name is an error.
+        """
+        labels = np.asarray(labels).astype(str)
+        if control is None:
+            raise ValueError("labels= needs control= (the label of the non-targeting control cells).")
+        control = str(control)
+        if not np.any(labels == control):
+            raise ValueError(f"control label {control!r} is not among the labels; found {sorted(set(labels))[:10]}.")
+        K = self.n_states
+        mask = np.zeros((labels.size, K), bool)
+        mask[:, 0] = True
+        if K == 2:
+            mask[labels != control, 1] = True
+            return mask
+        names = self.state_names
+        missing = sorted(set(labels[labels != control]) - set(names[1:]))
+        if missing:
+            raise ValueError(f"labels {missing[:5]} name no state; with {K} states, state_names must name one "
+                             f"perturbed state per label (state_names={names}), or pass allowed_states.")
+        for k, name in enumerate(names[1:], start=1):
+            mask[labels == name, k] = True
+        return mask
 
     def _prior(self, X: np.ndarray) -> NormalWishartPrior:
-        s = self.settings
-        return default_prior(
-            X,
-            s["n_states"],
-            regularization=s["regularization"],
-            kappa=s["kappa"],
-            extra_dof=s["extra_dof"],
-            dirichlet=s["dirichlet"],
+        c = self.model_config
+        if c["prior"] == "scaled":
+            return scaled_prior(X, c["n_states"], kappa=c["kappa"], extra_dof=c["extra_dof"], dirichlet=c["dirichlet"])
+        return default_prior(X, c["n_states"], regularization=c["regularization"], kappa=c["kappa"],
+                             extra_dof=c["extra_dof"], dirichlet=c["dirichlet"])
+
+    # ----------------------------------------------------------------- model
+    def build_model(self, data, *, fixed_state=None, allowed_states=None, labels=None, control=None,
+                    obsm_key: str = "X_pca"):
+        """The PyMC model of ``data`` under this ``model_config`` (also kept as :attr:`model`).
+
+        Parameters
+        ----------
+        data
+            Cells x PCs ndarray, or an AnnData with the scores in ``.obsm[obsm_key]``.
+        fixed_state, allowed_states, labels, control
+            Which states each cell may take; see :meth:`fit`.
+        obsm_key
+            Key of the PCA scores in ``adata.obsm``.
+
+        Returns
+        -------
+        pymc.Model
+            Named dims and coords ``state``, ``pc``, ``pc_bis``, ``cell`` (and ``contrast``).
+        """
+        self._data = self._resolve_data(data, fixed_state, allowed_states, labels, control, obsm_key)
+        self._data["prior"] = self._prior(self._data["X"])
+        self._model = self._graph(self._data)
+        return self._model
+
+    def _graph(self, data: dict):
+        from .graph import build_model
+
+        d = data["X"].shape[1]
+        return build_model(
+            data["X"], allowed_states=data["mask"], n_states=self.n_states, prior=data["prior"],
+            state_names=self.state_names, coords={"cell": data["cells"], "pc": [f"PC{j + 1}" for j in range(d)]},
+            covariance=self.model_config["covariance"],
         )
+
+    @property
+    def model(self):
+        """The ``pm.Model`` of the fitted (or built) data: inspect it (``model.to_graphviz()``),
+        extend it (``pm.model.fgraph.clone_model``), sample it. Rebuilt from ``.idata`` after
+        :meth:`load`."""
+        if self._model is None:
+            if self._data is None and self.idata is not None:
+                self._data = self._data_from_idata(self.idata)
+            if self._data is None:
+                raise RuntimeError("no data yet: call .fit(data, ...) or .build_model(data, ...) first.")
+            self._model = self._graph(self._data)
+        return self._model
+
+    @staticmethod
+    def _data_from_idata(idata) -> dict:
+        cd = idata.constant_data
+        prior = NormalWishartPrior(
+            mean=cd["prior_mean"].values, kappa=float(cd["prior_kappa"].values), dof=float(cd["prior_dof"].values),
+            scale_inv=cd["prior_scale_inv"].values, dirichlet=cd["prior_dirichlet"].values,
+        )
+        X = idata.observed_data["X"].values
+        mask = cd["allowed_states"].values.astype(bool)
+        K = mask.shape[1]
+        count = mask.sum(axis=1)
+        fixed = np.where(count == K, -1, np.where(count == 1, mask.argmax(axis=1), -2))
+        return {"X": X, "fixed": fixed, "mask": mask, "cells": [str(c) for c in idata.observed_data["cell"].values],
+                "pca": {}, "prior": prior}
 
     # ------------------------------------------------------------------- fit
     def fit(
@@ -205,6 +408,9 @@ class ScOTGM:
         data,
         *,
         fixed_state=None,
+        allowed_states=None,
+        labels=None,
+        control=None,
         method: str = "em",
         obsm_key: str = "X_pca",
         progressbar: bool = False,
@@ -220,129 +426,184 @@ class ScOTGM:
         fixed_state
             Per-cell ``-1`` (free) or state index ``k`` (pinned, e.g. non-targeting controls in
             state 0); with an AnnData also the name of an ``.obs`` column holding those integers.
+        allowed_states
+            A boolean ``(cells, states)`` mask of the states each cell may take.
+        labels, control
+            Guide labels per cell (an ``.obs`` column name or an array) and the control label:
+            the mask of :meth:`allowed_from_labels`.
         method
             ``"em"``: the MAP by EM (:func:`scotgm_pp.inference.fit_em`).
-            ``"map"``: ``pm.find_MAP`` on the PyMC graph, started from the EM solution. A cold
-            start (e.g. both means equal) sits on a symmetric saddle where the gradient is zero and
-            L-BFGS stops at once; EM escapes it, which is why EM provides the start.
-            ``"mcmc"``: exact conjugate Gibbs sampling (:func:`scotgm_pp.inference.gibbs.sample_gibbs`)
-            with ``chains`` chains, started from and relabelled to the EM solution.
+            ``"map"``: ``pm.find_MAP`` on :attr:`model`, started from the EM solution (a cold
+            start sits on the symmetric saddle where the gradient is zero).
+            ``"mcmc"``: conjugate Gibbs sampling (:func:`scotgm_pp.inference.gibbs.sample_gibbs`),
+            started from and relabelled to the EM solution; needs every cell free or pinned.
+            ``"nuts"``: ``pm.sample`` on :attr:`model` (``sampler_config``), chains started from
+            the EM solution through ``initvals`` (jittered).
         obsm_key
             Key of the PCA scores in ``adata.obsm``.
         progressbar
-            Show progress of ``pm.find_MAP`` (``"map"``) or of the Gibbs sweeps (``"mcmc"``).
+            Show the progress of ``pm.find_MAP``, ``pm.sample`` or the Gibbs sweeps.
         **kwargs
-            Passed to ``fit_em`` (``"em"``), ``pm.find_MAP`` (``"map"``) or ``sample_gibbs``
-            (``"mcmc"``, e.g. ``draws=``).
+            Passed to ``fit_em`` (``"em"``), ``pm.find_MAP`` (``"map"``), ``sample_gibbs``
+            (``"mcmc"``) or ``pm.sample`` (``"nuts"``).
 
         Returns
         -------
         ScOTGM
-            ``self``, with ``.idata`` set.
+            ``self``, with ``.idata`` and ``.model`` set. ``"mcmc"`` and ``"nuts"`` warn
+            (:class:`ConvergenceWarning`) when a parameter's R-hat exceeds 1.01 or its bulk ESS is
+            below 400.
         """
-        s = self.settings
-        K = s["n_states"]
-        X, fixed_raw, cells, pca = self._resolve_data(data, fixed_state, obsm_key)
-        fixed = validate_fixed_state(fixed_raw, X.shape[0], K)
-        prior = self._prior(X)
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {method!r}.")
+        self.build_model(data, fixed_state=fixed_state, allowed_states=allowed_states, labels=labels,
+                         control=control, obsm_key=obsm_key)
+        data = self._data
+        s, K = self.settings, self.n_states
+        X, fixed, mask, prior = data["X"], data["fixed"], data["mask"], data["prior"]
+        cov_type = self.model_config["covariance"]
         rng = np.random.default_rng(s["random_state"])
         em_kwargs = dict(
-            fixed_state=fixed, n_states=K, prior=prior, regularization=s["m_step"],
+            allowed_states=mask, n_states=K, prior=prior, regularization=s["m_step"], covariance=cov_type,
             max_iter=s["max_iter"], tol=s["tol"], n_init=s["n_init"], random_state=rng,
         )
-        stats: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+        if method == "mcmc" and np.any(fixed == -2):
+            raise ValueError("method='mcmc' (conjugate Gibbs) needs every cell free or pinned; cells allowed a subset "
+                             "of the states make the weights non-conjugate. Use method='nuts' (or 'em' for the MAP).")
+        em = fit_em(X, **{**em_kwargs, **(kwargs if method == "em" else {})})
+        groups: dict[str, Any] = {}
         match method:
             case "em":
-                em = fit_em(X, **{**em_kwargs, **kwargs})
-                weights, means, covs = (a[None, None] for a in (em.weights, em.means, em.covariances))
-                stats["lp"] = (("chain", "draw"), np.array([[em.logp]]))
+                groups[POINT_GROUP] = self._point_dataset(em.weights, em.means, em.covariances, em.logp)
             case "map":
-                em = fit_em(X, **em_kwargs)
-                weights, means, covs, lp = self._find_map(X, fixed, prior, em, cells, progressbar, kwargs)
-                stats["lp"] = (("chain", "draw"), np.array([[lp]]))
-                stats["lp_gain_over_em"] = (("chain", "draw"), np.array([[lp - em.logp]]))
+                weights, means, covs, lp = self._find_map(em, progressbar, kwargs)
+                groups[POINT_GROUP] = self._point_dataset(weights, means, covs, lp, lp_gain_over_em=lp - em.logp)
             case "mcmc":
                 from ..inference.gibbs import sample_gibbs
 
-                em = fit_em(X, **em_kwargs)
-                opts = dict(draws=s["draws"], tune=s["tune"], chains=s["chains"])
+                opts = {k: self.sampler_config[k] for k in ("draws", "tune", "chains")}
                 opts.update(kwargs)
-                g = sample_gibbs(
-                    X, fixed_state=fixed, n_states=K, prior=prior, init=em, random_state=rng,
-                    progressbar=progressbar, **opts,
-                )
-                weights, means, covs = g.weights, g.means, g.covariances
-                stats["lp"] = (("chain", "draw"), g.lp)
-                stats["relabelled"] = (("chain", "draw"), g.relabelled)
-            case _:
-                raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {method!r}.")
-        self.idata = self._to_idata(
-            method, X, fixed, cells, pca, prior, weights, means, covs, stats, em
-        )
+                g = sample_gibbs(X, fixed_state=fixed, n_states=K, prior=prior, init=em, random_state=rng,
+                                 progressbar=progressbar, covariance=cov_type, **opts)
+                groups["posterior"] = self._posterior_dataset(g.weights, g.means, g.covariances)
+                groups["sample_stats"] = xr.Dataset({"lp": (("chain", "draw"), g.lp),
+                                                     "relabelled": (("chain", "draw"), g.relabelled)})
+            case "nuts":
+                groups.update(self._sample_nuts(em, rng, progressbar, kwargs))
+        groups["em"] = xr.Dataset({
+            "logp_trace": (("em_iteration",), em.logp_trace),
+            "n_iter": ((), int(em.n_iter)),
+            "converged": ((), np.int8(em.converged)),
+        })
+        self.idata = self._assemble(method, groups)
+        if method == "mcmc":
+            self.idata.add_groups(log_likelihood=self._log_likelihood(self.idata.posterior))
+        if method in ("mcmc", "nuts"):
+            check_convergence(self.idata, f"ScOTGM.fit(method={method!r})")
         return self
 
-    def _find_map(self, X, fixed, prior, em, cells, progressbar, kwargs):
+    def _find_map(self, em, progressbar, kwargs):
         import pymc as pm
 
-        from .graph import build_model, model_point
+        from .graph import model_point
 
-        K = self.settings["n_states"]
-        model = build_model(
-            X, fixed_state=fixed, n_states=K, prior=prior,
-            state_names=self.settings["state_names"], coords={"cell": cells},
-        )
+        model = self.model
         start = model_point(model, em.weights, em.means, np.linalg.inv(em.covariances))
         point, raw = pm.find_MAP(start=start, model=model, progressbar=progressbar, return_raw=True, **kwargs)
-        weights = np.asarray(point["weights"])[None, None]
-        means = np.asarray(point["means"])[None, None]
-        covs = np.asarray(point["covariances"])[None, None]
-        return weights, means, covs, float(-raw.fun)
+        return (np.asarray(point["weights"]), np.asarray(point["means"]), np.asarray(point["covariances"]),
+                float(-raw.fun))
+
+    def _sample_nuts(self, em, rng, progressbar, kwargs) -> dict:
+        import pymc as pm
+        from threadpoolctl import threadpool_limits
+
+        from .graph import initial_values
+
+        model = self.model
+        cfg = {**self.sampler_config, **kwargs}
+        chains = int(cfg.pop("chains"))
+        initvals = initial_values(model, em.weights, em.means, np.linalg.inv(em.covariances))
+        seed = int(rng.integers(2**31))
+        idata_kwargs = {"log_likelihood": True, **cfg.pop("idata_kwargs", {})}
+        # One BLAS thread: numpy's and scipy's OpenBLAS pools otherwise spin against each other
+        # on the many small matrix ops of the gradient (60x slower on a busy 2-core machine).
+        with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Support point not defined", category=UserWarning)
+            idata = pm.sample(model=model, chains=chains, cores=cfg.pop("cores", 1), initvals=initvals,
+                              random_seed=seed, progressbar=progressbar, idata_kwargs=idata_kwargs,
+                              compute_convergence_checks=False, **cfg)
+        return {"posterior": idata.posterior, "sample_stats": idata.sample_stats,
+                "log_likelihood": idata.log_likelihood}
+
+    def _log_likelihood(self, posterior) -> xr.Dataset:
+        """Per-cell log-likelihood of ``X`` at every draw, by the graph's own compiled logp."""
+        import pymc as pm
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            ll = pm.compute_log_likelihood(az.InferenceData(posterior=posterior), model=self.model,
+                                           var_names=["X"], extend_inferencedata=False, progressbar=False)
+        return ll
 
     # ----------------------------------------------------------------- idata
-    def _to_idata(self, method, X, fixed, cells, pca, prior, weights, means, covs, stats, em):
-        s = self.settings
-        K = s["n_states"]
-        names = s["state_names"]
-        d = X.shape[1]
-        C, D = weights.shape[:2]
-        pcs = [f"PC{j + 1}" for j in range(d)]
+    def _named_parameters(self, weights, means, covs) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        """Arrays ``(..., K)``, ``(..., K, d)``, ``(..., K, d, d)`` as the graph's variables."""
+        K = self.n_states
+        lead = weights.shape[:-1]
+        L = tuple("chain draw".split()[: len(lead)]) if lead else ()
+        precs = np.linalg.inv(covs)
+        precs = 0.5 * (precs + np.swapaxes(precs, -1, -2))
+        out = {
+            "weights": (L + ("state",), weights),
+            "means": (L + ("state", "pc"), means),
+            "precisions": (L + ("state", "pc", "pc_bis"), precs),
+            "covariances": (L + ("state", "pc", "pc_bis"), covs),
+        }
+        for k in range(K):
+            out[f"mean_{k}"] = (L + ("pc",), means[..., k, :])
+        if self.model_config["covariance"] == "tied":
+            out["precision"] = (L + ("pc", "pc_bis"), precs[..., 0, :, :])
+        else:
+            for k in range(K):
+                out[f"precision_{k}"] = (L + ("pc", "pc_bis"), precs[..., k, :, :])
         pairs = default_contrasts(K)
-        coords = {
-            "chain": np.arange(C),
-            "draw": np.arange(D),
-            "state": names,
-            "pc": pcs,
-            "pc_bis": pcs,
-            "cell": cells,
-        }
-        post = {
-            "weights": (("chain", "draw", "state"), weights),
-            "means": (("chain", "draw", "state", "pc"), means),
-            "covariances": (("chain", "draw", "state", "pc", "pc_bis"), covs),
-        }
-        pert_coords = {}
         if pairs:
             a = np.array([p[0] for p in pairs])
             b = np.array([p[1] for p in pairs])
-            pert_coords["contrast"] = [f"{names[i]} - {names[j]}" for i, j in pairs]
-            post["perturbation_mean"] = (("chain", "draw", "contrast", "pc"), means[:, :, a] - means[:, :, b])
-            post["perturbation_cov_independent"] = (
-                ("chain", "draw", "contrast", "pc", "pc_bis"),
-                covs[:, :, a] + covs[:, :, b],
-            )
-        posterior = xr.Dataset(post, coords={**coords, **pert_coords})
-        posterior = posterior.drop_vars("cell") if "cell" in posterior.coords else posterior
+            out["perturbation_mean"] = (L + ("contrast", "pc"), means[..., a, :] - means[..., b, :])
+            out["perturbation_cov_independent"] = (L + ("contrast", "pc", "pc_bis"), covs[..., a, :, :] + covs[..., b, :, :])
+        return out
 
-        ss = dict(stats)
-        if method in ("em", "map"):
-            ss["em_logp_trace"] = (("chain", "draw", "em_iteration"), em.logp_trace[None, None])
-            ss["em_n_iter"] = (("chain", "draw"), np.array([[em.n_iter]]))
-            ss["em_converged"] = (("chain", "draw"), np.array([[int(em.converged)]], dtype=np.int8))
-        sample_stats = xr.Dataset(ss, coords={"chain": coords["chain"], "draw": coords["draw"]})
+    def _coords(self, d: int) -> dict:
+        names = self.state_names
+        pcs = [f"PC{j + 1}" for j in range(d)]
+        coords = {"state": names, "pc": pcs, "pc_bis": pcs}
+        pairs = default_contrasts(self.n_states)
+        if pairs:
+            coords["contrast"] = [f"{names[i]} - {names[j]}" for i, j in pairs]
+        return coords
 
+    def _point_dataset(self, weights, means, covs, lp, **extra) -> xr.Dataset:
+        variables = self._named_parameters(np.asarray(weights), np.asarray(means), np.asarray(covs))
+        variables["lp"] = ((), float(lp))
+        for key, value in extra.items():
+            variables[key] = ((), float(value))
+        return xr.Dataset(variables, coords=self._coords(np.shape(means)[-1]))
+
+    def _posterior_dataset(self, weights, means, covs) -> xr.Dataset:
+        C, D = weights.shape[:2]
+        coords = {"chain": np.arange(C), "draw": np.arange(D), **self._coords(means.shape[-1])}
+        return xr.Dataset(self._named_parameters(weights, means, covs), coords=coords)
+
+    def _assemble(self, method: str, groups: dict) -> az.InferenceData:
+        data = self._data
+        X, mask, cells, pca, prior = data["X"], data["mask"], data["cells"], data["pca"], data["prior"]
+        d = X.shape[1]
+        names = self.state_names
+        pcs = [f"PC{j + 1}" for j in range(d)]
         observed = xr.Dataset({"X": (("cell", "pc"), X)}, coords={"cell": cells, "pc": pcs})
         const = {
-            "fixed_state": (("cell",), fixed.astype(np.int64)),
+            "allowed_states": (("cell", "state"), mask.astype(np.int8)),
             "prior_mean": (("pc",), np.asarray(prior.mean, float)),
             "prior_scale_inv": (("pc", "pc_bis"), np.asarray(prior.scale_inv, float)),
             "prior_dirichlet": (("state",), np.asarray(prior.dirichlet, float)),
@@ -350,39 +611,48 @@ class ScOTGM:
             "prior_dof": ((), float(prior.dof)),
         }
         const_coords = {"cell": cells, "pc": pcs, "pc_bis": pcs, "state": names}
-        if method == "mcmc":
-            const["em_logp_trace"] = (("em_iteration",), em.logp_trace)
         if "pca_loadings" in pca:
             const["pca_loadings"] = (("gene", "pc"), pca["pca_loadings"])
             const_coords["gene"] = pca["genes"].tolist()
         for key in ("pca_variance", "pca_variance_ratio"):
             if key in pca:
                 const[key] = (("pc",), pca[key])
-        constant = xr.Dataset(const, coords=const_coords)
+        groups["observed_data"] = observed
+        groups["constant_data"] = xr.Dataset(const, coords=const_coords)
         attrs = {
+            "model_config": json.dumps(self.model_config, sort_keys=True),
+            "sampler_config": json.dumps(self.sampler_config, sort_keys=True),
             "settings": json.dumps(self.settings, sort_keys=True),
             "method": method,
             "model": "scotgm_pp.models.ScOTGM",
             "format_version": str(_FORMAT_VERSION),
         }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return az.InferenceData(
-                posterior=posterior,
-                sample_stats=sample_stats,
-                observed_data=observed,
-                constant_data=constant,
-                attrs=attrs,
-            )
+        # "map" and "em" are groups of this package (ArviZ keeps custom groups; it does not warn by default)
+        return az.InferenceData(**groups, attrs=attrs)
 
     def _require_fit(self) -> az.InferenceData:
-        if self.idata is None:
+        if self.idata is None or not any(g in self.idata.groups() for g in ("posterior", POINT_GROUP)):
             raise RuntimeError("the model is not fitted; call .fit(data, ...) or ScOTGM.load(path) first.")
         return self.idata
 
+    def _parameter_draws(self, draws: int | None = None) -> xr.Dataset:
+        """The fit's parameters with ``chain`` and ``draw`` dims (a point estimate as one draw)."""
+        idata = self._require_fit()
+        if "posterior" in idata.groups():
+            post = idata.posterior
+            if draws is not None:
+                if int(draws) < 1:
+                    raise ValueError(f"draws must be a positive integer, got {draws!r}.")
+                keep = np.unique(np.linspace(0, post.sizes["draw"] - 1, min(int(draws), post.sizes["draw"])).astype(int))
+                post = post.isel(draw=keep)
+            return post
+        point = getattr(idata, POINT_GROUP)
+        names = [v for v in point.data_vars if v not in ("lp", "lp_gain_over_em")]
+        return point[names].expand_dims(chain=[0], draw=[0])
+
     def _draws(self):
-        post = self._require_fit().posterior
-        K = self.settings["n_states"]
+        post = self._parameter_draws()
+        K = self.n_states
         d = post.sizes["pc"]
         w = post["weights"].values.reshape(-1, K)
         m = post["means"].values.reshape(-1, K, d)
@@ -392,7 +662,7 @@ class ScOTGM:
     # ------------------------------------------------------------ results
     @property
     def method(self) -> str:
-        """How the model was fitted: ``"em"``, ``"map"`` or ``"mcmc"``."""
+        """How the model was fitted: ``"em"``, ``"map"``, ``"mcmc"`` or ``"nuts"``."""
         return str(self._require_fit().attrs["method"])
 
     def predict_proba(self, X, *, obsm_key: str = "X_pca") -> np.ndarray:
@@ -411,7 +681,9 @@ class ScOTGM:
             ``(n, K)``; averaged over the posterior draws (a single draw for EM and MAP).
         """
         if hasattr(X, "obsm"):
-            X = self._resolve_data(X, None, obsm_key)[0]
+            if obsm_key not in X.obsm:
+                raise KeyError(f"obsm_key {obsm_key!r} not in adata.obsm (keys: {list(X.obsm.keys())}).")
+            X = X.obsm[obsm_key]
         X = np.asarray(X, float)
         w, m, c = self._draws()
         if X.ndim != 2 or X.shape[1] != m.shape[2]:
@@ -423,14 +695,21 @@ class ScOTGM:
 
     @property
     def responsibilities(self) -> np.ndarray:
-        """State probabilities of the training cells ``(n, K)``; pinned cells are one-hot."""
+        """State probabilities of the training cells ``(n, K)`` given the states each may take
+        (pinned cells are one-hot), averaged over the posterior draws."""
+        from ..inference.em import _log_gaussians, _mixture_terms
+
         idata = self._require_fit()
-        R = self.predict_proba(idata.observed_data["X"].values)
-        fixed = idata.constant_data["fixed_state"].values
-        pinned = np.flatnonzero(fixed >= 0)
-        R[pinned] = 0.0
-        R[pinned, fixed[pinned]] = 1.0
-        return R
+        X = idata.observed_data["X"].values
+        mask = idata.constant_data["allowed_states"].values.astype(bool)
+        K = self.n_states
+        count = mask.sum(axis=1)
+        fixed = np.where(count == K, -1, np.where(count == 1, mask.argmax(axis=1), -2))
+        w, m, c = self._draws()
+        out = np.zeros((X.shape[0], K))
+        for s in range(len(w)):
+            out += _mixture_terms(_log_gaussians(X, m[s], c[s]), w[s], fixed == -1, fixed, mask)[1]
+        return out / len(w)
 
     def perturbation(self, state: int | str = 1, reference: int | str = 0) -> PerturbationDistribution:
         """Distribution of ``Z = mu_state - mu_reference`` under the independent coupling.
@@ -446,7 +725,7 @@ class ScOTGM:
             Mean ``mu_state - mu_reference`` and covariance ``Sigma_state + Sigma_reference``,
             averaged over posterior draws, and the per-draw values.
         """
-        names = self.settings["state_names"]
+        names = self.state_names
         a, b = (self._state_index(x) for x in (state, reference))
         if a == b:
             raise ValueError(f"state and reference must differ, both are {names[a]!r}.")
@@ -456,7 +735,7 @@ class ScOTGM:
         return PerturbationDistribution(md.mean(0), cd.mean(0), md, cd, names[a], names[b])
 
     def _state_index(self, state: int | str) -> int:
-        names = self.settings["state_names"]
+        names = self.state_names
         if isinstance(state, str):
             if state not in names:
                 raise ValueError(f"state {state!r} unknown; states are {names}.")
@@ -465,6 +744,51 @@ class ScOTGM:
         if not 0 <= k < len(names):
             raise ValueError(f"state index {k} out of range 0..{len(names) - 1}.")
         return k
+
+    def sample_prior_predictive(
+        self,
+        draws: int = 500,
+        *,
+        random_state: int | np.random.Generator | None = None,
+        extend_inferencedata: bool = True,
+    ) -> az.InferenceData:
+        """Draws of the parameters from the prior and of the cells from them, by
+        ``pm.sample_prior_predictive`` on :attr:`model`.
+
+        Parameters
+        ----------
+        draws
+            Number of prior draws.
+        random_state
+            Seed or Generator; defaults to the model's ``random_state`` setting.
+        extend_inferencedata
+            Also add the ``prior`` and ``prior_predictive`` groups to ``self.idata`` (replacing
+            ones that are there); an unfitted model with built data gets an ``idata`` holding them.
+
+        Returns
+        -------
+        arviz.InferenceData
+            ``prior`` (every parameter under its graph name) and ``prior_predictive`` (``X``,
+            dims ``chain, draw, cell, pc``), with ``observed_data``.
+        """
+        import pymc as pm
+
+        if isinstance(draws, bool) or int(draws) != draws or draws < 1:
+            raise ValueError(f"draws must be a positive integer, got {draws!r}.")
+        rng = np.random.default_rng(self.settings["random_state"] if random_state is None else random_state)
+        model = self.model
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Support point not defined", category=UserWarning)
+            out = pm.sample_prior_predictive(draws=int(draws), model=model, random_seed=rng)
+        if extend_inferencedata:
+            if self.idata is None:
+                self.idata = az.InferenceData(observed_data=out.observed_data, attrs={
+                    "model_config": json.dumps(self.model_config, sort_keys=True), "model": "scotgm_pp.models.ScOTGM"})
+            for group in ("prior", "prior_predictive"):
+                if group in self.idata.groups():
+                    delattr(self.idata, group)
+            self.idata.add_groups(prior=out.prior, prior_predictive=out.prior_predictive)
+        return out
 
     def sample_posterior_predictive(
         self,
@@ -481,10 +805,10 @@ class ScOTGM:
         ``x ~ N(mu_state, Sigma_state)`` from that draw, so parameter uncertainty is carried
         (an EM or MAP fit has a single draw: the fitted point).
 
-        * ``n=None``: replicate the observed cells, as ``pm.sample_posterior_predictive`` does on
-          :func:`~scotgm_pp.models.build_model` (``x_free`` and ``x_pinned_k``): pinned cells stay
-          in their state, free cells draw theirs from the draw's weights
-          (``tests/test_predictive.py`` holds the two to each other).
+        * ``n=None``: replicate the observed cells, the law of ``pm.sample_posterior_predictive``
+          on :attr:`model`'s ``X``: each cell's state is drawn from the draw's weights
+          renormalised over the states the cell may take (a pinned cell stays in its state;
+          ``tests/test_predictive.py`` holds the two to each other).
         * ``n`` cells: new cells per draw, in ``state`` if given, else states from the weights.
 
         Parameters
@@ -505,7 +829,8 @@ class ScOTGM:
         -------
         arviz.InferenceData
             ``posterior`` (the draws used), ``posterior_predictive`` with ``X`` (chain, draw,
-            cell, pc) and ``state`` (chain, draw, cell), and, when replicating, ``observed_data``.
+            cell, pc) and ``state`` (chain, draw, cell), and, when replicating, ``observed_data``
+            (so ``az.plot_ppc`` draws it).
         """
         idata = self._require_fit()
         if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
@@ -513,51 +838,48 @@ class ScOTGM:
         if state is not None and n is None:
             raise ValueError("state= applies to new cells; pass n= as well (replicated cells keep their own states).")
         rng = np.random.default_rng(self.settings["random_state"] if random_state is None else random_state)
-        post = idata.posterior
-        if draws is not None:
-            if int(draws) < 1:
-                raise ValueError(f"draws must be a positive integer, got {draws!r}.")
-            keep = np.unique(np.linspace(0, post.sizes["draw"] - 1, min(int(draws), post.sizes["draw"])).astype(int))
-            post = post.isel(draw=keep)
+        post = self._parameter_draws(draws)
         C, D = post.sizes["chain"], post.sizes["draw"]
-        K = self.settings["n_states"]
+        K = self.n_states
         d = post.sizes["pc"]
         w = post["weights"].values.reshape(-1, K)
         m = post["means"].values.reshape(-1, K, d)
         L = np.linalg.cholesky(post["covariances"].values.reshape(-1, K, d, d))
         if n is None:
-            fixed = idata.constant_data["fixed_state"].values
+            mask = idata.constant_data["allowed_states"].values.astype(bool)
             cells = idata.observed_data["cell"].values
         else:
-            fixed = np.full(int(n), -1 if state is None else self._state_index(state))
+            mask = np.ones((int(n), K), bool)
+            if state is not None:
+                mask[:] = False
+                mask[:, self._state_index(state)] = True
             cells = np.array([f"synthetic_{i}" for i in range(int(n))])
-        free = fixed < 0
-        X = np.empty((C * D, fixed.size, d))
-        Z = np.empty((C * D, fixed.size), dtype=np.int64)
+        n_cells = mask.shape[0]
+        X = np.empty((C * D, n_cells, d))
+        Z = np.empty((C * D, n_cells), dtype=np.int64)
         for s in range(C * D):
-            z = fixed.copy()
-            u = rng.random(int(free.sum()))[:, None]
-            z[free] = np.minimum((np.cumsum(w[s], axis=0)[None, :] < u).sum(axis=1), K - 1)
-            X[s] = m[s, z] + np.einsum("nij,nj->ni", L[s, z], rng.standard_normal((fixed.size, d)))
+            p = w[s][None, :] * mask
+            p /= p.sum(axis=1, keepdims=True)
+            u = rng.random(n_cells)[:, None]
+            z = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), K - 1)
+            X[s] = m[s, z] + np.einsum("nij,nj->ni", L[s, z], rng.standard_normal((n_cells, d)))
             Z[s] = z
         coords = {"chain": post["chain"].values, "draw": post["draw"].values, "cell": cells, "pc": post["pc"].values}
-        pp = xr.Dataset({"X": (("chain", "draw", "cell", "pc"), X.reshape(C, D, fixed.size, d)),
-                         "state": (("chain", "draw", "cell"), Z.reshape(C, D, fixed.size))}, coords=coords)
+        pp = xr.Dataset({"X": (("chain", "draw", "cell", "pc"), X.reshape(C, D, n_cells, d)),
+                         "state": (("chain", "draw", "cell"), Z.reshape(C, D, n_cells))}, coords=coords)
         groups = {"posterior": post, "posterior_predictive": pp}
         if n is None:
             groups["observed_data"] = idata.observed_data
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            out = az.InferenceData(**groups, attrs={"model": "scotgm_pp.models.ScOTGM", "method": self.method})
-            if extend_inferencedata:
-                if "posterior_predictive" in idata.groups():
-                    del idata.posterior_predictive
-                idata.add_groups(posterior_predictive=pp)
+        out = az.InferenceData(**groups, attrs={"model": "scotgm_pp.models.ScOTGM", "method": self.method})
+        if extend_inferencedata:
+            if "posterior_predictive" in idata.groups():
+                del idata.posterior_predictive
+            idata.add_groups(posterior_predictive=pp)
         return out
 
     # ---------------------------------------------------------------- io
     def save(self, path: str | Path) -> Path:
-        """Write ``.idata`` (with the settings and a digest of the contents in its attrs) to a
+        """Write ``.idata`` (with the configs and a digest of the contents in its attrs) to a
         netCDF file.
 
         Parameters
@@ -582,7 +904,9 @@ class ScOTGM:
         """Rebuild a fitted model from :meth:`save`'s netCDF file.
 
         The file is verified first (:func:`scotgm_pp.models._persist.verify`): a file that is not
-        a saved model, or whose contents or settings were altered after saving, is refused.
+        a saved model, or whose contents or settings were altered after saving, is refused. The
+        loaded model has the saved ``model_config`` and ``sampler_config``; its :attr:`model` is
+        rebuilt from the saved data and prior.
 
         Parameters
         ----------
@@ -605,10 +929,45 @@ class ScOTGM:
                 idata = az.from_netcdf(str(path), engine="h5netcdf")
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path} is not a readable netCDF file written by ScOTGM.save ({err}).") from err
-        model = cls(**verify(idata, path))
+        config = verify(idata, path)
+        model = cls(model_config=config["model_config"], sampler_config=config["sampler_config"],
+                    **config["settings"])
         model.idata = idata
         return model
 
+    def copy(self) -> ScOTGM:
+        """An unfitted copy with the same configs and settings."""
+        return ScOTGM(model_config=copy.deepcopy(self.model_config), sampler_config=dict(self.sampler_config),
+                      **self.settings)
+
     def __repr__(self) -> str:
-        status = "unfitted" if self.idata is None else f"fitted by {self.method!r}"
-        return f"ScOTGM(n_states={self.settings['n_states']}, {status})"
+        fitted = self.idata is not None and any(g in self.idata.groups() for g in ("posterior", POINT_GROUP))
+        status = f"fitted by {self.method!r}" if fitted else "unfitted"
+        c = self.model_config
+        return f"ScOTGM(n_states={c['n_states']}, covariance={c['covariance']!r}, prior={c['prior']!r}, {status})"
+
+
+def check_convergence(idata, what: str, var_names=("weights", "means", "covariances")) -> dict:
+    """R-hat and bulk ESS of a posterior's parameters; warn (:class:`ConvergenceWarning`) when the
+    largest R-hat exceeds :data:`RHAT_MAX` or the smallest ESS is below :data:`ESS_MIN`.
+
+    Returns ``{"r_hat_max": ..., "ess_bulk_min": ...}``.
+    """
+    post = idata.posterior
+    names = [v for v in var_names if v in post]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rhat = az.rhat(post[names])
+        ess = az.ess(post[names], method="bulk")
+    vals_r = np.concatenate([np.ravel(rhat[v].values) for v in names])
+    vals_e = np.concatenate([np.ravel(ess[v].values) for v in names])
+    r_max = float(np.nanmax(vals_r)) if np.isfinite(vals_r).any() else float("nan")
+    e_min = float(np.nanmin(vals_e)) if np.isfinite(vals_e).any() else float("nan")
+    if not (r_max <= RHAT_MAX) or not (e_min >= ESS_MIN):
+        warnings.warn(
+            f"{what}: the chains have not converged well enough: max R-hat {r_max:.3f} (want <= {RHAT_MAX}), "
+            f"min bulk ESS {e_min:.0f} (want >= {ESS_MIN}). Run more draws, tune or chains, or check label "
+            "switching between unpinned states (az.plot_trace).",
+            ConvergenceWarning, stacklevel=3,
+        )
+    return {"r_hat_max": r_max, "ess_bulk_min": e_min}

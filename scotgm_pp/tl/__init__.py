@@ -16,6 +16,7 @@ from ._core import (
 from ._counts import count_shift, universal_threshold
 from ._effects import CountFit, effect_table, fit_count_layer, library_sizes
 from ._hits import call_hits
+from ._model import get_model
 from ._ppc import posterior_draws, posterior_predictive, ppc_statistics
 from ._predict import observed_response, predict_response
 from ._pair import analyse_pair
@@ -40,6 +41,7 @@ __all__ = [
     "fit_states",
     "library_sizes",
     "gene_statistics",
+    "get_model",
     "get_rankings",
     "get_record",
     "get_responses",

@@ -139,6 +139,7 @@ def analyse_pair(
     record = {
         **pair.record,
         **_state_record(pair, fit),
+        **_state_model_data(pair, fit, regularization, em_regularization),
         **_count_record(cf),
         **llr,
         **_posterior_entries(pair, fit, cf, size_factors, b, regularization),
@@ -191,6 +192,20 @@ def _state_record(pair, fit) -> dict:
         **fit.state_info,
     }
 
+
+
+def _state_model_data(pair, fit, regularization: float, em_regularization: str) -> dict:
+    """What :func:`~scotgm_pp.tl.get_model` needs to rebuild the state model's graph: the PCA
+    scores and names of the experiment's cells, their fixed states, and the prior's settings."""
+    em = fit.em
+    return {
+        "state_scores": np.asarray(pair.pca.scores, float),
+        "state_cell_names": np.asarray(pair.obs_names).astype(str),
+        "state_fixed_state": np.asarray(em.fixed_state, np.int8),
+        "state_covariance": str(em.covariance),
+        "state_prior_regularization": float(regularization),
+        "state_em_regularization": str(em_regularization),
+    }
 
 def _posterior_entries(pair, fit, cf, size_factors, batch, regularization) -> dict:
     """What the posterior draws and synthetic cells need (:func:`~scotgm_pp.tl._posterior.posterior_record`):

@@ -1,0 +1,170 @@
+"""A modeller's package (issue 16): every fit hands back its PyMC model, which PyMC and ArviZ tools
+accept as they are: clone, NUTS with a per-cell log-likelihood, LOO, prior and posterior predictive."""
+
+from __future__ import annotations
+
+import warnings
+
+import arviz as az
+import numpy as np
+import pymc as pm
+import pytest
+
+import scotgm_pp as sg
+from scotgm_pp.models import ConvergenceWarning, ScOTGM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def screen():
+    adata = sg.datasets.simulate(n_genes=200, n_perturbations=3, n_control=300, n_cells_per_perturbation=80,
+                                 random_state=0)
+    sg.tl.perturbation_response(adata, "perturbation", "control", n_pcs=5, n_jobs=1)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def nuts_fit(screen):
+    P = sorted(sg.tl.get_responses(screen).obs_names)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return sg.tl.get_model(screen, P, method="nuts", draws=300, tune=300, chains=2)
+
+
+def _three_perturbation_cells(seed: int):
+    """Controls, and guide cells of perturbations A and B with 30% / 50% escaped cells."""
+    rng = np.random.default_rng(seed)
+    d = 4
+    shift = {"A": np.array([3.0, 0, 0, 0]), "B": np.array([0, 3.0, 0, 0])}
+    X = [rng.normal(size=(200, d))]
+    labels = ["NT"] * 200
+    truth = [np.zeros(200, int)]
+    for k, (g, esc) in enumerate((("A", 0.3), ("B", 0.5)), start=1):
+        escaped = rng.random(100) < esc
+        X.append(rng.normal(size=(100, d)) + np.where(escaped[:, None], 0.0, shift[g]))
+        labels += [g] * 100
+        truth.append(np.where(escaped, 0, k))
+    return np.vstack(X), np.array(labels), np.concatenate(truth)
+
+
+def test_get_model_returns_the_screens_own_fit_as_a_pymc_model(screen):
+    from pymc.model.fgraph import clone_model
+
+    for P in sg.tl.get_responses(screen).obs_names:
+        fit = sg.tl.get_model(screen, P)
+        record = sg.tl.get_record(screen, P)
+        assert np.max(np.abs(fit.idata.map["means"].values - record["means"])) <= 1e-10
+        assert np.max(np.abs(fit.idata.map["weights"].values - record["weights"])) <= 1e-10
+    model = fit.model
+    assert isinstance(model, pm.Model)
+    assert {"state", "pc", "cell"} <= set(model.coords)
+    assert len(model.coords["cell"]) == fit.idata.observed_data.sizes["cell"]
+    assert model.named_vars_to_dims["X"] == ("cell", "pc")
+    clone = clone_model(model)  # no initval= in the graph, so PyMC's own tools take it
+    assert set(clone.named_vars) == set(model.named_vars)
+    with pytest.raises(KeyError, match="no results"):
+        sg.tl.get_model(screen, "not_a_perturbation")
+
+
+def test_nuts_fit_has_log_likelihood_loo_and_a_posterior_predictive(nuts_fit):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    idata = nuts_fit.idata
+    assert {"posterior", "log_likelihood", "sample_stats"} <= set(idata.groups())
+    assert idata.log_likelihood["X"].dims == ("chain", "draw", "cell")
+    loo = az.loo(idata)
+    assert np.isfinite(loo.elpd_loo)
+    rhat = az.rhat(idata.posterior[["weights", "means", "covariances"]])
+    assert float(rhat.to_array().max()) <= 1.05
+    assert set(idata.posterior.data_vars) <= set(nuts_fit.model.named_vars)
+    ppc = nuts_fit.sample_posterior_predictive(draws=50)
+    assert ppc.posterior_predictive["X"].dims == ("chain", "draw", "cell", "pc")
+    ax = np.ravel(az.plot_ppc(ppc, num_pp_samples=20))[0]
+    assert len(ax.lines) >= 20 + 1  # the predictive draws, and the observed density
+    # NUTS agrees with the EM point within its posterior spread
+    em = ScOTGM(model_config=nuts_fit.model_config, m_step=nuts_fit.settings["m_step"], max_iter=500,
+                tol=1e-10).fit(idata.observed_data["X"].values, allowed_states=idata.constant_data["allowed_states"].values)
+    post = idata.posterior["means"].values.reshape(-1, 2, idata.posterior.sizes["pc"])
+    assert np.all(np.abs(post.mean(0) - em.idata.map["means"].values) < 3 * post.std(0) + 0.05)
+
+
+def test_default_prior_predictive_stays_on_the_data_scale(screen):
+    P = sorted(sg.tl.get_responses(screen).obs_names)[1]
+    X = sg.tl.get_record(screen, P)["state_scores"]
+    fixed = sg.tl.get_record(screen, P)["state_fixed_state"]
+    model = ScOTGM(random_state=0)
+    model.build_model(X, fixed_state=np.where(fixed == 0, 0, -1))
+    pp = model.sample_prior_predictive(500)
+    p99 = float(np.percentile(np.abs(pp.prior_predictive["X"].values), 99))
+    observed = float(np.abs(X).max())
+    print(f"prior predictive 99th percentile |x| {p99:.1f}, largest |observed| {observed:.1f}")
+    assert p99 <= 10 * observed
+    assert {"prior", "prior_predictive"} <= set(model.idata.groups())
+    assert set(pp.prior.data_vars) <= set(model.model.named_vars)
+
+
+def test_save_load_keeps_model_config_and_refits_the_same(tmp_path):
+    X, labels, _ = _three_perturbation_cells(1)
+    config = {"n_states": 3, "state_names": ["basal", "A", "B"], "covariance": "tied"}
+    fit = ScOTGM(model_config=config, random_state=0).fit(X, labels=labels, control="NT")
+    loaded = ScOTGM.load(fit.save(tmp_path / "tied3.nc"))
+    assert loaded.model_config == fit.model_config and loaded.model_config["covariance"] == "tied"
+    assert loaded.sampler_config == fit.sampler_config and loaded.settings == fit.settings
+    # the rebuilt graph is the same model: same log density at the fitted point
+    point = {k: fit.idata.map[k].values for k in ("weights", "mean_0", "mean_1", "mean_2", "precision")}
+    lp_fit = fit.model.compile_logp(jacobian=False)(fit.model.initial_point() | _transformed(fit.model, point))
+    lp_loaded = loaded.model.compile_logp(jacobian=False)(loaded.model.initial_point() | _transformed(loaded.model, point))
+    assert lp_fit == pytest.approx(lp_loaded, rel=1e-12)
+    assert lp_fit == pytest.approx(float(fit.idata.map["lp"].values), rel=1e-9)
+    refit = loaded.fit(X, labels=labels, control="NT")
+    np.testing.assert_array_equal(refit.idata.map["means"].values, fit.idata.map["means"].values)
+
+
+def _transformed(model, values: dict) -> dict:
+    out = {}
+    for rv in model.free_RVs:
+        value_var = model.rvs_to_values[rv]
+        transform = model.rvs_to_transforms.get(rv)
+        raw = values[rv.name]
+        out[value_var.name] = raw if transform is None else transform.forward(raw).eval()
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_guide_cells_restricted_to_basal_or_their_own_state(seed):
+    """One perturbed state per perturbation, guide cells allowed {basal, their own state}. The tied
+    covariance, as in the screen's escape model: with full covariances a state may widen to cover
+    both modes of its guide cells (seed 2: that is the higher log density, accuracy 0.74)."""
+    X, labels, truth = _three_perturbation_cells(seed)
+    fit = ScOTGM(state_names=["basal", "A", "B"], n_states=3, covariance="tied", random_state=0).fit(
+        X, labels=labels, control="NT")
+    R = fit.responsibilities
+    guide = labels != "NT"
+    assert np.all(R[labels == "A", 2] == 0) and np.all(R[labels == "B", 1] == 0)
+    accuracy = float(np.mean(R[guide].argmax(1) == truth[guide]))
+    print(f"seed {seed}: guide-cell state accuracy {accuracy:.3f}")
+    assert accuracy >= 0.88  # Bayes error at a 3-SD shift in 4 PCs is about 7%
+    means = fit.idata.map["means"].values
+    np.testing.assert_allclose(means[1] - means[0], [3, 0, 0, 0], atol=0.6)
+    np.testing.assert_allclose(means[2] - means[0], [0, 3, 0, 0], atol=0.6)
+    with pytest.raises(ValueError, match="method='nuts'"):
+        ScOTGM(state_names=["basal", "A", "B"], n_states=3).fit(X, labels=labels, control="NT", method="mcmc")
+    with pytest.raises(ValueError, match="name no state"):
+        ScOTGM(state_names=["basal", "A", "C"], n_states=3).fit(X, labels=labels, control="NT")
+
+
+def test_tied_covariance_runs_every_method_and_samplers_warn():
+    X, labels, _ = _three_perturbation_cells(4)
+    two = np.where(labels == "B", "A", labels)
+    em = ScOTGM(covariance="tied", random_state=0).fit(X, labels=two, control="NT")
+    map_ = ScOTGM(covariance="tied", random_state=0).fit(X, labels=two, control="NT", method="map")
+    assert float(map_.idata.map["lp_gain_over_em"].values) <= 1e-6 * abs(float(em.idata.map["lp"].values))
+    with pytest.warns(ConvergenceWarning, match="R-hat"):
+        gibbs = ScOTGM(covariance="tied", random_state=0, draws=30, tune=5).fit(X, labels=two, control="NT",
+                                                                                method="mcmc")
+    covs = gibbs.idata.posterior["covariances"].values
+    np.testing.assert_array_equal(covs[:, :, 0], covs[:, :, 1])  # one shared covariance per draw
+    assert "precision" in gibbs.idata.posterior and "precision_0" not in gibbs.idata.posterior
+    assert gibbs.idata.log_likelihood["X"].shape == (2, 30, X.shape[0])
