@@ -173,9 +173,9 @@ def main() -> None:
     import h5py
 
     with h5py.File(path, "r+") as f:
-        s = json.loads(f.attrs["settings"])
+        s = json.loads(f.attrs["model_config"])
         s["state_names"] = s["state_names"][::-1]
-        f.attrs["settings"] = json.dumps(s, sort_keys=True)
+        f.attrs["model_config"] = json.dumps(s, sort_keys=True)
     case("saved model with state names swapped", api(lambda: ScOTGM.load(path)))
 
     # messages

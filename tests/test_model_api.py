@@ -83,6 +83,15 @@ def test_nuts_fit_has_log_likelihood_loo_and_a_posterior_predictive(nuts_fit):
     assert ppc.posterior_predictive["X"].dims == ("chain", "draw", "cell", "pc")
     ax = np.ravel(az.plot_ppc(ppc, num_pp_samples=20))[0]
     assert len(ax.lines) >= 20 + 1  # the predictive draws, and the observed density
+    # PyMC's own posterior predictive reads the posterior as it is (names shared with the graph):
+    # no parameter is redrawn from the prior, so the replicated cells have the observed spread
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pp = pm.sample_posterior_predictive(idata, model=nuts_fit.model, var_names=["X"], random_seed=0,
+                                            progressbar=False)
+    sd_rep = pp.posterior_predictive["X"].values.std(axis=(0, 1, 2))
+    sd_obs = idata.observed_data["X"].values.std(axis=0)
+    np.testing.assert_allclose(sd_rep, sd_obs, rtol=0.15)
     # NUTS agrees with the EM point within its posterior spread
     em = ScOTGM(model_config=nuts_fit.model_config, m_step=nuts_fit.settings["m_step"], max_iter=500,
                 tol=1e-10).fit(idata.observed_data["X"].values, allowed_states=idata.constant_data["allowed_states"].values)
@@ -168,3 +177,26 @@ def test_tied_covariance_runs_every_method_and_samplers_warn():
     np.testing.assert_array_equal(covs[:, :, 0], covs[:, :, 1])  # one shared covariance per draw
     assert "precision" in gibbs.idata.posterior and "precision_0" not in gibbs.idata.posterior
     assert gibbs.idata.log_likelihood["X"].shape == (2, 30, X.shape[0])
+
+
+def test_an_extended_graph_is_fitted_by_gradient_methods_and_refused_by_em():
+    """clone_model + a shrinkage prior on the perturbation: MAP fits it from the EM start of the
+    built graph; EM and Gibbs say which variable they do not know."""
+    from pymc.model.fgraph import clone_model
+
+    X, labels, _ = _three_perturbation_cells(5)
+    two = np.where(labels == "B", "A", labels)
+    base = ScOTGM(random_state=0).fit(X, labels=two, control="NT")
+    extended = clone_model(base.model)
+    with extended:
+        scale = pm.HalfNormal("shift_scale", 0.05)  # a strong pull of the shift towards 0
+        pm.Potential("shift_shrinkage", pm.logp(pm.Normal.dist(0.0, scale), extended["perturbation_mean"][0]).sum())
+    for method in ("em", "mcmc"):
+        with pytest.raises(ValueError, match=r"adds \['shift_scale'\]"):
+            ScOTGM(random_state=0).fit(X, labels=two, control="NT", method=method, model=extended)
+    shrunk = ScOTGM(random_state=0).fit(X, labels=two, control="NT", method="map", model=extended)
+    assert shrunk.model is extended and "shift_scale" in shrunk.model.named_vars
+    free = np.linalg.norm(base.idata.map["perturbation_mean"].values)
+    pulled = np.linalg.norm(shrunk.idata.map["perturbation_mean"].values)
+    print(f"|shift| {free:.2f} without the shrinkage prior, {pulled:.2f} with it")
+    assert pulled < 0.8 * free

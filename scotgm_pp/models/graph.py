@@ -67,6 +67,7 @@ __all__ = [
     "LogCholeskyTransform",
     "build_model",
     "initial_values",
+    "known_free_variables",
     "default_contrasts",
     "default_state_names",
     "model_point",
@@ -353,8 +354,17 @@ def _gaussian_dist(d: int):
     return dist
 
 
+def known_free_variables(n_states: int) -> set[str]:
+    """Names of the free variables :func:`build_model` may declare for ``n_states`` states (the
+    ones EM, Gibbs and :func:`initial_values` know)."""
+    names = {"weights", "precision", "beta", "delta", "gamma"}
+    for k in range(n_states):
+        names |= {f"mean_{k}", f"precision_{k}"}
+    return names
+
+
 def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, precisions: np.ndarray,
-                   counts=None) -> dict[str, np.ndarray]:
+                   counts=None, unknown: str = "raise") -> dict[str, np.ndarray]:
     """Starting values of :func:`build_model`'s free variables, keyed by variable name, in
     the constrained space: what ``pm.sample(initvals=...)`` takes.
 
@@ -367,6 +377,9 @@ def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, prec
     counts
         The count layer's :class:`~scotgm_pp.inference.count_layer.CountParams` (for a model
         built with counts).
+    unknown
+        ``"raise"``: a free variable :func:`build_model` does not declare is an error naming it;
+        ``"skip"``: it is left out (PyMC then uses its own initial point).
     """
     weights = np.asarray(weights, float)
     means = np.asarray(means, float)
@@ -387,10 +400,12 @@ def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, prec
             if counts is None:
                 raise ValueError("the model has a count layer: pass counts=CountParams(...).")
             out[name] = {"beta": counts.beta, "delta": counts.delta[1:], "gamma": counts.gamma[1:]}[name]
+        elif unknown == "skip":
+            continue
         else:
             raise KeyError(
                 f"free variable {name!r} is not one build_model declares; give its starting value yourself "
-                "(pm.sample(initvals={...})) or let PyMC choose one."
+                "(pm.sample(initvals={...})) or pass unknown='skip' to let PyMC choose one."
             )
     return out
 
@@ -423,6 +438,7 @@ def model_point(
     means: np.ndarray,
     precisions: np.ndarray,
     counts=None,
+    unknown: str = "raise",
 ) -> dict[str, np.ndarray]:
     """The value-variable point of :func:`build_model`'s model at given parameters.
 
@@ -435,6 +451,8 @@ def model_point(
     counts
         The count layer's :class:`~scotgm_pp.inference.count_layer.CountParams` (for a model
         built with counts).
+    unknown
+        As in :func:`initial_values` (``"skip"`` leaves other variables out of the point).
 
     Returns
     -------
@@ -442,9 +460,11 @@ def model_point(
         ``{value variable name: value in the transformed space}``, ready for
         ``model.compile_logp(jacobian=False)``, ``compile_dlogp`` or ``pm.find_MAP(start=...)``.
     """
-    raw_values = initial_values(model, weights, means, precisions, counts)
+    raw_values = initial_values(model, weights, means, precisions, counts, unknown)
     point: dict[str, np.ndarray] = {}
     for rv in model.free_RVs:
+        if rv.name not in raw_values:
+            continue
         value = model.rvs_to_values[rv]
         transform = model.rvs_to_transforms.get(rv)
         raw = raw_values[rv.name]

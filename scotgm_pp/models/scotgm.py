@@ -414,6 +414,7 @@ class ScOTGM:
         method: str = "em",
         obsm_key: str = "X_pca",
         progressbar: bool = False,
+        model=None,
         **kwargs,
     ) -> ScOTGM:
         """Fit the model.
@@ -443,6 +444,14 @@ class ScOTGM:
             Key of the PCA scores in ``adata.obsm``.
         progressbar
             Show the progress of ``pm.find_MAP``, ``pm.sample`` or the Gibbs sweeps.
+        model
+            An extension of this data's graph (e.g. ``pm.model.fgraph.clone_model(fit.model)``
+            with a variable added or a prior changed), fitted instead of the built graph with
+            ``method="nuts"`` or ``"map"``: the variables :func:`build_model` declares start from
+            the EM solution of the built graph, the others from PyMC's initial point. EM and Gibbs
+            know only the built graph's variables, so ``"em"`` and ``"mcmc"`` refuse a model with
+            others, naming them. The extended model becomes :attr:`model` (a saved fit rebuilds
+            the built graph on load).
         **kwargs
             Passed to ``fit_em`` (``"em"``), ``pm.find_MAP`` (``"map"``), ``sample_gibbs``
             (``"mcmc"``) or ``pm.sample`` (``"nuts"``).
@@ -458,6 +467,8 @@ class ScOTGM:
             raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {method!r}.")
         self.build_model(data, fixed_state=fixed_state, allowed_states=allowed_states, labels=labels,
                          control=control, obsm_key=obsm_key)
+        if model is not None:
+            self._model = self._check_extension(model, method)
         data = self._data
         s, K = self.settings, self.n_states
         X, fixed, mask, prior = data["X"], data["fixed"], data["mask"], data["prior"]
@@ -502,13 +513,37 @@ class ScOTGM:
             check_convergence(self.idata, f"ScOTGM.fit(method={method!r})")
         return self
 
+    def _check_extension(self, model, method: str):
+        import pymc as pm
+
+        from .graph import known_free_variables
+
+        if not isinstance(model, pm.Model):
+            raise TypeError(f"model must be a pymc.Model (an extension of ScOTGM.model), got {type(model).__name__}.")
+        if "X" not in model.named_vars or model.named_vars["X"] not in model.observed_RVs:
+            raise ValueError("model has no observed variable 'X'; extend the graph of ScOTGM.model "
+                             "(pm.model.fgraph.clone_model(fit.model)) so that it observes the same cells.")
+        observed = model.rvs_to_values[model.named_vars["X"]]
+        shape = tuple(np.shape(observed.data if hasattr(observed, "data") else observed.eval()))
+        if shape != self._data["X"].shape:
+            raise ValueError(f"model observes X of shape {shape} but the data has {self._data['X'].shape}.")
+        unknown = sorted(v.name for v in model.free_RVs if v.name not in known_free_variables(self.n_states))
+        if unknown and method in ("em", "mcmc"):
+            raise ValueError(f"method={method!r} knows only the variables build_model declares; the model adds "
+                             f"{unknown}. Fit it with method='nuts' (or 'map').")
+        return model
+
     def _find_map(self, em, progressbar, kwargs):
         import pymc as pm
 
         from .graph import model_point
 
         model = self.model
-        start = model_point(model, em.weights, em.means, np.linalg.inv(em.covariances))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Support point not defined", category=UserWarning)
+            initial = model.initial_point(random_seed=0)
+        start = initial | model_point(model, em.weights, em.means, np.linalg.inv(em.covariances),
+                                                    unknown="skip")
         point, raw = pm.find_MAP(start=start, model=model, progressbar=progressbar, return_raw=True, **kwargs)
         return (np.asarray(point["weights"]), np.asarray(point["means"]), np.asarray(point["covariances"]),
                 float(-raw.fun))
@@ -522,7 +557,7 @@ class ScOTGM:
         model = self.model
         cfg = {**self.sampler_config, **kwargs}
         chains = int(cfg.pop("chains"))
-        initvals = initial_values(model, em.weights, em.means, np.linalg.inv(em.covariances))
+        initvals = initial_values(model, em.weights, em.means, np.linalg.inv(em.covariances), unknown="skip")
         seed = int(rng.integers(2**31))
         idata_kwargs = {"log_likelihood": True, **cfg.pop("idata_kwargs", {})}
         # One BLAS thread: numpy's and scipy's OpenBLAS pools otherwise spin against each other
