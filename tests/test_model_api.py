@@ -56,9 +56,13 @@ def test_get_model_returns_the_screens_own_fit_as_a_pymc_model(screen):
         record = sg.tl.get_record(screen, P)
         assert np.max(np.abs(fit.idata.map["means"].values - record["means"])) <= 1e-10
         assert np.max(np.abs(fit.idata.map["weights"].values - record["weights"])) <= 1e-10
+        # the graph's gene-level shift V (mean_1 - mean_0) is the screen's mu layer (loadings kept as float32)
+        gene_mean = fit.idata.map["perturbation_gene_mean"].sel(contrast="perturbed - basal")
+        mu = sg.tl.get_responses(screen)[P].to_df(layer="mu").iloc[0].reindex(gene_mean["gene"].values)
+        np.testing.assert_allclose(gene_mean.values, mu.to_numpy(), atol=1e-5 * np.abs(mu.to_numpy()).max())
     model = fit.model
     assert isinstance(model, pm.Model)
-    assert {"state", "pc", "cell"} <= set(model.coords)
+    assert {"state", "pc", "cell", "gene"} <= set(model.coords)
     assert len(model.coords["cell"]) == fit.idata.observed_data.sizes["cell"]
     assert model.named_vars_to_dims["X"] == ("cell", "pc")
     clone = clone_model(model)  # no initval= in the graph, so PyMC's own tools take it

@@ -175,6 +175,7 @@ def build_model(
     dispersion: np.ndarray | None = None,
     batch: np.ndarray | None = None,
     count_prior: CountPrior | None = None,
+    loadings: np.ndarray | None = None,
 ) -> pm.Model:
     """Declare the sc-OTGM mixture as a PyMC model, optionally with the count observation layer.
 
@@ -211,6 +212,11 @@ def build_model(
         ``size_factors`` (library size per cell) and ``dispersion`` (plug-in NB dispersion per
         gene); ``batch`` (label per cell) adds batch offsets; ``count_prior`` defaults to
         :func:`~scotgm_pp.inference.count_layer.default_count_prior`.
+    loadings
+        Optional genes x PCs PCA loadings ``V`` (e.g. ``adata.varm["PCs"]``), without counts:
+        adds the data ``loadings`` (dims ``gene, pc``) and the deterministic
+        ``perturbation_gene_mean`` (``contrast, gene``) ``= V (mean_a - mean_b)``, the paper's
+        gene-level mean shift. ``coords["gene"]`` names the genes.
 
     Returns
     -------
@@ -255,6 +261,16 @@ def build_model(
     if coords:
         raise ValueError(f"coords may only set 'cell', 'pc' and 'gene'; unexpected keys {sorted(coords)}.")
     Y = _check_counts(counts, n, size_factors, dispersion)
+    V = None
+    if loadings is not None:
+        if Y is not None:
+            raise ValueError("pass loadings or counts, not both (the count layer names the genes by its own columns).")
+        V = np.asarray(loadings, float)
+        if V.ndim != 2 or V.shape[1] != d or not np.all(np.isfinite(V)):
+            raise ValueError(f"loadings must be a finite genes x {d} matrix (one column per PC), got shape {V.shape}.")
+        genes = [str(g) for g in (genes if genes is not None else [f"gene_{j}" for j in range(V.shape[0])])]
+        if len(genes) != V.shape[0]:
+            raise ValueError(f"coords['gene'] needs {V.shape[0]} labels (the rows of loadings), got {len(genes)}.")
     if Y is not None:
         genes = [str(g) for g in (genes if genes is not None else [f"gene_{j}" for j in range(Y.shape[1])])]
         if len(genes) != Y.shape[1]:
@@ -266,6 +282,8 @@ def build_model(
         model_coords["contrast"] = [f"{names[a]} - {names[b]}" for a, b in pairs]
     if Y is not None:
         model_coords.update(count_coords(n, batch, names, genes, pcs))
+    if V is not None:
+        model_coords["gene"] = genes
     m0 = np.asarray(prior.mean, float)
     V = prior.scale
     V = 0.5 * (V + V.T)
@@ -299,6 +317,10 @@ def build_model(
             pm.Deterministic(
                 "perturbation_cov_independent", covs[a_idx] + covs[b_idx], dims=("contrast", "pc", "pc_bis")
             )
+            if V is not None:
+                V_t = pm.Data("loadings", V, dims=("gene", "pc"))
+                pm.Deterministic("perturbation_gene_mean", (means_t[a_idx] - means_t[b_idx]) @ V_t.T,
+                                 dims=("contrast", "gene"))
         log_w = cell_log_weights(weights, allowed)
         if Y is None:
             pm.CustomDist(

@@ -368,10 +368,14 @@ class ScOTGM:
         from .graph import build_model
 
         d = data["X"].shape[1]
+        coords = {"cell": data["cells"], "pc": [f"PC{j + 1}" for j in range(d)]}
+        loadings = data["pca"].get("pca_loadings")
+        if loadings is not None:
+            coords["gene"] = [str(g) for g in data["pca"]["genes"]]
         return build_model(
             data["X"], allowed_states=data["mask"], n_states=self.n_states, prior=data["prior"],
-            state_names=self.state_names, coords={"cell": data["cells"], "pc": [f"PC{j + 1}" for j in range(d)]},
-            covariance=self.model_config["covariance"],
+            state_names=self.state_names, coords=coords, covariance=self.model_config["covariance"],
+            loadings=loadings,
         )
 
     @property
@@ -399,8 +403,11 @@ class ScOTGM:
         K = mask.shape[1]
         count = mask.sum(axis=1)
         fixed = np.where(count == K, -1, np.where(count == 1, mask.argmax(axis=1), -2))
+        pca = {}
+        if "pca_loadings" in cd:
+            pca = {"pca_loadings": cd["pca_loadings"].values, "genes": np.asarray(cd["gene"].values).astype(str)}
         return {"X": X, "fixed": fixed, "mask": mask, "cells": [str(c) for c in idata.observed_data["cell"].values],
-                "pca": {}, "prior": prior}
+                "pca": pca, "prior": prior}
 
     # ------------------------------------------------------------------- fit
     def fit(
@@ -607,12 +614,18 @@ class ScOTGM:
             b = np.array([p[1] for p in pairs])
             out["perturbation_mean"] = (L + ("contrast", "pc"), means[..., a, :] - means[..., b, :])
             out["perturbation_cov_independent"] = (L + ("contrast", "pc", "pc_bis"), covs[..., a, :, :] + covs[..., b, :, :])
+            V = (self._data or {}).get("pca", {}).get("pca_loadings")
+            if V is not None:
+                out["perturbation_gene_mean"] = (L + ("contrast", "gene"), (means[..., a, :] - means[..., b, :]) @ V.T)
         return out
 
     def _coords(self, d: int) -> dict:
         names = self.state_names
         pcs = [f"PC{j + 1}" for j in range(d)]
         coords = {"state": names, "pc": pcs, "pc_bis": pcs}
+        pca = (self._data or {}).get("pca", {})
+        if "pca_loadings" in pca:
+            coords["gene"] = [str(g) for g in pca["genes"]]
         pairs = default_contrasts(self.n_states)
         if pairs:
             coords["contrast"] = [f"{names[i]} - {names[j]}" for i, j in pairs]
