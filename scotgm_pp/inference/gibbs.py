@@ -11,11 +11,13 @@ The model is the one of :func:`scotgm_pp.models.build_model` with the state labe
   ``Psi_n = Psi0 + S_k + kappa0 N_k / kappa_n (xbar_k - m0)(xbar_k - m0)^T``,
   ``Lambda_k ~ Wishart(nu_n, Psi_n^{-1})`` and ``mu_k | Lambda_k ~ N(m_n, (kappa_n Lambda_k)^{-1})``.
 
-NUTS is not used: ``pm.Wishart`` has no unconstrained default transform in PyMC 5.28 and a
-mixture posterior is multimodal under label permutations. Label switching is handled by the
-pinned cells (a state holding pinned cells has a fixed meaning) and, among states without
-pinned cells, by relabelling every draw to the reference means (the EM solution) with the
-assignment that minimises the squared distance between means.
+This is the sampler of ``ScOTGM.fit(method="mcmc")``; ``method="nuts"`` samples the same graph
+with ``pm.sample`` (the Wishart precisions through their log-Cholesky transform). A mixture
+posterior is multimodal under label permutations. Label switching is handled by the pinned cells
+(a state holding pinned cells has a fixed meaning) and, among states without pinned cells, by
+relabelling every draw to the reference means (the EM solution) with the assignment that
+minimises the squared distance between means. Cells allowed a proper subset of the states make
+the weights' conditional non-Dirichlet; ``ScOTGM`` sends such models to NUTS.
 """
 
 from __future__ import annotations
