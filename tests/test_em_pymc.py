@@ -138,6 +138,7 @@ def test_build_model_dims_and_bad_inputs(semi):
     assert model.named_vars_to_dims["X"] == ("cell", "pc")
     assert [v.name for v in model.observed_RVs] == ["X"]
     assert all(v is None for v in model.rvs_to_initial_values.values())
+    assert "gene" not in model.coords and "perturbation_gene_mean" not in model.named_vars  # no loadings given
     np.testing.assert_array_equal(model["allowed_states"].get_value()[:, 1], (fixed < 0).astype(np.int8))
     with pytest.raises(ValueError, match="fixed_state"):
         build_model(X, fixed_state=fixed[:-1])

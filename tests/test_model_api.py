@@ -11,7 +11,7 @@ import pymc as pm
 import pytest
 
 import scotgm_pp as sg
-from scotgm_pp.models import ConvergenceWarning, ScOTGM
+from scotgm_pp.models import ConvergenceWarning, ScOTGM, model_point
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +65,13 @@ def test_get_model_returns_the_screens_own_fit_as_a_pymc_model(screen):
     assert {"state", "pc", "cell", "gene"} <= set(model.coords)
     assert len(model.coords["cell"]) == fit.idata.observed_data.sizes["cell"]
     assert model.named_vars_to_dims["X"] == ("cell", "pc")
+    # the graph's own deterministics at the EM point are the map group's values
+    point = model_point(model, fit.idata.map["weights"].values, fit.idata.map["means"].values,
+                        fit.idata.map["precisions"].values)
+    for name in ("perturbation_gene_mean", "covariances"):
+        out = model.replace_rvs_by_values([model[name]])[0]
+        fn = model.compile_fn(out, inputs=model.value_vars, on_unused_input="ignore")
+        np.testing.assert_allclose(fn(point), fit.idata.map[name].values, rtol=1e-8, atol=1e-12)
     clone = clone_model(model)  # no initval= in the graph, so PyMC's own tools take it
     assert set(clone.named_vars) == set(model.named_vars)
     with pytest.raises(KeyError, match="no results"):

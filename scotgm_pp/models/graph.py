@@ -261,16 +261,18 @@ def build_model(
     if coords:
         raise ValueError(f"coords may only set 'cell', 'pc' and 'gene'; unexpected keys {sorted(coords)}.")
     Y = _check_counts(counts, n, size_factors, dispersion)
-    V = None
+    pca_loadings = None
     if loadings is not None:
         if Y is not None:
             raise ValueError("pass loadings or counts, not both (the count layer names the genes by its own columns).")
-        V = np.asarray(loadings, float)
-        if V.ndim != 2 or V.shape[1] != d or not np.all(np.isfinite(V)):
-            raise ValueError(f"loadings must be a finite genes x {d} matrix (one column per PC), got shape {V.shape}.")
-        genes = [str(g) for g in (genes if genes is not None else [f"gene_{j}" for j in range(V.shape[0])])]
-        if len(genes) != V.shape[0]:
-            raise ValueError(f"coords['gene'] needs {V.shape[0]} labels (the rows of loadings), got {len(genes)}.")
+        pca_loadings = np.asarray(loadings, float)
+        if pca_loadings.ndim != 2 or pca_loadings.shape[1] != d or not np.all(np.isfinite(pca_loadings)):
+            raise ValueError(f"loadings must be a finite genes x {d} matrix (one column per PC), got shape "
+                             f"{pca_loadings.shape}.")
+        n_genes = pca_loadings.shape[0]
+        genes = [str(g) for g in (genes if genes is not None else [f"gene_{j}" for j in range(n_genes)])]
+        if len(genes) != n_genes:
+            raise ValueError(f"coords['gene'] needs {n_genes} labels (the rows of loadings), got {len(genes)}.")
     if Y is not None:
         genes = [str(g) for g in (genes if genes is not None else [f"gene_{j}" for j in range(Y.shape[1])])]
         if len(genes) != Y.shape[1]:
@@ -282,7 +284,7 @@ def build_model(
         model_coords["contrast"] = [f"{names[a]} - {names[b]}" for a, b in pairs]
     if Y is not None:
         model_coords.update(count_coords(n, batch, names, genes, pcs))
-    if V is not None:
+    if pca_loadings is not None:
         model_coords["gene"] = genes
     m0 = np.asarray(prior.mean, float)
     V = prior.scale
@@ -317,8 +319,8 @@ def build_model(
             pm.Deterministic(
                 "perturbation_cov_independent", covs[a_idx] + covs[b_idx], dims=("contrast", "pc", "pc_bis")
             )
-            if V is not None:
-                V_t = pm.Data("loadings", V, dims=("gene", "pc"))
+            if pca_loadings is not None:
+                V_t = pm.Data("loadings", pca_loadings, dims=("gene", "pc"))
                 pm.Deterministic("perturbation_gene_mean", (means_t[a_idx] - means_t[b_idx]) @ V_t.T,
                                  dims=("contrast", "gene"))
         log_w = cell_log_weights(weights, allowed)

@@ -163,7 +163,7 @@ class ScOTGM:
         ``"tied"``) and the priors. Stored in the InferenceData's attrs.
     sampler_config
         ``pm.sample`` settings (see :data:`DEFAULT_SAMPLER_CONFIG`).
-    covariance, state_names, regularization, kappa, extra_dof, dirichlet
+    covariance, state_names, prior, regularization, kappa, extra_dof, dirichlet
         Shorthands for the ``model_config`` keys of the same names (they override it).
     m_step
         ``"map"`` (exact MAP M-step) or ``"paper"`` (Algorithm 3 as published), passed to
@@ -199,6 +199,7 @@ class ScOTGM:
         sampler_config: dict | None = None,
         covariance: str | None = None,
         state_names: list[str] | None = None,
+        prior: str | None = None,
         regularization: float | None = None,
         kappa: float | None = None,
         extra_dof: int | None = None,
@@ -214,7 +215,7 @@ class ScOTGM:
     ):
         config = dict(model_config or {})
         for key, value in (("n_states", n_states), ("covariance", covariance), ("state_names", state_names),
-                           ("regularization", regularization), ("kappa", kappa), ("extra_dof", extra_dof),
+                           ("prior", prior), ("regularization", regularization), ("kappa", kappa), ("extra_dof", extra_dof),
                            ("dirichlet", dirichlet)):
             if value is not None:
                 config[key] = value
