@@ -4,26 +4,29 @@ Submodules: :mod:`~scotgm_pp.datasets` (simulated and real screens), :mod:`~scot
 (preprocessing, PCA), :mod:`~scotgm_pp.tl` (perturbation responses, rankings, escaped cells),
 :mod:`~scotgm_pp.pl` (figures), :mod:`~scotgm_pp.models` (the PyMC graph and the ScOTGM model
 class), :mod:`~scotgm_pp.inference` (EM, transport couplings, Hit-and-Run) and
-:mod:`~scotgm_pp.benchmark`. ``models``, ``pl`` and ``benchmark`` import PyMC / matplotlib and
-are loaded on first access.
+:mod:`~scotgm_pp.benchmark`. Every submodule is imported on first access (``sg.tl``, ``from
+scotgm_pp import tl``), so that ``import scotgm_pp`` and the command line start in a fraction of
+a second (the command line starts its Dask workers before it loads the rest).
 """
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from . import datasets, inference, pp, tl
 
 try:
     __version__ = version("scotgm_pp")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-_LAZY = ("models", "pl", "benchmark")
+_LAZY = ("datasets", "inference", "pp", "tl", "models", "pl", "benchmark")
 
-__all__ = ["datasets", "inference", "pp", "tl", *_LAZY, "__version__"]
+__all__ = ["__version__", "benchmark", "datasets", "inference", "models", "pl", "pp", "tl"]
 
 
 def __getattr__(name):
     if name in _LAZY:
         return import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -12,7 +12,13 @@ from . import __version__
 from ._screen import MemoryRows, Screen
 from .io import TOP_GENES, RunFolder, input_fingerprint, run_summary, write_rankings
 from .tl._plan import RunSettings
-from .tl._response import annotate, execute_plan, get_rankings, plan_screen
+from .tl._response import (
+    annotate,
+    execute_plan,
+    get_rankings,
+    plan_screen,
+    start_workers,
+)
 from .tl._store import RecordStore
 
 __all__ = ["run_to_folder"]
@@ -47,13 +53,20 @@ def run_to_folder(
     }
     folder = RunFolder(Path(out), fingerprint, inputs=inputs, overwrite=overwrite, command=command)
     folder.check()
-    plan = plan_screen(screen, settings, perturbations)
-    folder.claim()
-    store = RecordStore(folder.records)
-    done_before = len(store.keys())
-    if done_before and progress:
-        print(f"resuming: {done_before} perturbation(s) already finished in {folder.work}")
-    run = execute_plan(plan, n_jobs=n_jobs, client=client, store=store, progress=progress)
+    # local workers start in the background while the plan is made
+    workers = start_workers(screen, settings, perturbations, n_jobs=n_jobs, client=client)
+    try:
+        plan = plan_screen(screen, settings, perturbations)
+        folder.claim()
+        store = RecordStore(folder.records)
+        done_before = len(store.keys())
+        if done_before and progress:
+            print(f"resuming: {done_before} perturbation(s) already finished in {folder.work}")
+        run = execute_plan(plan, n_jobs=n_jobs, client=client if workers is None else workers, store=store,
+                           progress=progress)
+    finally:
+        if workers is not None:
+            workers.close()
     results = AnnData(obs=screen.obs.copy(), var=pd.DataFrame(index=screen.var_names))
     annotate(results, run, key)
     stage = folder.work / "out"

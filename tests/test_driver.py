@@ -119,6 +119,44 @@ def test_backed_file_and_store_give_the_in_memory_results(small_sim, serial, tmp
         _layers_equal(serial, _run(other, n_control_cells=80))
 
 
+def test_workers_started_early_read_their_own_rows_of_a_file(small_sim, serial, tmp_path):
+    """A file-backed screen on 2 local workers started before the plan (as ``scotgm run`` does):
+    the tasks carry only row numbers, each worker reads its cells from the file, and the results
+    are those of the serial in-memory run."""
+    from scotgm_pp._screen import screen_from_h5ad
+    from scotgm_pp._workers import LocalWorkers
+    from scotgm_pp.tl._plan import RunSettings
+    from scotgm_pp.tl._response import _Payloads, annotate, execute_plan, plan_screen, start_workers
+
+    path = tmp_path / "screen.h5ad"
+    small_sim.write_h5ad(path)
+    screen = screen_from_h5ad(path)
+    settings = RunSettings(perturbation_key="perturbation", control="control", n_control_cells=80)
+    plan = plan_screen(screen, settings)
+    task = next(t for t in plan.tasks if t.skip_reason is None)
+    pool_rows = np.unique(np.concatenate([t.control_rows for t in plan.tasks if t.skip_reason is None]))
+    for in_workers in (False, True):
+        payloads = _Payloads(screen, plan.batch, pool_rows, plan.n_detected, in_workers=in_workers)
+        ctx = payloads.context(_execute.ScreenContext(settings=settings, var_names=screen.var_names.to_numpy()))
+        payload = payloads(task)
+        assert (payload.guide_counts is None) == in_workers and payload.counts is None
+        rows, _ = _execute.screen_order(task)
+        got = _execute.assemble_counts(payload, ctx)
+        assert (got != sp.csr_matrix(small_sim.X[rows])).nnz == 0
+
+    assert start_workers(screen, settings, n_jobs=1) is None
+    assert start_workers(screen, settings, n_jobs=2, client="tcp://127.0.0.1:1") is None
+    with start_workers(screen, settings, n_jobs=2) as workers:
+        assert isinstance(workers, LocalWorkers)
+        run = execute_plan(plan, n_jobs=2, client=workers)
+        assert len(workers.client.scheduler_info()["workers"]) == 2
+    out = ad.AnnData(obs=screen.obs.copy(), var=pd.DataFrame(index=screen.var_names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        annotate(out, run, "scotgm")
+    _layers_equal(serial, out)
+
+
 def test_a_killed_run_resumes_from_its_finished_perturbations(small_sim, serial, tmp_path, monkeypatch):
     store = tmp_path / "records"
     _run(small_sim, n_control_cells=80, store=store)

@@ -10,7 +10,6 @@ not grow with the number of perturbations.
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 import warnings
@@ -25,6 +24,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .._validation import InputError
+from .._workers import LocalWorkers, local_cluster
 from ._calls import bh_qvalues, resampling_test
 from ._core import resolve_rank_by
 from ._counts import universal_threshold
@@ -39,7 +39,9 @@ class ScreenContext:
     """What every task shares (sent once to each worker): the settings, the genes, the controls'
     dispersion per gene and, when they fit in memory, the control cells the tasks sample from
     (``control_pool``, whose row ``pool_pos[r]`` is screen row ``r``). With ``store_path`` the
-    worker writes its own result file there (workers that share the run's filesystem)."""
+    worker writes its own result file there (workers that share the run's filesystem). With
+    ``rows`` (the screen's file, for workers that share the run's filesystem) each worker reads
+    its tasks' cells itself, and the tasks carry only their row numbers."""
 
     settings: RunSettings
     var_names: np.ndarray
@@ -47,13 +49,14 @@ class ScreenContext:
     control_pool: sp.csr_matrix | None = None
     pool_pos: np.ndarray | None = None
     store_path: str | None = None
+    rows: object | None = None
 
 
 @dataclass
 class TaskPayload:
     """One perturbation's cells (guide cells and sampled controls, in screen order), as a worker
-    receives them. Without ``counts``, the worker assembles them from ``guide_counts`` and the
-    context's control pool (:func:`assemble_counts`)."""
+    receives them. Without ``counts``, the worker assembles them from ``guide_counts`` (or the
+    context's ``rows``) and the context's control pool (:func:`assemble_counts`)."""
 
     task: Task
     counts: sp.csr_matrix | None
@@ -71,14 +74,23 @@ def screen_order(task: Task) -> tuple[np.ndarray, np.ndarray]:
     return rows[order], order
 
 
+def read_counts(task: Task, rows, pool: sp.csr_matrix | None = None, pool_pos: np.ndarray | None = None,
+                guide: sp.csr_matrix | None = None) -> sp.csr_matrix:
+    """The task's counts in screen order: its guide rows (``guide``, or read from ``rows``) and
+    its control rows (from the ``pool`` of controls, or read from ``rows``). The one way a task's
+    cells are put together, in this process or in a worker."""
+    if guide is None:
+        guide = rows.read(task.guide_rows)
+    ctrl = pool[pool_pos[task.control_rows]] if pool is not None else rows.read(task.control_rows)
+    _, order = screen_order(task)
+    return sp.vstack([guide, ctrl], format="csr")[order]
+
+
 def assemble_counts(payload: TaskPayload, context: ScreenContext) -> sp.csr_matrix:
     """The task's counts in screen order: its guide rows, and its control rows from the pool."""
     if payload.counts is not None:
         return payload.counts
-    task = payload.task
-    ctrl = context.control_pool[context.pool_pos[task.control_rows]]
-    _, order = screen_order(task)
-    return sp.vstack([payload.guide_counts, ctrl], format="csr")[order]
+    return read_counts(payload.task, context.rows, context.control_pool, context.pool_pos, payload.guide_counts)
 
 
 @dataclass
@@ -263,7 +275,8 @@ def map_tasks(
     n_jobs
         Local workers; 1 runs in this process without Dask.
     client
-        A ``dask.distributed.Client`` or a scheduler address (``"tcp://host:8786"``); overrides
+        A ``dask.distributed.Client``, a scheduler address (``"tcp://host:8786"``) or a
+        :class:`~scotgm_pp._workers.LocalWorkers` started earlier (left running); overrides
         ``n_jobs``.
     progress
         A progress bar with the time left.
@@ -282,22 +295,15 @@ def map_tasks(
 
 def _map_dask(tasks, payload_of, context, on_result, fn, n_workers, client, bar) -> None:
     try:
-        from dask.distributed import Client, LocalCluster, as_completed
+        from dask.distributed import Client, as_completed
     except ImportError as err:  # pragma: no cover - dask is a dependency
         raise InputError("parallel runs need dask.distributed: pip install 'dask[distributed]'.") from err
     own_cluster = own_client = None
     if client is None:
-        import dask
-
-        # One BLAS thread per worker, and glibc's own heap policy: Dask's default
-        # MALLOC_TRIM_THRESHOLD_ also switches off glibc's adaptive mmap threshold, so every array
-        # above 128 kB is mapped and unmapped afresh (measured: 30 s of system time in a 44 s run).
-        environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
-                   if k != "MALLOC_TRIM_THRESHOLD_"}
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-            own_cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR)
-        client = own_client = Client(own_cluster)
+        own_cluster, client = local_cluster(n_workers, (getattr(fn, "__module__", None) or "scotgm_pp",))
+        own_client = client
+    elif isinstance(client, LocalWorkers):
+        client = client.client
     elif isinstance(client, str):
         client = own_client = Client(client)
     try:

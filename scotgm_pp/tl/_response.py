@@ -18,15 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
-from .._screen import Screen, scan_counts, screen_from_anndata
+from .._screen import H5adRows, Screen, scan_counts, screen_from_anndata
 from .._validation import InputError, check_library_sizes
+from .._workers import LocalWorkers
 from ..pp import PreprocessParams, resolve_min_genes
 from ._collect import Collector
 from ._core import DEFAULT_RANK_BY
-from ._execute import ScreenContext, TaskPayload, TaskResult, map_tasks, screen_order
+from ._execute import (
+    ScreenContext,
+    TaskPayload,
+    TaskResult,
+    map_tasks,
+    read_counts,
+    resolve_workers,
+    screen_order,
+)
 from ._plan import (
     MIN_CELLS,
     N_CONTROL_CELLS,
@@ -43,6 +51,7 @@ __all__ = [
     "run_screen",
     "plan_screen",
     "execute_plan",
+    "start_workers",
     "ScreenPlan",
     "ScreenRun",
     "get_responses",
@@ -91,14 +100,18 @@ reads its own."""
 class _Payloads:
     """Reads one task's cells. The control cells the tasks sample are read once into a pool (when
     they fit in :data:`POOL_MAX_BYTES`) that travels with the run's context, once per worker;
-    each task then carries only its guide cells. Otherwise each task carries all its cells."""
+    each task then carries only its guide cells. Otherwise each task carries all its cells.
+    With ``in_workers`` (a screen read from a file, and workers that see it) the tasks carry only
+    their row numbers, and each worker reads its tasks' cells from the file (the context's
+    ``rows``): this process then does no reading or sending of counts while the workers fit."""
 
     def __init__(self, screen: Screen, batch: np.ndarray | None, pool_rows: np.ndarray,
-                 n_detected: np.ndarray | None = None):
+                 n_detected: np.ndarray | None = None, *, in_workers: bool = False):
         self.screen = screen
         self.batch = batch
         # fixed-width strings: pickled as one buffer, not one object per cell
         self.obs_names = screen.obs_names.to_numpy().astype(str)
+        self.in_workers = bool(in_workers) and isinstance(screen.rows, H5adRows)
         self.pool = None
         self.pool_pos = None
         size = 12.0 * (float(n_detected[pool_rows].sum()) if n_detected is not None else 0.0)
@@ -108,16 +121,18 @@ class _Payloads:
             self.pool_pos[pool_rows] = np.arange(pool_rows.size)
 
     def context(self, context: ScreenContext) -> ScreenContext:
-        """``context`` with the control pool attached."""
-        return replace(context, control_pool=self.pool, pool_pos=self.pool_pos)
+        """``context`` with the control pool (and, reading in the workers, the file) attached."""
+        return replace(context, control_pool=self.pool, pool_pos=self.pool_pos,
+                       rows=self.screen.rows if self.in_workers else None)
 
     def __call__(self, task: Task) -> TaskPayload:
-        guide = self.screen.rows.read(task.guide_rows)
         rows, order = screen_order(task)
-        counts = None
-        if self.pool is None:
-            counts = sp.vstack([guide, self.screen.rows.read(task.control_rows)], format="csr")[order]
-            guide = None
+        counts = guide = None
+        if not self.in_workers:
+            if self.pool is None:
+                counts = read_counts(task, self.screen.rows)
+            else:
+                guide = self.screen.rows.read(task.guide_rows)
         return TaskPayload(task=task, counts=counts, guide_counts=guide, obs_names=self.obs_names[rows],
                            is_control=order >= task.guide_rows.size,
                            batch=None if self.batch is None else self.batch[rows])
@@ -164,7 +179,9 @@ def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> Sc
 
 def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, store: RecordStore | None = None,
                  progress: bool = False) -> ScreenRun:
-    """Fit every planned perturbation (those already in ``store`` are read back, not refitted)."""
+    """Fit every planned perturbation (those already in ``store`` are read back, not refitted).
+    ``client`` may be local workers started before the plan (:func:`start_workers`); they are
+    used when the run needs workers and left running either way."""
     labels = plan.labels
     collector = Collector(plan.perturbations, plan.screen.var_names, plan.screen.n_obs, labels.control_mask,
                           labels.unassigned, store)
@@ -185,17 +202,20 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
         else:
             todo.append(task)
     if todo:
+        local = isinstance(client, LocalWorkers)
+        n_workers = _auto_workers(n_jobs, None if local else client, todo, len(plan.screen.var_names))
+        if local and resolve_workers(n_workers) == 1:
+            client = None  # too little work for the workers started in advance
         pool_rows = np.unique(np.concatenate([t.control_rows for t in todo]))
         # workers of a local run write their own result files; a remote scheduler's workers may
         # not see this filesystem, so this process writes them
-        own_files = store is not None and client is None
-        payloads = _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected)
+        local_files = client is None or isinstance(client, LocalWorkers)
+        own_files = store is not None and local_files
+        payloads = _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected, in_workers=local_files)
         context = payloads.context(ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
                                                  dispersion=plan.dispersion,
                                                  store_path=str(store.path) if own_files else None))
-        map_tasks(todo, payloads, context, collector.add,
-                  n_jobs=_auto_workers(n_jobs, client, todo, len(plan.screen.var_names)), client=client,
-                  progress=progress)
+        map_tasks(todo, payloads, context, collector.add, n_jobs=n_workers, client=client, progress=progress)
     return ScreenRun(settings=plan.settings, perturbations=plan.perturbations, collector=collector, store=store,
                      n_control_total=plan.n_control_total)
 
@@ -213,11 +233,44 @@ def _auto_workers(n_jobs, client, todo: list[Task], n_genes: int):
     return None if work >= AUTO_PARALLEL_WORK else 1
 
 
+def _expected_work(screen: Screen, settings: RunSettings, perturbations=None) -> float:
+    """An upper bound of :func:`_auto_workers`' work, from the labels alone (before the plan):
+    every labelled cell of the chosen perturbations plus a full sample of controls each."""
+    if settings.perturbation_key not in screen.obs.columns:
+        return 0.0
+    counts = screen.obs[settings.perturbation_key].astype(str).value_counts()
+    n_control = int(counts.get(str(settings.control), 0))
+    counts = counts.drop(str(settings.control), errors="ignore")
+    if perturbations is not None and not isinstance(perturbations, (str, bytes)):
+        counts = counts[counts.index.isin([str(p) for p in perturbations])]
+    cells = float(counts.sum()) + counts.size * min(settings.n_control_cells, n_control)
+    return cells * len(screen.var_names)
+
+
+def start_workers(screen: Screen, settings: RunSettings, perturbations=None, *, n_jobs: int | None = None,
+                  client=None) -> LocalWorkers | None:
+    """Local Dask workers, started now in the background when the run will want them (``n_jobs``
+    above 1, or ``None`` on a screen that may hold enough work), so that their start overlaps the
+    planning pass. Pass the result to :func:`execute_plan` as ``client`` and close it after."""
+    if client is not None:
+        return None
+    n = resolve_workers(n_jobs)
+    if n == 1 or (n_jobs is None and _expected_work(screen, settings, perturbations) < AUTO_PARALLEL_WORK):
+        return None
+    return LocalWorkers(n)
+
+
 def run_screen(screen: Screen, settings: RunSettings, perturbations=None, *, n_jobs: int | None = None, client=None,
                store: RecordStore | None = None, progress: bool = False) -> ScreenRun:
-    """Plan and execute one screen (the engine under :func:`perturbation_response`)."""
-    return execute_plan(plan_screen(screen, settings, perturbations), n_jobs=n_jobs, client=client, store=store,
-                        progress=progress)
+    """Plan and execute one screen (the engine under :func:`perturbation_response`); local
+    workers, when used, start while the plan is made."""
+    workers = start_workers(screen, settings, perturbations, n_jobs=n_jobs, client=client)
+    try:
+        return execute_plan(plan_screen(screen, settings, perturbations), n_jobs=n_jobs,
+                            client=client if workers is None else workers, store=store, progress=progress)
+    finally:
+        if workers is not None:
+            workers.close()
 
 
 def annotate(target: AnnData, run: ScreenRun, key_added: str) -> None:
