@@ -186,6 +186,25 @@ def test_errors_name_the_fix(adata):
         ScOTGM(random_state=np.random.default_rng(0))
     with pytest.raises(ValueError, match="fixed_state"):
         ScOTGM().fit(adata.obsm["X_pca"], fixed_state=np.ones(3, int))
+    X = adata.obsm["X_pca"]
+    labels = np.where(adata.obs["state0"].to_numpy() == 0, "NT", "g1")
+    with pytest.raises(ValueError, match="control="):
+        ScOTGM().fit(X, labels=labels)
+    with pytest.raises(ValueError, match="'nt' is not among the labels"):
+        ScOTGM().fit(X, labels=labels, control="nt")
+    with pytest.raises(ValueError, match="not both|not several"):
+        ScOTGM().fit(X, labels=labels, control="NT", fixed_state=adata.obs["state0"].to_numpy())
+    with pytest.raises(ValueError, match=r"shape \(400, 2\)"):
+        ScOTGM().fit(X, allowed_states=np.ones((400, 3), bool))
+    with pytest.raises(ValueError, match="allows no state"):
+        ScOTGM().fit(X, allowed_states=np.zeros((400, 2), bool))
+    with pytest.raises(RuntimeError, match="no data yet"):
+        ScOTGM().model
+    with pytest.raises(ValueError, match="unknown keys"):
+        ScOTGM(model_config={"covariances": "tied"})
+    before = adata.copy()
+    ScOTGM().fit(adata, labels="state0", control="0")  # labels from an obs column; the AnnData is left as it was
+    assert adata.obs.equals(before.obs) and np.array_equal(adata.obsm["X_pca"], before.obsm["X_pca"])
 
 
 def test_altered_or_foreign_files_are_refused_on_load(tmp_path, em_model):
