@@ -417,7 +417,7 @@ def _restricted_weights(a: np.ndarray, allowed: np.ndarray, w0: np.ndarray | Non
         lo = -float(c[pos].min())
         hi = float(a.sum())
 
-        def excess(lam):
+        def excess(lam, c=c):
             return float(np.sum(a[pos] / (c[pos] + lam))) - 1.0
 
         step = 1e-12 * max(1.0, abs(lo))
@@ -579,7 +579,7 @@ def _initial_responsibilities(X, fixed, K, rng):
 
 
 
-def _restricted_start(X, fixed, mask):
+def _restricted_start(fixed, mask):
     """Deterministic start with partly restricted cells: every unpinned cell in its one allowed
     state that no cell is pinned to (its "open" state), or ``None`` when some cell has several."""
     K = mask.shape[1]
@@ -812,8 +812,7 @@ def fit_em(
         raise ValueError(f"n_init must be >= 1, got {n_init}.")
     tied = _check_covariance(covariance)
     rng = np.random.default_rng(random_state)
-    partial = np.any(fixed == -2)
-    mask_arg = mask if partial else None
+    partial = bool(np.any(fixed == -2))
 
     if init_responsibilities is not None:
         R = np.array(init_responsibilities, dtype=float)
@@ -826,12 +825,12 @@ def fit_em(
             total = Rp.sum(axis=1, keepdims=True)
             R[rows] = np.where(total > 0, Rp / np.where(total > 0, total, 1.0), mask[rows] / mask[rows].sum(1, keepdims=True))
         return _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=False, tied=tied,
-                       mask=mask_arg)
+                       mask=mask if partial else None)
     if partial:
         # Restricted cells: the deterministic start (every unpinned cell in its open state) and
         # n_init nearest-allowed-centre starts; a state allowed to a group with many escaped
         # cells can otherwise settle between the group's two modes. The best log density wins.
-        candidates = [_restricted_start(X, fixed, mask)]
+        candidates = [_restricted_start(fixed, mask)]
         candidates += [_restricted_kmeans_start(X, fixed, mask, rng) for _ in range(int(n_init))]
         best = None
         for R in (c for c in candidates if c is not None):
@@ -840,15 +839,13 @@ def fit_em(
             if best is None or result.logp > best.logp:
                 best = result
         return best
-    else:
-        free = fixed < 0
-        n_open = n_states - len(np.unique(fixed[~free]))
-        deterministic_start = (not free.any()) or n_open <= 1
+    free = fixed < 0
+    n_open = n_states - len(np.unique(fixed[~free]))
+    deterministic_start = (not free.any()) or n_open <= 1
     best = None
     for _ in range(1 if deterministic_start else int(n_init)):
         R = _initial_responsibilities(X, fixed, n_states, rng)
-        result = _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=True, tied=tied,
-                         mask=mask_arg)
+        result = _run_em(X, R, fixed, n_states, prior, regularization, max_iter, tol, uniform_start=True, tied=tied)
         if best is None or result.logp > best.logp:
             best = result
     return best

@@ -400,10 +400,8 @@ class ScOTGM:
             scale_inv=cd["prior_scale_inv"].values, dirichlet=cd["prior_dirichlet"].values,
         )
         X = idata.observed_data["X"].values
-        mask = cd["allowed_states"].values.astype(bool)
-        K = mask.shape[1]
-        count = mask.sum(axis=1)
-        fixed = np.where(count == K, -1, np.where(count == 1, mask.argmax(axis=1), -2))
+        allowed = cd["allowed_states"].values
+        fixed, mask = validate_allowed_states(allowed, None, *allowed.shape)
         pca = {}
         if "pca_loadings" in cd:
             pca = {"pca_loadings": cd["pca_loadings"].values, "genes": np.asarray(cd["gene"].values).astype(str)}
@@ -750,10 +748,8 @@ class ScOTGM:
 
         idata = self._require_fit()
         X = idata.observed_data["X"].values
-        mask = idata.constant_data["allowed_states"].values.astype(bool)
         K = self.n_states
-        count = mask.sum(axis=1)
-        fixed = np.where(count == K, -1, np.where(count == 1, mask.argmax(axis=1), -2))
+        fixed, mask = validate_allowed_states(idata.constant_data["allowed_states"].values, None, X.shape[0], K)
         w, m, c = self._draws()
         out = np.zeros((X.shape[0], K))
         for s in range(len(w)):
