@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 from scipy import stats
 
@@ -232,6 +231,8 @@ def normalize_log(
         "n_genes_kept": int(work.n_vars),
     }
     if highly_variable:
+        import scanpy as sc  # only here: a screen run without gene selection never loads scanpy
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sc.pp.highly_variable_genes(

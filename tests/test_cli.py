@@ -116,3 +116,16 @@ def test_unexpected_errors_keep_the_traceback_and_ask_for_a_report(monkeypatch, 
     assert cli.main(["demo"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: internal failure" in err and "bug in scotgm_pp" in err
+
+
+def test_the_console_script_exits_with_mains_code_and_skips_the_last_collection(monkeypatch):
+    import gc
+
+    from scotgm_pp import cli
+
+    monkeypatch.setattr(cli, "main", lambda argv=None: 7)
+    try:
+        assert cli.entry_point() == 7
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -270,3 +270,49 @@ def test_file_rows_read_in_any_order_with_repeats(tmp_path, dense):
         assert got.shape == (rows.size, 30)
         np.testing.assert_array_equal(got.toarray(), X.toarray()[rows])
     reader.close()
+
+
+def test_a_screen_run_and_its_workers_load_no_modelling_stack():
+    """What a run and each local worker import (the fork server's preload) leaves out PyMC,
+    ArviZ, scanpy and matplotlib: their imports took 1.6-2 s of each process's start."""
+    import subprocess
+    import sys
+
+    from scotgm_pp._workers import WORKER_PRELOAD
+
+    code = ("import sys, distributed, scotgm_pp._workflow, scotgm_pp._screen\n"
+            f"for m in {list(WORKER_PRELOAD)!r}: __import__(m)\n"
+            "print(' '.join(sorted(m for m in ('pymc', 'arviz', 'pytensor', 'scanpy', 'matplotlib', 'sklearn')"
+            " if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == ""
+
+
+def test_tl_names_load_on_first_access():
+    import importlib
+
+    tl = importlib.import_module("scotgm_pp.tl")
+    for name in tl.__all__:
+        obj = getattr(tl, name)
+        assert obj is getattr(importlib.import_module(f"scotgm_pp.tl.{tl._WHERE[name]}"), name)
+    assert set(tl.__all__) <= set(dir(tl))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tl.nope  # noqa: B018
+
+
+def test_the_whole_task_runs_with_the_blas_threads_asked_for(small_sim, monkeypatch):
+    """``blas_threads`` holds for all of a task, the resampling calls after the fit included
+    (they used to run with the default BLAS pools)."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    add_calls = _execute._add_calls
+
+    def spy(*args, **kwargs):
+        seen.extend(d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas")
+        return add_calls(*args, **kwargs)
+
+    monkeypatch.setattr(_execute, "_add_calls", spy)
+    pert = min(set(small_sim.obs["perturbation"].astype(str)) - {"control"})
+    _run(small_sim, n_control_cells=80, perturbations=[pert], blas_threads=1)
+    assert seen and set(seen) == {1}

@@ -1,27 +1,56 @@
 """Tools: perturbation responses, gene rankings, escaped cells, posterior draws, response prediction,
 synthetic cells and posterior predictive checks (compute only; never plot)."""
 
-from ._calibrate import CalibrationResult, calibration_check
-from ._core import (
-    COUPLINGS,
-    DEFAULT_RANK_BY,
-    RANK_BY,
-    PerturbationFit,
-    StateFit,
-    fit_perturbation,
-    fit_states,
-    gene_statistics,
-    state_shift,
-)
-from ._counts import count_shift, universal_threshold
-from ._effects import CountFit, effect_table, fit_count_layer, library_sizes
-from ._hits import call_hits
-from ._model import get_model
-from ._ppc import posterior_draws, posterior_predictive, ppc_statistics
-from ._predict import observed_response, predict_response
-from ._pair import analyse_pair
-from ._response import get_rankings, get_record, get_responses, perturbation_response
-from ._synthetic import sample_cells
+from importlib import import_module
+
+_WHERE = {
+    "CalibrationResult": "_calibrate",
+    "calibration_check": "_calibrate",
+    "COUPLINGS": "_core",
+    "DEFAULT_RANK_BY": "_core",
+    "RANK_BY": "_core",
+    "PerturbationFit": "_core",
+    "StateFit": "_core",
+    "fit_perturbation": "_core",
+    "fit_states": "_core",
+    "gene_statistics": "_core",
+    "state_shift": "_core",
+    "count_shift": "_counts",
+    "universal_threshold": "_counts",
+    "CountFit": "_effects",
+    "effect_table": "_effects",
+    "fit_count_layer": "_effects",
+    "library_sizes": "_effects",
+    "call_hits": "_hits",
+    "get_model": "_model",
+    "posterior_draws": "_ppc",
+    "posterior_predictive": "_ppc",
+    "ppc_statistics": "_ppc",
+    "observed_response": "_predict",
+    "predict_response": "_predict",
+    "analyse_pair": "_pair",
+    "get_rankings": "_response",
+    "get_record": "_response",
+    "get_responses": "_response",
+    "perturbation_response": "_response",
+    "sample_cells": "_synthetic",
+}
+"""Public name -> the submodule that defines it. Each is imported on first access, so that a
+screen run (and each of its workers) loads only the modules it uses: the posterior predictive
+and model tools bring in PyMC and ArviZ, which a run does not need."""
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "COUPLINGS",

@@ -149,14 +149,21 @@ def _summary(record: dict) -> dict:
 def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
     """Fit one perturbation: build its (guide + sampled controls) AnnData, run
     :func:`~scotgm_pp.tl.analyse_pair`, and keep its numbers aligned to the screen's genes. With
-    ``context.store_path`` the result is written there and returned without its heavy record."""
-    result = _fit_task(payload, context)
-    if context.store_path is not None:
-        from ._store import RecordStore
+    ``context.store_path`` the result is written there and returned without its heavy record.
+    The whole task runs with ``settings.blas_threads`` BLAS threads."""
+    threads = context.settings.blas_threads
+    limiter = threadpool_limits(limits=threads, user_api="blas") if threads else None
+    try:
+        result = _fit_task(payload, context)
+        if context.store_path is not None:
+            from ._store import RecordStore
 
-        RecordStore(context.store_path).write(result)
-        result.stored = True
-        result.record = {}
+            RecordStore(context.store_path).write(result)
+            result.stored = True
+            result.record = {}
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
     return result
 
 
@@ -169,7 +176,6 @@ def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
     needs_baseline = resolve_rank_by(s.rank_by) == "lfc_all_guides_bound"
     counts = AnnData(X=payload.counts, obs=pd.DataFrame(index=pd.Index(payload.obs_names, dtype=object)),
                      var=pd.DataFrame(index=pd.Index(context.var_names, dtype=object)))
-    limiter = threadpool_limits(limits=s.blas_threads, user_api="blas") if s.blas_threads else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -181,9 +187,6 @@ def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
             )
     except (InputError, np.linalg.LinAlgError, FloatingPointError) as err:
         return TaskResult(task.perturbation, task.key, skip_reason=f"{type(err).__name__}: {err}")
-    finally:
-        if limiter is not None:
-            limiter.restore_original_limits()
     names = genes["gene"].astype(str).to_numpy()
     gene_index = pd.Index(context.var_names).get_indexer(names)
     _add_calls(genes, record, payload, p.index, gene_index, context, baseline=not needs_baseline)
