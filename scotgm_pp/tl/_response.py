@@ -417,8 +417,9 @@ def perturbation_response(
     progress
         Show a progress bar over perturbations, with the time left.
     blas_threads
-        BLAS threads while fitting (``None``: leave the setting alone). The matrices of one
-        experiment are small; one thread per worker is fastest.
+        BLAS threads for each perturbation's task, its fit and its resampling calls (``None``:
+        leave the setting alone). The matrices of one experiment are small: with a worker on
+        every core, one thread each is fastest.
 
     Returns
     -------
