@@ -14,6 +14,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,8 +153,7 @@ def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
     ``context.store_path`` the result is written there and returned without its heavy record.
     The whole task runs with ``settings.blas_threads`` BLAS threads."""
     threads = context.settings.blas_threads
-    limiter = threadpool_limits(limits=threads, user_api="blas") if threads else None
-    try:
+    with threadpool_limits(limits=threads, user_api="blas") if threads else nullcontext():
         result = _fit_task(payload, context)
         if context.store_path is not None:
             from ._store import RecordStore
@@ -161,9 +161,6 @@ def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
             RecordStore(context.store_path).write(result)
             result.stored = True
             result.record = {}
-    finally:
-        if limiter is not None:
-            limiter.restore_original_limits()
     return result
 
 
