@@ -199,10 +199,10 @@ def posterior_predictive_check(data, *, ci: float = 0.9, figsize=(8.4, 3.9)) -> 
     Parameters
     ----------
     data
-        The table of :func:`scotgm_pp.tl.ppc_statistics`, or the InferenceData of
+        The table of :func:`scotgm_pp.tl.ppc_statistics`, or the DataTree of
         :func:`scotgm_pp.tl.posterior_predictive` (its table is computed with ``ci``).
     ci
-        Central probability of the replicated intervals (when ``data`` is an InferenceData).
+        Central probability of the replicated intervals (when ``data`` is a DataTree).
 
     Returns
     -------
@@ -281,33 +281,43 @@ def confusion_matrix(adata: AnnData, perturbation: str, key: str = "scotgm", *, 
 
 
 def coupling_diagnostics(idata, var_names=("transport_cost",), *, figsize=(10.0, 2.8)) -> Figure:
-    """ArviZ trace (density and trace) and rank plots of the transport-plan sampler's chains.
+    """Marginal density, trace and rank plots of the transport-plan sampler's chains (arviz-plots).
+
+    One row per variable: ``az.plot_dist``, ``az.plot_trace`` and ``az.plot_rank``, arranged by
+    ``az.combine_plots`` on the matplotlib backend; each rank panel's title gives the variable's
+    rank-normalised R-hat and bulk ESS (``az.rhat``, ``az.ess``).
 
     Parameters
     ----------
     idata
         ``CouplingResult.idata`` from :func:`scotgm_pp.inference.sample_coupling` (or any
-        InferenceData with these posterior variables), or a ``CouplingResult``.
+        ``xarray.DataTree`` with these posterior variables), or a ``CouplingResult``.
     var_names
         Scalar posterior variables to show, one row each.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     import arviz as az
+    import xarray as xr
 
     idata = getattr(idata, "idata", idata)
-    if idata is None or not hasattr(idata, "posterior"):
+    if not isinstance(idata, xr.DataTree) or "posterior" not in idata.children:
         raise ValueError("idata has no posterior group; call sample_coupling(..., return_idata=True).")
     var_names = list(var_names)
-    fig = Figure(figsize=(figsize[0], figsize[1] * len(var_names)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(var_names), 3))
-    az.plot_trace(idata, var_names=var_names, axes=axes[:, :2], compact=False)
-    for r, name in enumerate(var_names):
-        az.plot_rank(idata, var_names=[name], ax=axes[r, 2])
-        try:
-            rhat = float(az.rhat(idata, var_names=[name])[name])
-            ess = float(az.ess(idata, var_names=[name])[name])
-            axes[r, 2].set_title(f"{name} ranks (R-hat {rhat:.3f}, ESS {ess:.0f})", fontsize=9)
-        except Exception:  # noqa: BLE001 - diagnostics are a caption; the plot stands without them
-            pass
+    missing = [v for v in var_names if v not in idata["posterior"].data_vars]
+    if missing:
+        raise ValueError(f"var_names {missing} are not in the posterior; it holds {list(idata['posterior'].data_vars)}.")
+    pc = az.combine_plots(idata, [(az.plot_dist, {}), (az.plot_trace, {}), (az.plot_rank, {})],
+                          var_names=var_names, backend="matplotlib",
+                          figure_kwargs={"figsize": (figsize[0], figsize[1] * len(var_names))})
+    fig = pc.viz["figure"].item()
+    rhat = az.rhat(idata, var_names=var_names)
+    ess = az.ess(idata, var_names=var_names)
+    rank_axes = fig.axes[2::3]
+    for ax, name in zip(rank_axes, var_names):
+        ax.set_title(f"{name} ranks (R-hat {float(rhat[name]):.3f}, ESS {float(ess[name]):.0f})", fontsize=9)
     return fig
 
 

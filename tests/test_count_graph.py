@@ -115,7 +115,7 @@ def test_graph_draws_synthetic_cells_forward(screen):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with model:
-            pp = pm.sample_posterior_predictive(az.from_dict(posterior=post), var_names=["XY"],
+            pp = pm.sample_posterior_predictive(az.from_dict({"posterior": post}), var_names=["XY"],
                                                 random_seed=1, progressbar=False)
     free = screen["kw"]["fixed_state"] < 0
     draws = pp.posterior_predictive["XY"].values[0][:, free]  # (draws, free cells, PCs + genes)

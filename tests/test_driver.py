@@ -193,7 +193,7 @@ def test_labels_are_keys_never_paths(small_sim, labels, tmp_path):
 
 def test_missing_labels_are_unassigned_cells(small_sim):
     adata = small_sim.copy()
-    labels = adata.obs["perturbation"].astype(object).to_numpy()
+    labels = np.array(adata.obs["perturbation"].astype(object))
     labels[:5] = None  # controls without a label
     labels[-3:] = np.nan
     labels[-6:-3] = "  "

@@ -114,7 +114,7 @@ def test_find_map_stalls_at_symmetric_saddle_where_em_separates(unsup):
     assert np.linalg.norm(_flat_grad(dlogp, model, start)) < 1e-8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        point = pm.find_MAP(start=start, model=model, progressbar=False)
+        point = pm.find_MAP(initvals=start, model=model, jitter=False, progressbar=False)
     map_sep = float(np.linalg.norm(point["means"][0] - point["means"][1]))
     map_lp = float(logp({k: point[k] for k in start}))
     em = fit_em(X, prior=prior, random_state=0)

@@ -7,6 +7,7 @@ import warnings
 import arviz as az
 import numpy as np
 import pytest
+import xarray as xr
 from scipy import stats
 
 import scotgm_pp as sg
@@ -134,6 +135,7 @@ def test_posterior_predictive_round_trips_and_covers_the_gene_means(sim_fitted, 
     path = tmp_path / "ppc.nc"
     pp.to_netcdf(str(path))
     back = az.from_netcdf(str(path))
+    assert isinstance(back, xr.DataTree) and isinstance(pp, xr.DataTree)
     for group in ("posterior_predictive", "observed_data", "posterior"):
         a, b = getattr(pp, group), getattr(back, group)
         for name in a.data_vars:

@@ -1,17 +1,21 @@
-"""The user-facing ScOTGM class: fit by em / map / mcmc, InferenceData, save/load, predictions."""
+"""The user-facing ScOTGM class: fit by em / map / mcmc, an xarray.DataTree result, save/load, predictions."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anndata as ad
 import arviz as az
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 
 from scotgm_pp.inference.em import fit_em
 from scotgm_pp.models import PerturbationDistribution, ScOTGM
+
+DATA = Path(__file__).parent / "data"
 
 D = 3
 SHIFT = np.array([3.0, -1.5, 0.0])
@@ -54,8 +58,8 @@ def test_em_fit_matches_fit_em_and_labels_idata(adata, em_model):
     fixed = adata.obs["state0"].to_numpy()
     ref = fit_em(X, fixed_state=fixed, prior=em_model._prior(X), max_iter=500, tol=1e-8,
                  random_state=np.random.default_rng(0))
-    post = em_model.idata.map  # a point estimate: no chain / draw dims, not a fake posterior
-    assert "posterior" not in em_model.idata.groups() and "chain" not in post.dims
+    post = em_model.idata.map_estimate  # a point estimate: no chain / draw dims, not a fake posterior
+    assert "posterior" not in em_model.idata.children and "chain" not in post.dims
     np.testing.assert_allclose(post["means"].values, ref.means)
     np.testing.assert_allclose(em_model.responsibilities, ref.responsibilities, atol=1e-10)
     assert list(post["state"].values) == ["basal", "perturbed"]
@@ -82,7 +86,7 @@ def test_save_load_round_trip(tmp_path, em_model, adata):
     loaded = ScOTGM.load(path)
     assert loaded.settings == em_model.settings
     assert loaded.method == "em"
-    for group in em_model.idata.groups():
+    for group in em_model.idata.children:
         a, b = getattr(em_model.idata, group), getattr(loaded.idata, group)
         assert set(a.data_vars) == set(b.data_vars), group
         for name in a.data_vars:
@@ -124,12 +128,12 @@ def test_mcmc_two_chains_converge_near_em(adata, em_model, tmp_path):
 
 def test_map_from_em_gains_nothing(adata, em_model):
     model = ScOTGM(random_state=0).fit(adata, fixed_state="state0", method="map")
-    lp = float(model.idata.map["lp"].values)
-    gain = float(model.idata.map["lp_gain_over_em"].values)
+    lp = float(model.idata.map_estimate["lp"].values)
+    gain = float(model.idata.map_estimate["lp_gain_over_em"].values)
     print(f"find_MAP from the EM solution: logp {lp:.6f}, gain over EM {gain:.3e} ({gain / abs(lp):.1e} relative)")
     assert gain <= 1e-6 * abs(lp)
     np.testing.assert_allclose(
-        model.idata.map["means"].values, em_model.idata.map["means"].values, atol=1e-2
+        model.idata.map_estimate["means"].values, em_model.idata.map_estimate["means"].values, atol=1e-2
     )  # the density is flat along the overlap of the two states: tiny gain, small moves
 
 
@@ -142,14 +146,14 @@ def test_four_states_cell_type_by_condition():
     fixed = np.where(np.isin(z, [0, 2]) & (np.arange(600) % 2 == 0), z, -1)
     names = ["A_basal", "A_pert", "B_basal", "B_pert"]
     model = ScOTGM(n_states=4, state_names=names, random_state=0).fit(X, fixed_state=fixed)
-    means = model.idata.map["means"].values
+    means = model.idata.map_estimate["means"].values
     # pinned states keep their meaning; the two unpinned (perturbed) states are exchangeable
     np.testing.assert_allclose(means[[0, 2]], centres[[0, 2]], atol=0.15)
     open_means = means[[1, 3]][np.argsort(means[[1, 3], 1])]
     np.testing.assert_allclose(open_means, centres[[1, 3]], atol=0.15)
     pert_a = model.perturbation(int(np.argmin(np.linalg.norm(means - centres[1], axis=1))), "A_basal")
     np.testing.assert_allclose(pert_a.mean, [2, 0, 0], atol=0.15)
-    assert list(model.idata.map["contrast"].values) == ["A_pert - A_basal", "B_basal - A_basal", "B_pert - A_basal"]
+    assert list(model.idata.map_estimate["contrast"].values) == ["A_pert - A_basal", "B_basal - A_basal", "B_pert - A_basal"]
     # labels can be fixed by the user through the starting responsibilities
     R0 = np.eye(4)[z]
     labelled = ScOTGM(n_states=4, state_names=names).fit(X, fixed_state=fixed, init_responsibilities=R0)
@@ -226,3 +230,41 @@ def test_altered_or_foreign_files_are_refused_on_load(tmp_path, em_model):
     with pytest.raises(ValueError, match="is a folder"):
         ScOTGM.load(tmp_path)
     assert ScOTGM.load(path).settings == em_model.settings
+
+
+def test_results_are_datatrees_whose_groups_shadow_no_attribute(em_model):
+    import arviz as az
+
+    assert isinstance(em_model.idata, xr.DataTree)
+    for method in ("em", "mcmc"):
+        fit = em_model if method == "em" else None
+        if fit is None:
+            X, fixed, _ = _screen(seed=2, n_ctrl=60, n_guide=60)
+            with pytest.warns(Warning):
+                fit = ScOTGM(random_state=0, draws=60, tune=30, chains=2).fit(X, fixed_state=fixed, method=method)
+        fit.sample_prior_predictive(20)
+        fit.sample_posterior_predictive(5, extend_inferencedata=True)
+        names = set(fit.idata.children)
+        assert names & (set(dir(xr.DataTree)) | set(dir(xr.Dataset))) == set(), names
+        assert {"observed_data", "constant_data", "em", "prior", "prior_predictive", "posterior_predictive"} <= names
+    assert "posterior" in names and isinstance(az.summary(fit.idata, var_names=["weights"]), pd.DataFrame)
+
+
+@pytest.mark.parametrize("name", ["scotgm_v0.1_em.nc", "scotgm_v0.1_mcmc.nc"])
+def test_a_model_saved_by_version_0_1_loads(name, tmp_path):
+    """Files written by scotgm_pp 0.1 (ArviZ 0.x InferenceData, point estimates in a group 'map')."""
+    old = ScOTGM.load(DATA / name)
+    assert isinstance(old.idata, xr.DataTree) and "map" not in old.idata.children
+    X = old.idata.observed_data["X"].values
+    allowed = old.idata.constant_data["allowed_states"].values.astype(bool)
+    refit = ScOTGM(model_config=old.model_config, **old.settings).fit(X, allowed_states=allowed)
+    if old.method == "em":
+        np.testing.assert_allclose(old.idata.map_estimate["means"].values, refit.idata.map_estimate["means"].values,
+                                   atol=1e-8)
+    else:
+        assert old.idata.posterior["means"].shape[:2] == (2, 40)
+        post = old.idata.posterior["means"].mean(("chain", "draw")).values
+        np.testing.assert_allclose(post, refit.idata.map_estimate["means"].values, atol=0.5)
+    np.testing.assert_allclose(old.predict_proba(X).sum(1), 1.0)
+    again = ScOTGM.load(old.save(tmp_path / "resaved.nc"))
+    assert again.idata.attrs["format_version"] == "3" and again.method == old.method

@@ -3,8 +3,9 @@
 Rank-normalised split R-hat and bulk and tail effective sample sizes (Vehtari, Gelman, Simpson,
 Carpenter & Buerkner 2021) of every entry of the cross-covariance ``C = Lx K Ly`` (what the
 pipeline turns into the perturbation covariance ``Sx + Sy - C - C^T``) and of the transport
-cost.  The formulas are ArviZ's (``arviz.rhat``, ``arviz.ess(method="bulk" | "tail")``, arviz
-0.23: Blom ranks, Geyer's initial monotone sequence), written once over all ``m^2`` entries
+cost.  The formulas are ArviZ's (``arviz.rhat``, ``arviz.ess(method="bulk")`` and
+``arviz.ess(method="tail", prob=(0.05, 0.95))``, ArviZ 1: Blom ranks, Geyer's initial monotone
+sequence), written once over all ``m^2`` entries
 at a time instead of one variable at a time (ArviZ takes ~6 s for ``m = 50``);
 ``tests/test_hit_and_run.py`` checks they agree with ArviZ to 1e-10.  Thresholds are those
 Vehtari et al. recommend: R-hat at most 1.01 and ESS at least 400 (100 per chain for four
@@ -188,7 +189,9 @@ def ess_bulk(X: np.ndarray) -> np.ndarray:
 
 
 def ess_tail(X: np.ndarray, prob: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:
-    """Tail ESS (the smaller ESS of the indicators of the 5% and 95% quantiles; ``arviz.ess(method="tail")``)."""
+    """Tail ESS: the smaller ESS of the indicators of the 5% and 95% quantiles (Vehtari et al. 2021;
+    ``arviz.ess(method="tail", prob=(0.05, 0.95))``; ArviZ 1's default ``prob`` follows its
+    ``stats.ci_prob`` instead)."""
     X = np.asarray(X, dtype=float)
     flat = X.reshape(-1, X.shape[2])
     out = []

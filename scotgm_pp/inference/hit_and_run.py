@@ -109,7 +109,7 @@ class CouplingResult:
     sampled_rank
         ``m``: every entry of the plan is sampled (no reduction is made).
     idata
-        ``arviz.InferenceData``: ``posterior.transport_cost`` and, when
+        ``xarray.DataTree`` (ArviZ 1): ``posterior.transport_cost`` and, when
         ``store_cross_covariance=True`` (default), ``posterior.cross_covariance``;
         ``sample_stats`` per chain; settings and the scalar diagnostics in ``attrs``; ``None`` if
         ``return_idata=False``.
@@ -244,7 +244,7 @@ def sample_coupling(
     store_cross_covariance
         Keep the recorded ``C`` draws in ``idata`` (``n_chains * n_draws * m^2`` floats).
     return_idata
-        Build the ``InferenceData``.
+        Build the ``DataTree`` of the draws (``idata``).
     warn
         Warn when a diagnostic fails its threshold.
 
@@ -387,10 +387,8 @@ def _build_idata(geom, cost_draws, C_draws, step_stats, temperature, diagnostics
     if C_draws is not None:
         posterior["cross_covariance"] = C_draws
     sample_stats = {k: np.broadcast_to(v[:, None], cost_draws.shape).copy() for k, v in step_stats.items()}
-    return az.from_dict(
-        posterior=posterior,
-        sample_stats=sample_stats,
-        dims={"cross_covariance": ["pc", "pc_target"]},
-        attrs={"temperature": temperature, "w2_squared": geom.w2_squared, "sampler": "scotgm_pp.hit_and_run",
-               **settings, **diagnostics.summary()},
-    )
+    tree = az.from_dict({"posterior": posterior, "sample_stats": sample_stats},
+                        dims={"cross_covariance": ["pc", "pc_target"]})
+    tree.attrs.update({"temperature": temperature, "w2_squared": geom.w2_squared, "sampler": "scotgm_pp.hit_and_run",
+                       **settings, **diagnostics.summary()})
+    return tree

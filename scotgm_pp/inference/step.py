@@ -32,7 +32,7 @@ from pymc.step_methods.arraystep import ArrayStepShared
 from pymc.step_methods.compound import Competence, StepMethodState
 from pymc.step_methods.state import dataclass_state
 from pymc.util import get_value_vars_from_user_vars
-from pytensor.tensor.nlinalg import svd
+from pytensor.tensor.linalg import svd
 
 from . import _har_kernel as hk
 from . import _har_sweep as hs

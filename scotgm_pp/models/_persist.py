@@ -14,18 +14,24 @@ import json
 
 import numpy as np
 
-__all__ = ["digest", "verify", "DIGEST_ATTR"]
+from .._tree import group, group_names, has_group, set_group
+
+__all__ = ["digest", "verify", "upgrade", "DIGEST_ATTR"]
 
 DIGEST_ATTR = "sha256"
+LEGACY_POINT_GROUP = "map"
+"""The point-estimate group's name in files of format 2 (scotgm_pp 0.1, written through ArviZ 0.x)."""
+POINT_GROUP = "map_estimate"
+"""The result tree's group of EM and MAP point estimates (no ``chain`` / ``draw`` dimensions)."""
 
 
 def digest(idata) -> str:
     """SHA-256 of every group's variables (names, dimensions, dtypes, values, coordinates) and of
     the attrs other than the digest itself."""
     h = hashlib.sha256()
-    for group in sorted(idata.groups()):
-        ds = getattr(idata, group)
-        h.update(f"[{group}]".encode())
+    for name in sorted(group_names(idata)):
+        ds = group(idata, name)
+        h.update(f"[{name}]".encode())
         for name in sorted(ds.variables):
             var = ds.variables[name]
             values = np.asarray(var.values)
@@ -40,8 +46,8 @@ def digest(idata) -> str:
 
 
 def verify(idata, path) -> dict:
-    """Check a loaded InferenceData; return ``{"model_config", "sampler_config", "settings"}``.
-    Raises ValueError naming the problem."""
+    """Check a loaded result tree (a DataTree read from a file of format 2 or 3); return
+    ``{"model_config", "sampler_config", "settings"}``. Raises ValueError naming the problem."""
     if "settings" not in idata.attrs:
         raise ValueError(f"{path} is not a saved ScOTGM model (no 'settings' in its attrs).")
     if "model_config" not in idata.attrs:
@@ -55,10 +61,25 @@ def verify(idata, path) -> dict:
         raise ValueError(f"{path} was altered after it was saved (its {DIGEST_ATTR} digest does not match its "
                          "contents); refit and save the model.")
     config = {key: json.loads(idata.attrs[key]) for key in ("model_config", "sampler_config", "settings")}
-    group = idata.posterior if "posterior" in idata.groups() else getattr(idata, "map", None)
-    names = [str(s) for s in group.coords["state"].values] if group is not None and "state" in group.coords else None
+    point = next((g for g in ("posterior", POINT_GROUP, LEGACY_POINT_GROUP) if has_group(idata, g)), None)
+    ds = None if point is None else group(idata, point)
+    names = [str(s) for s in ds.coords["state"].values] if ds is not None and "state" in ds.coords else None
     mc = config["model_config"]
     if names is not None and (mc.get("state_names") != names or mc.get("n_states") != len(names)):
         raise ValueError(f"{path}: the model_config names the states {mc.get('state_names')} but the arrays hold "
                          f"{names}; the file is inconsistent.")
     return config
+
+
+def upgrade(idata) -> None:
+    """Bring a verified tree of an older format to the current one, in place.
+
+    Format 2 (scotgm_pp 0.1) kept the EM/MAP point estimates in a group ``map``, a name that
+    shadows ``xarray.Dataset.map``; it becomes ``map_estimate``. Nothing else differs.
+    """
+    if has_group(idata, LEGACY_POINT_GROUP) and not has_group(idata, POINT_GROUP):
+        ds = group(idata, LEGACY_POINT_GROUP)
+        del idata[LEGACY_POINT_GROUP]
+        set_group(idata, POINT_GROUP, ds)
+    idata.attrs["format_version"] = "3"
+    idata.attrs.pop(DIGEST_ATTR, None)

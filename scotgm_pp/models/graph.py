@@ -28,7 +28,7 @@ state with its PCA scores; the observed variable is then ``XY`` (dims ``cell, fe
 PCs, then the genes), with the same marginal over the allowed states.
 
 No variable carries an ``initval``: starting points go to ``pm.sample(initvals=...)`` or
-``pm.find_MAP(start=...)`` (:func:`initial_values`, :func:`model_point`), so
+``pm.find_MAP(initvals=...)`` (:func:`initial_values`, :func:`model_point`), so
 ``pm.model.fgraph.clone_model`` and ``pm.compute_log_likelihood`` work on the model.
 
 The EM backends maximise exactly these densities in the untransformed space
@@ -482,7 +482,7 @@ def model_point(
     -------
     dict
         ``{value variable name: value in the transformed space}``, ready for
-        ``model.compile_logp(jacobian=False)``, ``compile_dlogp`` or ``pm.find_MAP(start=...)``.
+        ``model.compile_logp(jacobian=False)``, ``compile_dlogp`` or ``pm.find_MAP(initvals=...)``.
     """
     raw_values = initial_values(model, weights, means, precisions, counts, unknown)
     point: dict[str, np.ndarray] = {}

@@ -3,7 +3,8 @@
 The pattern is pymc-marketing's ``ModelBuilder``: the model's definition in a ``model_config``
 dict (states, covariance type, priors), the sampler's in ``sampler_config``, one
 ``fit(data, *, method=...)`` entry point, the PyMC model of the fitted data as ``.model`` and
-the result as an :class:`arviz.InferenceData` (``.idata``) whose ``attrs`` carry both configs,
+the result as an :class:`xarray.DataTree` (``.idata``, the ArviZ 1 container) whose root ``attrs``
+carry both configs,
 so that :meth:`ScOTGM.save` / :meth:`ScOTGM.load` through netCDF rebuild the same model.
 
 One naming scheme
@@ -19,8 +20,10 @@ Where results go
 * ``method="nuts"`` (``pm.sample``) and ``"mcmc"`` (conjugate Gibbs): draws in ``posterior``,
   the per-cell ``log_likelihood`` of ``X`` (for ``az.loo`` / ``az.compare``), ``sample_stats``.
 * ``method="em"`` and ``"map"``: point estimates are not draws, so they are not stored as a
-  one-draw ``posterior`` (on which ``az.summary`` returns NaN); they are in the ``map`` group,
-  without ``chain`` / ``draw`` dimensions, with the same variable names.
+  one-draw ``posterior`` (on which ``az.summary`` returns NaN); they are in the ``map_estimate``
+  group, without ``chain`` / ``draw`` dimensions, with the same variable names. (No group is
+  named like an attribute of ``xarray.DataTree`` or ``xarray.Dataset``: files of version 0.1
+  called this group ``map``, which shadows ``Dataset.map``; :meth:`ScOTGM.load` renames it.)
 * :meth:`ScOTGM.sample_prior_predictive` adds ``prior`` and ``prior_predictive``,
   :meth:`ScOTGM.sample_posterior_predictive` ``posterior_predictive``.
 """
@@ -38,6 +41,9 @@ import arviz as az
 import numpy as np
 import xarray as xr
 
+from .._tree import group, has_group, make_tree, set_group
+from ._persist import POINT_GROUP
+
 from ..inference.em import (
     NormalWishartPrior,
     default_prior,
@@ -52,9 +58,7 @@ __all__ = ["ScOTGM", "PerturbationDistribution", "ConvergenceWarning", "DEFAULT_
            "DEFAULT_SAMPLER_CONFIG", "check_convergence"]
 
 _METHODS = ("em", "map", "mcmc", "nuts")
-_FORMAT_VERSION = 2
-POINT_GROUP = "map"
-"""The InferenceData group of EM and MAP point estimates."""
+_FORMAT_VERSION = 3
 
 RHAT_MAX = 1.01
 ESS_MIN = 400
@@ -160,7 +164,7 @@ class ScOTGM:
         cell types x condition). Shorthand for ``model_config["n_states"]``.
     model_config
         The model (see :data:`DEFAULT_MODEL_CONFIG`): states, ``covariance`` (``"full"`` or
-        ``"tied"``) and the priors. Stored in the InferenceData's attrs.
+        ``"tied"``) and the priors. Stored in the result tree's attrs.
     sampler_config
         ``pm.sample`` settings (see :data:`DEFAULT_SAMPLER_CONFIG`).
     covariance, state_names, prior, regularization, kappa, extra_dof, dirichlet
@@ -244,7 +248,7 @@ class ScOTGM:
             "n_init": int(n_init),
             "random_state": None if random_state is None else int(random_state),
         }
-        self.idata: az.InferenceData | None = None
+        self.idata: xr.DataTree | None = None
         self._model = None
         self._data: dict | None = None
 
@@ -394,18 +398,19 @@ class ScOTGM:
 
     @staticmethod
     def _data_from_idata(idata) -> dict:
-        cd = idata.constant_data
+        cd = group(idata, "constant_data")
+        observed = group(idata, "observed_data")
         prior = NormalWishartPrior(
             mean=cd["prior_mean"].values, kappa=float(cd["prior_kappa"].values), dof=float(cd["prior_dof"].values),
             scale_inv=cd["prior_scale_inv"].values, dirichlet=cd["prior_dirichlet"].values,
         )
-        X = idata.observed_data["X"].values
+        X = observed["X"].values
         allowed = cd["allowed_states"].values
         fixed, mask = validate_allowed_states(allowed, None, *allowed.shape)
         pca = {}
         if "pca_loadings" in cd:
             pca = {"pca_loadings": cd["pca_loadings"].values, "genes": np.asarray(cd["gene"].values).astype(str)}
-        return {"X": X, "fixed": fixed, "mask": mask, "cells": [str(c) for c in idata.observed_data["cell"].values],
+        return {"X": X, "fixed": fixed, "mask": mask, "cells": [str(c) for c in observed["cell"].values],
                 "pca": pca, "prior": prior}
 
     # ------------------------------------------------------------------- fit
@@ -514,7 +519,7 @@ class ScOTGM:
         })
         self.idata = self._assemble(method, groups)
         if method == "mcmc":
-            self.idata.add_groups(log_likelihood=self._log_likelihood(self.idata.posterior))
+            set_group(self.idata, "log_likelihood", self._log_likelihood(group(self.idata, "posterior")))
         if method in ("mcmc", "nuts"):
             check_convergence(self.idata, f"ScOTGM.fit(method={method!r})")
         return self
@@ -550,9 +555,11 @@ class ScOTGM:
             initial = model.initial_point(random_seed=0)
         start = initial | model_point(model, em.weights, em.means, np.linalg.inv(em.covariances),
                                                     unknown="skip")
-        point, raw = pm.find_MAP(start=start, model=model, progressbar=progressbar, return_raw=True, **kwargs)
-        return (np.asarray(point["weights"]), np.asarray(point["means"]), np.asarray(point["covariances"]),
-                float(-raw.fun))
+        opts = {"jitter": False, **kwargs}
+        out = pm.find_MAP(initvals=start, model=model, progressbar=progressbar, return_inferencedata=True, **opts)
+        point = group(out, "posterior").isel(chain=0, draw=0)
+        lp = -float(group(out, "optimizer_result")["fun"])
+        return (point["weights"].values, point["means"].values, point["covariances"].values, lp)
 
     def _sample_nuts(self, em, rng, progressbar, kwargs) -> dict:
         import pymc as pm
@@ -565,7 +572,7 @@ class ScOTGM:
         chains = int(cfg.pop("chains"))
         initvals = initial_values(model, em.weights, em.means, np.linalg.inv(em.covariances), unknown="skip")
         seed = int(rng.integers(2**31))
-        idata_kwargs = {"log_likelihood": True, **cfg.pop("idata_kwargs", {})}
+        idata_kwargs = cfg.pop("idata_kwargs", {})
         # One BLAS thread: numpy's and scipy's OpenBLAS pools otherwise spin against each other
         # on the many small matrix ops of the gradient (60x slower on a busy 2-core machine).
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
@@ -573,8 +580,9 @@ class ScOTGM:
             idata = pm.sample(model=model, chains=chains, cores=cfg.pop("cores", 1), initvals=initvals,
                               random_seed=seed, progressbar=progressbar, idata_kwargs=idata_kwargs,
                               compute_convergence_checks=False, **cfg)
-        return {"posterior": idata.posterior, "sample_stats": idata.sample_stats,
-                "log_likelihood": idata.log_likelihood}
+        groups = {name: group(idata, name) for name in ("posterior", "sample_stats")}
+        groups["log_likelihood"] = self._log_likelihood(groups["posterior"])
+        return groups
 
     def _log_likelihood(self, posterior) -> xr.Dataset:
         """Per-cell log-likelihood of ``X`` at every draw, by the graph's own compiled logp."""
@@ -582,11 +590,11 @@ class ScOTGM:
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
-            ll = pm.compute_log_likelihood(az.InferenceData(posterior=posterior), model=self.model,
+            ll = pm.compute_log_likelihood(make_tree({"posterior": posterior}), model=self.model,
                                            var_names=["X"], extend_inferencedata=False, progressbar=False)
-        return ll
+        return ll.to_dataset() if isinstance(ll, xr.DataTree) else ll
 
-    # ----------------------------------------------------------------- idata
+    # ------------------------------------------------------------ result tree
     def _named_parameters(self, weights, means, covs) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         """Arrays ``(..., K)``, ``(..., K, d)``, ``(..., K, d, d)`` as the graph's variables."""
         K = self.n_states
@@ -642,7 +650,7 @@ class ScOTGM:
         coords = {"chain": np.arange(C), "draw": np.arange(D), **self._coords(means.shape[-1])}
         return xr.Dataset(self._named_parameters(weights, means, covs), coords=coords)
 
-    def _assemble(self, method: str, groups: dict) -> az.InferenceData:
+    def _assemble(self, method: str, groups: dict) -> xr.DataTree:
         data = self._data
         X, mask, cells, pca, prior = data["X"], data["mask"], data["cells"], data["pca"], data["prior"]
         d = X.shape[1]
@@ -674,26 +682,26 @@ class ScOTGM:
             "model": "scotgm_pp.models.ScOTGM",
             "format_version": str(_FORMAT_VERSION),
         }
-        # "map" and "em" are groups of this package (ArviZ keeps custom groups; it does not warn by default)
-        return az.InferenceData(**groups, attrs=attrs)
+        # "map_estimate" and "em" are groups of this package beside ArviZ's standard ones
+        return make_tree(groups, attrs)
 
-    def _require_fit(self) -> az.InferenceData:
-        if self.idata is None or not any(g in self.idata.groups() for g in ("posterior", POINT_GROUP)):
+    def _require_fit(self) -> xr.DataTree:
+        if not (has_group(self.idata, "posterior") or has_group(self.idata, POINT_GROUP)):
             raise RuntimeError("the model is not fitted; call .fit(data, ...) or ScOTGM.load(path) first.")
         return self.idata
 
     def _parameter_draws(self, draws: int | None = None) -> xr.Dataset:
         """The fit's parameters with ``chain`` and ``draw`` dims (a point estimate as one draw)."""
         idata = self._require_fit()
-        if "posterior" in idata.groups():
-            post = idata.posterior
+        if has_group(idata, "posterior"):
+            post = group(idata, "posterior")
             if draws is not None:
                 if int(draws) < 1:
                     raise ValueError(f"draws must be a positive integer, got {draws!r}.")
                 keep = np.unique(np.linspace(0, post.sizes["draw"] - 1, min(int(draws), post.sizes["draw"])).astype(int))
                 post = post.isel(draw=keep)
             return post
-        point = getattr(idata, POINT_GROUP)
+        point = group(idata, POINT_GROUP)
         names = [v for v in point.data_vars if v not in ("lp", "lp_gain_over_em")]
         return point[names].expand_dims(chain=[0], draw=[0])
 
@@ -747,9 +755,10 @@ class ScOTGM:
         from ..inference.em import _log_gaussians, _mixture_terms
 
         idata = self._require_fit()
-        X = idata.observed_data["X"].values
+        X = group(idata, "observed_data")["X"].values
         K = self.n_states
-        fixed, mask = validate_allowed_states(idata.constant_data["allowed_states"].values, None, X.shape[0], K)
+        fixed, mask = validate_allowed_states(group(idata, "constant_data")["allowed_states"].values, None,
+                                              X.shape[0], K)
         w, m, c = self._draws()
         out = np.zeros((X.shape[0], K))
         for s in range(len(w)):
@@ -796,7 +805,7 @@ class ScOTGM:
         *,
         random_state: int | np.random.Generator | None = None,
         extend_inferencedata: bool = True,
-    ) -> az.InferenceData:
+    ) -> xr.DataTree:
         """Draws of the parameters from the prior and of the cells from them, by
         ``pm.sample_prior_predictive`` on :attr:`model`.
 
@@ -812,7 +821,7 @@ class ScOTGM:
 
         Returns
         -------
-        arviz.InferenceData
+        xarray.DataTree
             ``prior`` (every parameter under its graph name) and ``prior_predictive`` (``X``,
             dims ``chain, draw, cell, pc``), with ``observed_data``.
         """
@@ -827,12 +836,10 @@ class ScOTGM:
             out = pm.sample_prior_predictive(draws=int(draws), model=model, random_seed=rng)
         if extend_inferencedata:
             if self.idata is None:
-                self.idata = az.InferenceData(observed_data=out.observed_data, attrs={
+                self.idata = make_tree({"observed_data": group(out, "observed_data")}, attrs={
                     "model_config": json.dumps(self.model_config, sort_keys=True), "model": "scotgm_pp.models.ScOTGM"})
-            for group in ("prior", "prior_predictive"):
-                if group in self.idata.groups():
-                    delattr(self.idata, group)
-            self.idata.add_groups(prior=out.prior, prior_predictive=out.prior_predictive)
+            for name in ("prior", "prior_predictive"):
+                set_group(self.idata, name, group(out, name))
         return out
 
     def sample_posterior_predictive(
@@ -843,8 +850,8 @@ class ScOTGM:
         draws: int | None = None,
         random_state: int | np.random.Generator | None = None,
         extend_inferencedata: bool = False,
-    ) -> az.InferenceData:
-        """Posterior predictive draws of the state model's cells (PCA scores), as InferenceData.
+    ) -> xr.DataTree:
+        """Posterior predictive draws of the state model's cells (PCA scores), as a DataTree.
 
         For every posterior draw (chains and draws kept), cells get a state and then
         ``x ~ N(mu_state, Sigma_state)`` from that draw, so parameter uncertainty is carried
@@ -872,10 +879,10 @@ class ScOTGM:
 
         Returns
         -------
-        arviz.InferenceData
+        xarray.DataTree
             ``posterior`` (the draws used), ``posterior_predictive`` with ``X`` (chain, draw,
             cell, pc) and ``state`` (chain, draw, cell), and, when replicating, ``observed_data``
-            (so ``az.plot_ppc`` draws it).
+            (so ``az.plot_ppc_dist`` draws it).
         """
         idata = self._require_fit()
         if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
@@ -891,8 +898,8 @@ class ScOTGM:
         m = post["means"].values.reshape(-1, K, d)
         L = np.linalg.cholesky(post["covariances"].values.reshape(-1, K, d, d))
         if n is None:
-            mask = idata.constant_data["allowed_states"].values.astype(bool)
-            cells = idata.observed_data["cell"].values
+            mask = group(idata, "constant_data")["allowed_states"].values.astype(bool)
+            cells = group(idata, "observed_data")["cell"].values
         else:
             mask = np.ones((int(n), K), bool)
             if state is not None:
@@ -914,18 +921,16 @@ class ScOTGM:
                          "state": (("chain", "draw", "cell"), Z.reshape(C, D, n_cells))}, coords=coords)
         groups = {"posterior": post, "posterior_predictive": pp}
         if n is None:
-            groups["observed_data"] = idata.observed_data
-        out = az.InferenceData(**groups, attrs={"model": "scotgm_pp.models.ScOTGM", "method": self.method})
+            groups["observed_data"] = group(idata, "observed_data")
+        out = make_tree(groups, attrs={"model": "scotgm_pp.models.ScOTGM", "method": self.method})
         if extend_inferencedata:
-            if "posterior_predictive" in idata.groups():
-                del idata.posterior_predictive
-            idata.add_groups(posterior_predictive=pp)
+            set_group(idata, "posterior_predictive", pp)
         return out
 
     # ---------------------------------------------------------------- io
     def save(self, path: str | Path) -> Path:
         """Write ``.idata`` (with the configs and a digest of the contents in its attrs) to a
-        netCDF file.
+        netCDF file (``xarray.DataTree.to_netcdf``, one netCDF group per tree group).
 
         Parameters
         ----------
@@ -962,7 +967,7 @@ class ScOTGM:
         -------
         ScOTGM
         """
-        from ._persist import verify
+        from ._persist import upgrade, verify
 
         path = Path(path)
         if not path.exists():
@@ -970,11 +975,11 @@ class ScOTGM:
         if path.is_dir():
             raise ValueError(f"{path} is a folder, not a saved model.")
         try:
-            with az.rc_context(rc={"data.load": "eager"}):
-                idata = az.from_netcdf(str(path), engine="h5netcdf")
+            idata = xr.load_datatree(str(path), engine="h5netcdf")
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path} is not a readable netCDF file written by ScOTGM.save ({err}).") from err
         config = verify(idata, path)
+        upgrade(idata)
         model = cls(model_config=config["model_config"], sampler_config=config["sampler_config"],
                     **config["settings"])
         model.idata = idata
@@ -986,7 +991,7 @@ class ScOTGM:
                       **self.settings)
 
     def __repr__(self) -> str:
-        fitted = self.idata is not None and any(g in self.idata.groups() for g in ("posterior", POINT_GROUP))
+        fitted = has_group(self.idata, "posterior") or has_group(self.idata, POINT_GROUP)
         status = f"fitted by {self.method!r}" if fitted else "unfitted"
         c = self.model_config
         return f"ScOTGM(n_states={c['n_states']}, covariance={c['covariance']!r}, prior={c['prior']!r}, {status})"
@@ -998,7 +1003,7 @@ def check_convergence(idata, what: str, var_names=("weights", "means", "covarian
 
     Returns ``{"r_hat_max": ..., "ess_bulk_min": ...}``.
     """
-    post = idata.posterior
+    post = group(idata, "posterior")
     names = [v for v in var_names if v in post]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -1012,7 +1017,7 @@ def check_convergence(idata, what: str, var_names=("weights", "means", "covarian
         warnings.warn(
             f"{what}: the chains have not converged well enough: max R-hat {r_max:.3f} (want <= {RHAT_MAX}), "
             f"min bulk ESS {e_min:.0f} (want >= {ESS_MIN}). Run more draws, tune or chains, or check label "
-            "switching between unpinned states (az.plot_trace).",
+            "switching between unpinned states (az.plot_trace_dist).",
             ConvergenceWarning, stacklevel=3,
         )
     return {"r_hat_max": r_max, "ess_bulk_min": e_min}

@@ -47,7 +47,7 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
     -------
     ScOTGM
         Fitted; ``.model`` is its ``pm.Model`` (dims ``state``, ``pc``, ``cell``), ``.idata``
-        its InferenceData, with the perturbation's loadings (``constant_data["pca_loadings"]``,
+        its ``xarray.DataTree``, with the perturbation's loadings (``constant_data["pca_loadings"]``,
         dims ``gene, pc``).
     """
     import anndata as ad

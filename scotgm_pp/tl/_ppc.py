@@ -1,4 +1,5 @@
-"""Posterior draws and posterior predictive checks of one fitted perturbation, as ArviZ InferenceData.
+"""Posterior draws and posterior predictive checks of one fitted perturbation, as ``xarray.DataTree``
+(the ArviZ 1 container).
 
 * :func:`posterior_draws`: the ``posterior`` group (:func:`~scotgm_pp.tl._posterior.draw_posterior`;
   ``az.summary`` works on it).
@@ -15,14 +16,12 @@ Compute only.
 
 from __future__ import annotations
 
-import warnings
-
-import arviz as az
 import numpy as np
 import pandas as pd
 import xarray as xr
 from anndata import AnnData
 
+from .._tree import group, has_group, make_tree
 from .._validation import InputError
 from ..models.predictive import DEPENDENCE, draw_cells, draw_states, latent_scale
 from ._posterior import BASAL, PosteriorDraws, check_record, draw_posterior
@@ -80,12 +79,6 @@ def _attrs(record: dict, perturbation: str, **extra) -> dict:
             "posterior": POSTERIOR_DESCRIPTION, "inference_library": "scotgm_pp", **extra}
 
 
-def _idata(**groups) -> az.InferenceData:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return az.InferenceData(**groups)
-
-
 def posterior_draws(
     adata: AnnData,
     perturbation: str,
@@ -94,7 +87,7 @@ def posterior_draws(
     chains: int = 2,
     key: str = "scotgm",
     random_state: int | np.random.Generator | None = 0,
-) -> az.InferenceData:
+) -> xr.DataTree:
     """Posterior draws of one fitted perturbation's parameters as an ArviZ ``posterior`` group.
 
     What they are, and what they approximate, is in :mod:`scotgm_pp.tl._posterior`.
@@ -114,7 +107,7 @@ def posterior_draws(
 
     Returns
     -------
-    arviz.InferenceData
+    xarray.DataTree
         ``posterior``: ``weights`` (state), ``means`` (state, pc), ``covariances`` (state, pc,
         pc_bis), ``cross_covariance`` and ``perturbation_cov`` (pc, pc_bis),
         ``perturbation_mean`` (pc), ``log_rate_basal`` and ``effect`` (gene); ``constant_data``:
@@ -125,7 +118,7 @@ def posterior_draws(
     check_record(record)
     d = draw_posterior(record, draws * chains, np.random.default_rng(random_state))
     post = _posterior_dataset(d, record, chains, draws)
-    return _idata(posterior=post, constant_data=_constant(record, post), attrs=_attrs(record, perturbation))
+    return make_tree({"posterior": post, "constant_data": _constant(record, post)}, _attrs(record, perturbation))
 
 
 def _constant(record: dict, post: xr.Dataset, **extra) -> xr.Dataset:
@@ -155,7 +148,7 @@ def posterior_predictive(
     key: str = "scotgm",
     layer: str | None = None,
     random_state: int | np.random.Generator | None = 0,
-) -> az.InferenceData:
+) -> xr.DataTree:
     """Replicate one experiment's cells from the posterior predictive, for checks against the data.
 
     Every replicate draws the parameters (:func:`~scotgm_pp.tl._posterior.draw_posterior`), then
@@ -185,7 +178,7 @@ def posterior_predictive(
 
     Returns
     -------
-    arviz.InferenceData
+    xarray.DataTree
         ``posterior`` (as :func:`posterior_draws`), ``posterior_predictive``: ``counts`` (chain,
         draw, cell, gene; int32), ``state`` (chain, draw, cell) and ``response`` (chain, draw,
         gene; scaled units); ``observed_data``: ``counts`` (cell, gene); ``constant_data``:
@@ -239,9 +232,9 @@ def posterior_predictive(
                           coords={"cell": cell_names, "gene": genes})
     const = _constant(record, post, library_size=(("cell",), lib), p_perturbed=(("cell",), p_pert))
     const = const.assign_coords(cell=cell_names)
-    return _idata(posterior=post, posterior_predictive=pp, observed_data=observed, constant_data=const,
-                  attrs=_attrs(record, perturbation, cells=cells, dependence=dependence, response_method=method,
-                               response_gene="" if i is None else str(genes[i])))
+    groups = {"posterior": post, "posterior_predictive": pp, "observed_data": observed, "constant_data": const}
+    return make_tree(groups, _attrs(record, perturbation, cells=cells, dependence=dependence, response_method=method,
+                                    response_gene="" if i is None else str(genes[i])))
 
 
 def _target_index(record: dict, perturbation: str) -> int | None:
@@ -269,13 +262,13 @@ def _cells(adata: AnnData, perturbation: str, cells: str, settings: dict, key: s
     return rows, np.where(np.isfinite(p[rows]), p[rows], 0.0)
 
 
-def ppc_statistics(idata: az.InferenceData, *, var_name: str = "counts", ci: float = 0.9) -> pd.DataFrame:
+def ppc_statistics(idata: xr.DataTree, *, var_name: str = "counts", ci: float = 0.9) -> pd.DataFrame:
     """Observed against replicated per-gene statistics of a posterior predictive check.
 
     Parameters
     ----------
     idata
-        From :func:`posterior_predictive` (or any InferenceData with ``observed_data`` and
+        From :func:`posterior_predictive` (or any DataTree with ``observed_data`` and
         ``posterior_predictive`` holding ``var_name`` with dims ``(cell, gene)``).
     var_name
         The observed variable.
@@ -290,10 +283,12 @@ def ppc_statistics(idata: az.InferenceData, *, var_name: str = "counts", ci: flo
         ``zero_lower``, ``zero_upper``, and ``mean_inside`` / ``zero_inside`` (the observed value
         lies in the interval).
     """
-    if not hasattr(idata, "observed_data") or not hasattr(idata, "posterior_predictive"):
-        raise InputError("idata needs observed_data and posterior_predictive groups (scotgm_pp.tl.posterior_predictive).")
-    obs = idata.observed_data[var_name]
-    rep = idata.posterior_predictive[var_name]
+    if not isinstance(idata, xr.DataTree) or not (has_group(idata, "observed_data")
+                                                  and has_group(idata, "posterior_predictive")):
+        raise InputError("idata must be a DataTree with observed_data and posterior_predictive groups "
+                         "(scotgm_pp.tl.posterior_predictive).")
+    obs = group(idata, "observed_data")[var_name]
+    rep = group(idata, "posterior_predictive")[var_name]
     a = (1 - ci) / 2
     R = rep.values.reshape(-1, *rep.shape[2:]).astype(float)  # (S, cell, gene)
     Y = obs.values.astype(float)
