@@ -79,6 +79,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                      help="keep the leading PCs explaining this share of variance, in (0, 1] (default 0.4)")
     g.add_argument("--no-escape-model", action="store_true",
                    help="treat every guide cell as perturbed (no escaped-cell detection)")
+    g.add_argument("--state-space", default="signature", choices=["signature", "pca"],
+                   help="where the escape model looks for perturbed cells: the cross-fitted perturbation "
+                        "signature of all genes (default) or the experiment's PCA scores (the paper's)")
     g.add_argument("--rank-by", default="effect_bound",
                    choices=["effect_bound", "lfc_all_guides_bound", "shift", "score"],
                    help="rank genes by the model's perturbed-state effect, bounded by its standard error "
@@ -123,6 +126,7 @@ def _settings(args, perturbation_key: str, control: str):
         control=control,
         coupling=args.coupling,
         escape_model=not args.no_escape_model,
+        state_space=args.state_space,
         rank_by=args.rank_by,
         batch_key=args.batch_key,
         n_control_cells=args.n_control_cells or N_CONTROL_CELLS,

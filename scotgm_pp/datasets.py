@@ -33,17 +33,22 @@ def simulate(
     random_state: int | np.random.Generator | None = 0,
     n_batches: int = 1,
     batch_effect: float = 0.3,
+    program_shift: float = 0.0,
+    library_size_sd: float = 0.35,
 ) -> ad.AnnData:
     """Simulate a pooled CRISPR knock-down screen read out by single-cell RNA-seq.
 
     Expression follows a low-rank log-linear model: each cell ``i`` has a library size
-    ``s_i`` (log-normal around ``library_size``) and latent program activities ``f_i ~ N(0, I)``;
-    gene ``j`` has a baseline ``b_j`` (log-normal across genes) and program loadings ``W_j``, so
-    ``log lambda_ij = log s_i + b_j + W_j f_i``. A perturbation multiplies its target gene by
-    ``knockdown`` and shifts ``n_de_genes`` downstream genes by ``exp(+-lfc)``,
-    ``lfc ~ U(de_log_fold_change)``. A fraction ``escape_fraction`` of guide cells escapes and
-    keeps the control profile. Counts are negative binomial (``dispersion`` = NB size), and a
-    technical dropout then zeroes each count independently with probability ``dropout``.
+    ``s_i`` (log-normal around ``library_size``, log-scale sd ``library_size_sd``) and latent
+    program activities ``f_i ~ N(0, I)``; gene ``j`` has a baseline ``b_j`` (log-normal across
+    genes) and program loadings ``W_j``, so ``log lambda_ij = log s_i + b_j + W_j f_i``. A
+    perturbation multiplies its target gene by ``knockdown``, shifts its own set of downstream
+    genes by ``exp(+-lfc)``, ``lfc ~ U(de_log_fold_change)``, and, with ``program_shift``, moves
+    the programs' activities by a random vector of that length (every gene loaded on the
+    programs follows, as when a perturbation switches a pathway on). A fraction
+    ``escape_fraction`` of guide cells escapes and keeps the control profile. Counts are negative
+    binomial (``dispersion`` = NB size), and a technical dropout then zeroes each count
+    independently with probability ``dropout``.
 
     Parameters
     ----------
@@ -51,7 +56,9 @@ def simulate(
         Sizes. Target genes are drawn among the top quarter of genes by expression, so every
         knock-down is measurable.
     n_de_genes
-        Downstream genes shifted by each perturbation (besides its target).
+        Downstream genes shifted by each perturbation (besides its target): a number, or a range
+        ``(low, high)`` from which each perturbation draws its own, log-uniformly (from a
+        handful to hundreds of genes, as in real screens; at most all other genes).
     escape_fraction
         Probability that a guide cell is not perturbed.
     knockdown
@@ -61,6 +68,10 @@ def simulate(
     n_batches, batch_effect
         With ``n_batches > 1``, every cell falls in a random batch and every gene's log rate is
         shifted by ``N(0, batch_effect^2)`` in each batch but the first (``.obs["batch"]``).
+    program_shift
+        Length of each perturbation's shift of the program activities (0: none).
+    library_size_sd
+        Log-scale standard deviation of the library sizes.
 
     Returns
     -------
@@ -69,19 +80,27 @@ def simulate(
         else the target gene's name); ``.obs["escaped"]`` (bool, True for guide cells that escaped);
         ``.obs["batch"]`` with ``n_batches > 1``;
         ``.uns["simulation"]`` with ``"target_gene"`` (perturbation -> gene), ``"de_genes"``
-        (perturbation -> {gene: +1 or -1}, the target included as -1), ``"control"`` and the
+        (perturbation -> {gene: +1 or -1}: the target as -1, its downstream genes, and genes the
+        program shift moves by at least :data:`DE_PROGRAM_LFC` on the log scale),
+        ``"n_moved"`` (perturbation -> number of genes in ``de_genes``), ``"control"`` and the
         settings.
     """
-    if n_perturbations < 1 or n_genes < n_perturbations + n_de_genes + 1:
+    de_max = min(n_de_genes) if isinstance(n_de_genes, (tuple, list)) else n_de_genes
+    if n_perturbations < 1 or n_genes < n_perturbations + de_max + 1:
         raise ValueError(
-            f"n_genes ({n_genes}) must exceed n_perturbations + n_de_genes ({n_perturbations + n_de_genes})."
+            f"n_genes ({n_genes}) must exceed n_perturbations + n_de_genes ({n_perturbations + de_max})."
         )
     if int(n_batches) != n_batches or n_batches < 1:
         raise ValueError(f"n_batches must be a positive integer, got {n_batches}.")
     if not 0 <= escape_fraction < 1:
         raise ValueError(f"escape_fraction must be in [0, 1), got {escape_fraction}.")
+    if not (np.isfinite(program_shift) and program_shift >= 0) or not (np.isfinite(library_size_sd)
+                                                                        and library_size_sd >= 0):
+        raise ValueError(f"program_shift and library_size_sd must be finite and >= 0, got {program_shift}, "
+                         f"{library_size_sd}.")
     rng = np.random.default_rng(random_state)
-    design = _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs)
+    design = _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs,
+                     program_shift=program_shift)
     genes, targets = design.genes, design.targets
     de_genes, target_gene = design.de_genes, design.target_gene
 
@@ -96,7 +115,7 @@ def simulate(
 
     counts, log_s, batch = _draw_cells(rng, design, pert_index, pert_index >= 0, escaped, library_size=library_size,
                                        dispersion=dispersion, dropout=dropout, n_batches=n_batches,
-                                       batch_effect=batch_effect)
+                                       batch_effect=batch_effect, library_size_sd=library_size_sd)
 
     obs = pd.DataFrame(
         {
@@ -113,6 +132,7 @@ def simulate(
     adata.uns["simulation"] = {
         "target_gene": target_gene,
         "de_genes": de_genes,
+        "n_moved": {p: len(g) for p, g in de_genes.items()},
         "control": control_label,
         "perturbation_key": "perturbation",
         "settings": {
@@ -120,7 +140,9 @@ def simulate(
             "n_perturbations": n_perturbations,
             "n_control": n_control,
             "n_cells_per_perturbation": n_cells_per_perturbation,
-            "n_de_genes": n_de_genes,
+            "n_de_genes": list(n_de_genes) if isinstance(n_de_genes, (tuple, list)) else n_de_genes,
+            "program_shift": program_shift,
+            "library_size_sd": library_size_sd,
             "escape_fraction": escape_fraction,
             "knockdown": knockdown,
             "dispersion": dispersion,
@@ -219,7 +241,7 @@ def write_simulated(
 
 
 def _draw_cells(rng, design, target_index, guided, escaped, *, library_size, dispersion, dropout, n_batches=1,
-                batch_effect=0.0):
+                batch_effect=0.0, library_size_sd=0.35):
     """Counts of cells under :func:`simulate`'s model: ``(counts, log library sizes, batches)``.
 
     ``target_index`` is the row of ``design.effects`` of each guided cell; escaped cells keep the
@@ -227,7 +249,7 @@ def _draw_cells(rng, design, target_index, guided, escaped, *, library_size, dis
     shifted by ``N(0, batch_effect^2)`` on the log scale (batch 0 the reference).
     """
     m = target_index.size
-    log_s = np.log(library_size) + rng.normal(0.0, 0.35, size=m)
+    log_s = np.log(library_size) + rng.normal(0.0, library_size_sd, size=m)
     F = rng.normal(size=(m, design.W.shape[1]))
     log_lam = log_s[:, None] + design.base[None, :] + F @ design.W.T
     hit = guided & ~escaped
@@ -257,7 +279,13 @@ class _Design:
     target_gene: dict
 
 
-def _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs) -> _Design:
+DE_PROGRAM_LFC = 0.25
+"""A gene moved by a perturbation's program shift counts as differentially expressed (in the
+truth of :func:`simulate`) when its log rate moves by at least this much."""
+
+
+def _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs,
+            program_shift=0.0) -> _Design:
     genes = np.array([f"G{j:04d}" for j in range(n_genes)])
 
     base = rng.normal(0.0, 1.5, size=n_genes)
@@ -270,16 +298,23 @@ def _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_ch
     effects = np.zeros((n_perturbations, n_genes))
     de_genes: dict[str, dict[str, int]] = {}
     target_gene: dict[str, str] = {}
+    ranged = isinstance(n_de_genes, (tuple, list))
     for p, t in enumerate(targets):
         name = str(genes[t])
         others = np.setdiff1d(np.arange(n_genes), [t])
-        de = rng.choice(others, size=n_de_genes, replace=False)
-        sign = rng.choice([-1.0, 1.0], size=n_de_genes)
-        lfc = rng.uniform(*de_log_fold_change, size=n_de_genes)
+        n_de = int(n_de_genes) if not ranged else int(round(np.exp(rng.uniform(*np.log(n_de_genes)))))
+        n_de = min(n_de, others.size)
+        de = rng.choice(others, size=n_de, replace=False)
+        sign = rng.choice([-1.0, 1.0], size=n_de)
+        lfc = rng.uniform(*de_log_fold_change, size=n_de)
         effects[p, de] = sign * lfc
+        if program_shift > 0:
+            u = rng.normal(size=n_programs)
+            effects[p] += W @ (program_shift * u / np.linalg.norm(u))
         effects[p, t] = np.log(knockdown)
         target_gene[name] = name
-        de_genes[name] = {str(genes[g]): int(s) for g, s in zip(de, sign)}
+        moved = np.flatnonzero((np.abs(effects[p]) >= DE_PROGRAM_LFC) | np.isin(np.arange(n_genes), de))
+        de_genes[name] = {str(genes[g]): int(np.sign(effects[p, g])) for g in moved if g != t}
         de_genes[name][name] = -1
     return _Design(genes, base, W, targets, effects, de_genes, target_gene)
 

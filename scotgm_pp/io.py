@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from ._validation import InputError
@@ -199,19 +200,29 @@ def run_summary(adata: AnnData, key: str = "scotgm") -> dict:
     """JSON-ready summary of :func:`scotgm_pp.tl.perturbation_response` results.
 
     Per perturbation: its safe key, cells used, PCs kept and variance explained, the KS check,
-    EM iterations and convergence, how guide cells were assigned (escape model), the coupling
-    (and its diagnostics), the fraction of guide cells called perturbed and, when the
-    perturbation's label is a measured gene, that gene's rank.
+    EM iterations and convergence, how guide cells were assigned (escape model, and why it fell
+    back when it did), the coupling (and its diagnostics), the fraction of guide cells called
+    perturbed and, when the perturbation's label is a measured gene, that gene's rank. Over the
+    screen: how many perturbations had their escape model fitted, how many fell back to "every
+    guide cell perturbed" (and their share), by reason.
     """
     uns = adata.uns[key]
     summary = uns["summary"]
     per = {str(p): {k: _plain(v) for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}
            for p, row in summary.iterrows()}
     skipped = uns["skipped"]
+    status = summary["escape_model"].astype(str) if "escape_model" in summary else pd.Series(dtype=str)
+    fallback = status.str.startswith("fallback")
     return {
         "params": json.loads(json.dumps(uns["params"], default=_plain)),
         "n_perturbations_analysed": len(per),
         "n_perturbations_skipped": int(len(skipped)),
+        "escape_model": {
+            "fitted": int((status == "on").sum()),
+            "fallback": int(fallback.sum()),
+            "fallback_share": float(fallback.mean()) if len(status) else float("nan"),
+            "fallback_reasons": {str(r): int(n) for r, n in status[fallback].value_counts().items()},
+        },
         "perturbations": per,
         "skipped": {str(p): str(r) for p, r in zip(skipped["perturbation"], skipped["reason"])},
         "cells": {str(k): int(v) for k, v in adata.obs[f"{key}_class"].value_counts().items()},

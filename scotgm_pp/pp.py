@@ -266,10 +266,11 @@ the smaller Gram matrix); above it, a seeded randomized truncated SVD computes o
 that can be kept."""
 
 
-def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator,
+                 exact_max: int = EXACT_PCA_MAX) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` leading right singular vectors of ``Z`` (genes x k) and their squared singular values.
 
-    Exact when the smaller side of ``Z`` is at most :data:`EXACT_PCA_MAX`; otherwise a randomized
+    Exact when the smaller side of ``Z`` is at most ``exact_max``; otherwise a randomized
     range finder in single precision with oversampling and three power iterations (Halko,
     Martinsson & Tropp 2011), whose cost is ``n x g x k``: no genes x genes matrix is formed. The
     leading PCs come out to about 1e-5 relative; the trailing ones of a flat (noise) spectrum
@@ -277,7 +278,7 @@ def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.nd
     falls among PCs of nearly equal variance.
     """
     n, g = Z.shape
-    if min(n, g) <= EXACT_PCA_MAX:
+    if min(n, g) <= exact_max:
         if g <= n:
             vals, vecs = np.linalg.eigh(Z.T @ Z)
             order = np.argsort(vals)[::-1][:k]

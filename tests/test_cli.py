@@ -19,8 +19,13 @@ def test_demo_writes_outputs_and_ranks_targets(tmp_path, capsys):
     assert len(ranks) == 8 and sum(r == 1 for r in ranks) >= 7
     first = next(iter(summary["perturbations"].values()))
     for field in ("key", "n_guide", "n_control", "n_pcs", "em_n_iter", "em_converged", "coupling",
-                  "ks_shift_significant_pcs"):
+                  "ks_shift_significant_pcs", "escape_model", "state_space", "escape_test_pvalue"):
         assert field in first
+    status = [p["escape_model"] for p in summary["perturbations"].values()]
+    escape = summary["escape_model"]
+    assert escape["fitted"] == status.count("on") and escape["fitted"] + escape["fallback"] == 8
+    assert escape["fallback_share"] == pytest.approx(escape["fallback"] / 8)
+    assert sum(escape["fallback_reasons"].values()) == escape["fallback"]
     assert sorted(summary["outputs"]) == sorted(["figures", "gene_rankings.csv", "records", "responses.h5ad",
                                                  "results.h5ad", "summary.json"])
     table = pd.read_csv(out / "gene_rankings.csv")

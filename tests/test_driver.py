@@ -305,14 +305,16 @@ def test_the_whole_task_runs_with_the_blas_threads_asked_for(small_sim, monkeypa
     (they used to run with the default BLAS pools)."""
     from threadpoolctl import threadpool_info
 
+    from scotgm_pp.tl import _pair
+
     seen = []
-    add_calls = _execute._add_calls
+    test = _pair.resampling_test
 
     def spy(*args, **kwargs):
         seen.extend(d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas")
-        return add_calls(*args, **kwargs)
+        return test(*args, **kwargs)
 
-    monkeypatch.setattr(_execute, "_add_calls", spy)
+    monkeypatch.setattr(_pair, "resampling_test", spy)
     pert = min(set(small_sim.obs["perturbation"].astype(str)) - {"control"})
     _run(small_sim, n_control_cells=80, perturbations=[pert], blas_threads=1)
     assert seen and set(seen) == {1}

@@ -14,7 +14,8 @@ import scotgm_pp as sg
 from scotgm_pp.inference.em import fit_em
 from scotgm_pp.pp import PreprocessParams
 from scotgm_pp.tl import analyse_pair
-from scotgm_pp.tl._core import fit_states
+from scotgm_pp.tl._core import fit_states, states_from_signature
+from scotgm_pp.tl._signature import fit_signature_states, pearson_residuals
 
 KW = dict(params=PreprocessParams(), coupling="ot", regularization=0.01)
 
@@ -61,7 +62,8 @@ def test_state_posteriors_help_rank_the_target_under_heavy_escape(heavy_escape):
     assert not df.loc[~tied, "order_differs"].any()  # fallback: the same graph as escape_model=False
 
 
-def test_record_says_which_graph_produced_each_number(small_sim):
+@pytest.mark.parametrize("state_space", ["signature", "pca"])
+def test_record_says_which_graph_produced_each_number(small_sim, state_space):
     ad = small_sim
     labels = ad.obs["perturbation"].astype(str).to_numpy()
     pert = sorted(ad.uns["simulation"]["target_gene"])[0]
@@ -69,12 +71,12 @@ def test_record_says_which_graph_produced_each_number(small_sim):
     sub, ctrl = ad[cells].copy(), labels[cells] == "control"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rec, genes, p = analyse_pair(sub, ctrl, escape_model=True, random_state=0, **KW)
+        rec, genes, p = analyse_pair(sub, ctrl, escape_model=True, random_state=0, state_space=state_space, **KW)
     for key, value in rec.items():
         if key != "ks":  # the KS table
             assert isinstance(value, (np.ndarray, np.generic, str, int, float, bool)), key
-    assert rec["state_model"] in ("tied", "pinned")
-    assert rec["state_evidence"] == "pca scores"
+    assert rec["state_model"] in ("tied", "pinned") and rec["state_space"] == state_space
+    assert rec["state_evidence"] == {"pca": "pca scores", "signature": "signature score"}[state_space]
     assert rec["effect_se_method"] == "imputation" and rec["count_converged"]
     assert rec["rank_by"] == "effect_bound" and rec["dispersion_source"] == "controls"
     assert rec["llr"] == pytest.approx(rec["llr_gaussian"] + rec["llr_counts"])
@@ -90,11 +92,21 @@ def test_record_says_which_graph_produced_each_number(small_sim):
     from scotgm_pp.pp import prepare_pair
 
     pair = prepare_pair(sub, ctrl, KW["params"])
-    states = fit_states(pair.pca.scores, pair.is_control)
+    if state_space == "pca":
+        states = fit_states(pair.pca.scores, pair.is_control)
+    else:  # the signature of the kept cells and genes, with the seed analyse_pair spawns
+        rows, cols = sub.obs_names.get_indexer(pair.obs_names), sub.var_names.get_indexer(pair.var_names)
+        y = sub.X[rows]
+        Z, used = pearson_residuals(y[:, cols], np.asarray(y.sum(axis=1)).ravel(), pair.is_control)
+        signature = fit_signature_states(Z, pair.is_control, random_state=np.random.default_rng(0).spawn(1)[0])
+        states = states_from_signature(signature, pair.pca.scores, pair.is_control)
+        np.testing.assert_allclose(rec["state_scores"], signature.scores)
+        np.testing.assert_allclose(rec["means"], states.means)  # the PCA-space M-step given the posteriors
+    features = states.features
     np.testing.assert_allclose(rec["em_logp_trace"], states.em.logp_trace)
     assert rec["em_n_iter"] == states.em.n_iter and rec["em_converged"] == states.em.converged
     if rec["state_model"] == "tied":
-        same = fit_em(pair.pca.scores, fixed_state=np.where(pair.is_control, 0, -1), covariance="tied",
+        same = fit_em(features, fixed_state=np.where(pair.is_control, 0, -1), covariance="tied",
                       prior=states.em.prior, max_iter=500, tol=1e-10)
         np.testing.assert_allclose(rec["em_logp_trace"], same.logp_trace)
         assert np.all(np.diff(rec["em_logp_trace"]) >= -1e-9 * np.abs(rec["em_logp_trace"][:-1]))

@@ -25,6 +25,14 @@ def screen():
 
 
 @pytest.fixture(scope="module")
+def screen_pca():
+    adata = sg.datasets.simulate(n_genes=200, n_perturbations=3, n_control=300, n_cells_per_perturbation=80,
+                                 random_state=0)
+    sg.tl.perturbation_response(adata, "perturbation", "control", n_pcs=5, n_jobs=1, state_space="pca")
+    return adata
+
+
+@pytest.fixture(scope="module")
 def nuts_fit(screen):
     P = sorted(sg.tl.get_responses(screen).obs_names)[0]
     with warnings.catch_warnings():
@@ -48,9 +56,31 @@ def _three_perturbation_cells(seed: int):
     return np.vstack(X), np.array(labels), np.concatenate(truth)
 
 
-def test_get_model_returns_the_screens_own_fit_as_a_pymc_model(screen):
+def test_get_model_is_the_signature_state_model_that_made_the_calls(screen):
+    from scotgm_pp.inference.em import default_prior
+    from scotgm_pp.inference.joint_em import conditional_full_m_step
+
+    for P in sg.tl.get_responses(screen).obs_names:
+        fit = sg.tl.get_model(screen, P)
+        record = sg.tl.get_record(screen, P)
+        assert record["state_space"] == "signature" and fit.idata.observed_data["X"].shape[1] == 1
+        assert np.max(np.abs(fit.idata.map_estimate["means"].values - record["state_means"])) <= 1e-10
+        assert np.max(np.abs(fit.idata.map_estimate["weights"].values - record["weights"])) <= 1e-10
+        # the screen's escaped / perturbed calls are the graph's state posteriors
+        cells = fit.idata.observed_data["cell"].values.astype(str)
+        guide = record["state_fixed_state"] < 0
+        p = screen.obs.loc[cells[guide], "scotgm_p_perturbed"].to_numpy()
+        np.testing.assert_allclose(fit.responsibilities[guide, 1], p, atol=1e-10)
+        # the PCA-space states (coupling, mu, sigma) are the M-step given those posteriors
+        pca = conditional_full_m_step(record["pca_scores"], fit.responsibilities,
+                                      default_prior(record["pca_scores"], 2, regularization=0.01))
+        np.testing.assert_allclose(record["means"], pca[0], atol=1e-8)
+
+
+def test_get_model_returns_the_screens_own_fit_as_a_pymc_model(screen_pca):
     from pymc.model.fgraph import clone_model
 
+    screen = screen_pca
     for P in sg.tl.get_responses(screen).obs_names:
         fit = sg.tl.get_model(screen, P)
         record = sg.tl.get_record(screen, P)

@@ -286,3 +286,18 @@ def test_screen_warns_when_hit_and_run_chains_do_not_mix(small_sim):
     summary = out.uns["scotgm"]["summary"]
     assert not summary.loc[pert, "coupling_converged"]
     assert summary.loc[pert, "coupling_ess_bulk_min_cross_cov"] < 400
+
+
+def test_the_coupling_changes_sigma_and_score_but_no_state_effect_rank_or_call(small_sim):
+    out = {}
+    for coupling in ("ot", "independent"):
+        out[coupling] = sg.tl.perturbation_response(small_sim, "perturbation", "control", coupling=coupling,
+                                                    n_jobs=1, copy=True)
+    a, b = out["ot"], out["independent"]
+    np.testing.assert_array_equal(a.obs["scotgm_p_perturbed"].to_numpy(), b.obs["scotgm_p_perturbed"].to_numpy())
+    assert (a.obs["scotgm_class"] == b.obs["scotgm_class"]).all()
+    ra, rb = sg.tl.get_responses(a), sg.tl.get_responses(b)
+    for layer in ("effect", "effect_se", "effect_bound", "rank", "pval", "qval", "qval_screen", "mu"):
+        np.testing.assert_array_equal(ra.layers[layer], rb.layers[layer], err_msg=layer)
+    for layer in ("sigma", "score"):
+        assert np.nanmax(np.abs(ra.layers[layer] - rb.layers[layer])) > 1e-3, layer

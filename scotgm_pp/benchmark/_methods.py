@@ -20,6 +20,7 @@ from scipy import stats
 
 from ..pp import PreprocessParams, normalize_log
 from ..tl import COUPLINGS, analyse_pair
+from ..tl._core import DEFAULT_STATE_SPACE, STATE_SPACES
 from ..tl._counts import _dense as dense
 from ..tl._counts import bound_order_score, count_shift
 
@@ -225,12 +226,13 @@ def scotgm_method(
     regularization: float = 0.01,
     score: str = "effect_bound",
     coupling_kwargs: dict | None = None,
+    state_space: str = DEFAULT_STATE_SPACE,
 ) -> Callable[[Pair], pd.Series]:
     """sc-OTGM on the pair through :func:`scotgm_pp.tl.analyse_pair` (fitted once per pair and coupling).
 
     Parameters
     ----------
-    coupling, escape_model, regularization, coupling_kwargs
+    coupling, escape_model, regularization, coupling_kwargs, state_space
         Passed to ``analyse_pair``.
     params
         Preprocessing; the pair's (benchmark-wide) params when None.
@@ -250,15 +252,17 @@ def scotgm_method(
         raise ValueError(f"score {score!r} was renamed: {_RENAMED[score]}.")
     if score not in SCOTGM_SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCOTGM_SCORES)}.")
+    if state_space not in STATE_SPACES:
+        raise ValueError(f"unknown state_space {state_space!r}; choose one of {', '.join(STATE_SPACES)}.")
 
     def run(pair: Pair) -> pd.Series:
         prm = params or pair.params
-        key = ("scotgm", coupling, escape_model, prm, regularization, repr(coupling_kwargs))
+        key = ("scotgm", coupling, escape_model, prm, regularization, repr(coupling_kwargs), state_space)
         if key not in pair.cache:
             pair.cache[key] = analyse_pair(pair.counts, pair.is_control, params=prm, coupling=coupling,
                                            escape_model=escape_model, regularization=regularization,
                                            random_state=pair.seed, coupling_kwargs=coupling_kwargs,
-                                           batch=pair.batch, baseline=False)
+                                           batch=pair.batch, baseline=False, state_space=state_space)
         _, genes, p = pair.cache[key]
         if score == "effect_bound":
             return _effect_bound(genes)
@@ -268,14 +272,15 @@ def scotgm_method(
             return _state_shift(pair, p)
         return pd.Series(genes["score"].to_numpy(float), index=genes["gene"].astype(str).to_numpy())
 
-    run.__name__ = f"scotgm_{coupling}_{score}"
+    run.__name__ = f"scotgm_{coupling}_{score}" + ("" if state_space == DEFAULT_STATE_SPACE else f"_{state_space}")
     return run
 
 
 def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
-    """Method names (``scotgm-<coupling>[:<score>]``, ``nb-all-guides``, ``t-test``, ``wilcoxon``, ``van-elteren``,
-    ``logfc``) or a mapping name -> callable, to a mapping name -> callable. ``None``: :data:`DEFAULT_METHODS`.
-    A bare ``scotgm-<coupling>`` ranks by the paper's ``mu / sigma``."""
+    """Method names (``scotgm-<coupling>[:<score>][@<state_space>]``, ``nb-all-guides``, ``t-test``,
+    ``wilcoxon``, ``van-elteren``, ``logfc``) or a mapping name -> callable, to a mapping name ->
+    callable. ``None``: :data:`DEFAULT_METHODS`. A bare ``scotgm-<coupling>`` ranks by the paper's
+    ``mu / sigma``; ``@pca`` fits the states on the PCA scores instead of the signature."""
     if methods is None:
         methods = DEFAULT_METHODS
     if isinstance(methods, dict):
@@ -293,13 +298,15 @@ def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
         elif name == "nb-all-guides":
             out[name] = nb_all_guides_method
         elif isinstance(name, str) and name.startswith("scotgm-"):
-            coupling, _, score = name[len("scotgm-"):].partition(":")
+            spec, _, space = name[len("scotgm-"):].partition("@")
+            coupling, _, score = spec.partition(":")
             if score in _RENAMED:
                 raise ValueError(f"method {name!r} was renamed: {_RENAMED[score]}.")
-            if coupling not in COUPLINGS or (score and score not in SCOTGM_SCORES):
-                raise ValueError(f"unknown method {name!r}; scotgm methods are scotgm-<coupling>[:<score>] with "
-                                 f"coupling in {COUPLINGS} and score in {SCOTGM_SCORES}.")
-            out[name] = scotgm_method(coupling, score=score or "mu_sigma")
+            if coupling not in COUPLINGS or (score and score not in SCOTGM_SCORES) or (
+                    space and space not in STATE_SPACES):
+                raise ValueError(f"unknown method {name!r}; scotgm methods are scotgm-<coupling>[:<score>][@<space>] "
+                                 f"with coupling in {COUPLINGS}, score in {SCOTGM_SCORES} and space in {STATE_SPACES}.")
+            out[name] = scotgm_method(coupling, score=score or "mu_sigma", state_space=space or DEFAULT_STATE_SPACE)
         else:
             valid = ["nb-all-guides", "t-test", "wilcoxon", "van-elteren", "logfc"] + [
                 f"scotgm-{c}[:<score>]" for c in COUPLINGS]

@@ -19,9 +19,12 @@ from ._counts import bound_order_score
 
 __all__ = [
     "COUPLINGS",
+    "STATE_SPACES",
+    "DEFAULT_STATE_SPACE",
     "PerturbationFit",
     "StateFit",
     "fit_states",
+    "states_from_signature",
     "couple",
     "fit_perturbation",
     "gene_statistics",
@@ -43,6 +46,10 @@ _RANK_ALIASES = {"lfc_bound": "lfc_all_guides_bound"}
 """Former names still accepted."""
 
 COUPLINGS = ("independent", "ot", "hit_and_run", "paper")
+STATE_SPACES = ("signature", "pca")
+"""Where the state model looks for the perturbation: the cross-fitted perturbation signature
+(default, :mod:`scotgm_pp.tl._signature`) or the experiment's PCA scores (the paper's)."""
+DEFAULT_STATE_SPACE = "signature"
 BASAL, PERTURBED = 0, 1
 
 
@@ -55,24 +62,28 @@ class StateFit:
     ----------
     em
         EM of the state model: its weights, means, covariances, responsibilities and its own
-        ``logp_trace`` / ``n_iter`` / ``converged`` (``build_model(scores, ...,
+        ``logp_trace`` / ``n_iter`` / ``converged`` (``build_model(features, ...,
         covariance=em.covariance)`` with ``fixed_state=em.fixed_state`` is the graph).
     means, covariances
-        State means ``(K, d)`` (equal to ``em.means``) and per-state covariances ``(K, d, d)``
-        for the coupling: with the tied state model, the full-covariance model's M-step given
-        the state model's converged responsibilities (:func:`conditional_full_m_step`); with
-        every guide cell pinned, the state model's own covariances.
+        State means ``(K, d)`` and per-state covariances ``(K, d, d)`` in the experiment's PCA
+        space, for the coupling and the paper's gene statistics: the full-covariance model's
+        M-step given the state model's converged responsibilities (:func:`conditional_full_m_step`);
+        with the PCA state model these means equal ``em.means``.
+    features
+        The state model's observed cells x features: the signature score (``state_space
+        "signature"``) or the PCA scores (``"pca"``).
     info
-        Record of how the states were found: ``state_model`` (``"tied"`` or ``"pinned"``),
-        ``coupling_covariances``, ``escape_model`` (``"on"``, ``"off"`` or ``"fallback: <why>"``),
-        ``escape_separating_pcs`` (PCs whose KS test separates guide cells from controls) and
-        ``escape_fraction_perturbed`` (the tied model's perturbed share of the guide cells, NaN
-        when it was not fitted).
+        Record of how the states were found: ``state_space``, ``state_model`` (``"tied"`` or
+        ``"pinned"``), ``coupling_covariances``, ``escape_model`` (``"on"``, ``"off"`` or
+        ``"fallback: <why>"``), ``escape_fraction_perturbed`` (the tied model's perturbed share of
+        the guide cells, NaN when it was not fitted) and the evidence that a perturbed state
+        exists (the signature's KS test, or the number of separating PCs).
     """
 
     em: EMResult
     means: np.ndarray
     covariances: np.ndarray
+    features: np.ndarray | None = None
     info: dict = field(default_factory=dict)
 
     @property
@@ -173,7 +184,8 @@ def fit_states(
     prior = default_prior(scores, 2, regularization=regularization)
     n_guide = int((~is_control).sum())
     n_separating = int((ks_check(scores, is_control)["ks_shift_padj"] < KS_ALPHA).sum())
-    info = {"escape_model": "off", "escape_separating_pcs": n_separating, "escape_fraction_perturbed": np.nan}
+    info = {"state_space": "pca", "escape_model": "off", "escape_separating_pcs": n_separating,
+            "escape_fraction_perturbed": np.nan}
     if escape_model and n_separating == 0:
         info["escape_model"] = "fallback: no PC separates the guide cells from the controls, all treated as perturbed"
     elif escape_model:
@@ -184,12 +196,75 @@ def fit_states(
         if mass >= max(MIN_PERTURBED_FRACTION * n_guide, 10):
             means, covs = conditional_full_m_step(scores, tied.responsibilities, prior, em_regularization)
             info.update(state_model="tied", coupling_covariances="full-covariance M-step given the state posteriors")
-            return StateFit(em=tied, means=means, covariances=covs, info=info)
-        info["escape_model"] = "fallback: perturbed state too small, all guide cells treated as perturbed"
+            return StateFit(em=tied, means=means, covariances=covs, features=scores, info=info)
+        info["escape_model"] = FALLBACK_TOO_SMALL
     pinned = fit_em(scores, fixed_state=np.where(is_control, BASAL, PERTURBED).astype(int), n_states=2, prior=prior,
                     regularization=em_regularization, max_iter=max_iter, tol=tol)
     info.update(state_model="pinned", coupling_covariances="state model")
-    return StateFit(em=pinned, means=pinned.means, covariances=pinned.covariances, info=info)
+    return StateFit(em=pinned, means=pinned.means, covariances=pinned.covariances, features=scores, info=info)
+
+
+FALLBACK_TOO_SMALL = "fallback: perturbed state too small, all guide cells treated as perturbed"
+FALLBACK_NO_SIGNATURE = ("fallback: the guide cells do not differ from the controls (signature split-half and "
+                         "any-effect tests, p >= 0.05), all treated as perturbed")
+
+
+def states_from_signature(
+    signature,
+    scores: np.ndarray,
+    is_control: np.ndarray,
+    *,
+    regularization: float = 0.01,
+    em_regularization: str = "map",
+    max_iter: int = 500,
+    tol: float = 1e-10,
+    any_effect_pvalue: float | None = None,
+) -> StateFit:
+    """The experiment's states from its signature (:func:`~scotgm_pp.tl._signature.fit_signature_states`).
+
+    The state model is the two-state graph on the signature score (tied covariance, controls
+    pinned basal) at its converged MAP. It is kept when the guide cells differ from the controls
+    (p below :data:`KS_ALPHA`: the guide cells hold a perturbed state) and its perturbed state
+    holds at least :data:`MIN_PERTURBED_FRACTION` of the
+    guide cells and 10 cells; otherwise every guide cell is pinned to the perturbed state (the
+    graph on the same score with no free cell), and ``info["escape_model"]`` says why. Either
+    way the PCA-space means and per-state covariances (for the coupling and the paper's
+    ``mu`` / ``sigma``) are the full-covariance M-step on ``scores`` given the states' posteriors.
+
+    The p-value is the signature's exact split-half test
+    (:func:`~scotgm_pp.tl._signature.split_half_test`) or, with ``any_effect_pvalue`` (the calls'
+    resampling test of the largest gene-level statistic), ``min(1, 2 min(p_split, p_any))``: the
+    split-half test sees broad shifts, the largest gene statistic a strong knock-down whose
+    direction half of the cells cannot estimate well. (When ``2 p_any`` alone is below the level,
+    the split-half test is not run: its p-value is NaN and ``escape_test_pvalue = 2 p_any``.)
+    """
+    is_control = np.asarray(is_control, bool)
+    n_guide = int((~is_control).sum())
+    features = np.asarray(signature.scores, float)
+    info = {"state_space": "signature", "escape_model": "on", "escape_fraction_perturbed": np.nan,
+            **signature.info}
+    em = signature.em
+    mass = float(em.responsibilities[~is_control, PERTURBED].sum())
+    info["escape_fraction_perturbed"] = mass / max(n_guide, 1)
+    p = signature.shift_pvalue if np.isfinite(signature.shift_pvalue) else 1.0
+    if any_effect_pvalue is not None:  # Bonferroni over the two tests (a test not run counts as p = 1)
+        p = min(1.0, 2.0 * min(p, float(any_effect_pvalue)))
+    info["escape_test_pvalue"] = p
+    if not p < KS_ALPHA:
+        info["escape_model"] = FALLBACK_NO_SIGNATURE
+    elif mass < max(MIN_PERTURBED_FRACTION * n_guide, 10):
+        info["escape_model"] = FALLBACK_TOO_SMALL
+    if info["escape_model"] != "on":
+        em = fit_em(features, fixed_state=np.where(is_control, BASAL, PERTURBED).astype(int), n_states=2,
+                    prior=default_prior(features, 2, regularization=regularization), covariance="tied",
+                    regularization=em_regularization, max_iter=max_iter, tol=tol)
+        info["state_model"] = "pinned"
+    else:
+        info["state_model"] = "tied"
+    prior = default_prior(scores, 2, regularization=regularization)
+    means, covs = conditional_full_m_step(scores, em.responsibilities, prior, em_regularization)
+    info["coupling_covariances"] = "full-covariance M-step in PCA space given the state posteriors"
+    return StateFit(em=em, means=means, covariances=covs, features=features, info=info)
 
 
 MAX_PLAN_DIM = 40
@@ -264,18 +339,21 @@ def fit_perturbation(
     em_regularization: str = "map",
     random_state=None,
     coupling_kwargs: dict | None = None,
+    states: StateFit | None = None,
 ) -> PerturbationFit:
-    """States (:func:`fit_states`), coupling and perturbation distribution for one experiment."""
+    """States (given, e.g. :func:`states_from_signature`, or :func:`fit_states` on the PCA
+    scores), coupling and perturbation distribution for one experiment."""
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
     rng = np.random.default_rng(random_state)
-    states = fit_states(
-        scores,
-        is_control,
-        escape_model=escape_model,
-        regularization=regularization,
-        em_regularization=em_regularization,
-    )
+    if states is None:
+        states = fit_states(
+            scores,
+            is_control,
+            escape_model=escape_model,
+            regularization=regularization,
+            em_regularization=em_regularization,
+        )
     R = states.responsibilities
     n0, n1 = float(R[:, BASAL].sum()), float(R[:, PERTURBED].sum())
     m, S = states.means, states.covariances

@@ -26,9 +26,7 @@ from tqdm.auto import tqdm
 
 from .._validation import InputError
 from .._workers import LocalWorkers, local_cluster
-from ._calls import bh_qvalues, resampling_test
 from ._core import resolve_rank_by
-from ._counts import universal_threshold
 from ._pair import analyse_pair
 from ._plan import RunSettings, Task
 
@@ -178,6 +176,7 @@ def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
             warnings.simplefilter("ignore", RuntimeWarning)
             record, genes, p = analyse_pair(
                 counts, is_control, params=s.preprocess, coupling=s.coupling, escape_model=s.escape_model,
+                state_space=s.state_space, n_resamples=s.n_resamples,
                 regularization=s.regularization, em_regularization=s.em_regularization, random_state=task.seed,
                 coupling_kwargs=s.coupling_kwargs, rank_by=s.rank_by, batch=payload.batch,
                 dispersion=context.dispersion, baseline=needs_baseline, any_effect=False,
@@ -186,7 +185,6 @@ def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
         return TaskResult(task.perturbation, task.key, skip_reason=f"{type(err).__name__}: {err}")
     names = genes["gene"].astype(str).to_numpy()
     gene_index = pd.Index(context.var_names).get_indexer(names)
-    _add_calls(genes, record, payload, p.index, gene_index, context, baseline=not needs_baseline)
     if task.perturbation in set(names):
         record["target_rank"] = int(genes.loc[names == task.perturbation, "rank"].iloc[0])
     record["n_guide_labelled"] = int(task.n_guide_labelled)
@@ -204,33 +202,6 @@ def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
         p_perturbed=p_guide,
         record=record,
     )
-
-
-def _add_calls(genes: pd.DataFrame, record: dict, payload: TaskPayload, kept_cells, gene_index: np.ndarray,
-               context: ScreenContext, *, baseline: bool = True) -> None:
-    """Resampling p-values (and BH q-values within the perturbation) of the experiment's cells and
-    genes, and the perturbation's "any effect" p-value (:func:`~scotgm_pp.tl._calls.resampling_test`).
-    With ``baseline``, the tested statistic also fills the model-free ``lfc_all_guides*`` columns
-    (:func:`~scotgm_pp.tl.count_shift`'s statistic, with the controls' dispersion)."""
-    s = context.settings
-    rows = pd.Index(payload.obs_names).get_indexer(pd.Index(kept_cells, dtype=object))
-    Y = payload.counts[rows][:, gene_index]
-    lib = np.asarray(payload.counts[rows].sum(axis=1)).ravel()
-    phi = np.zeros(gene_index.size) if context.dispersion is None else context.dispersion[gene_index]
-    test = resampling_test(Y, payload.is_control[rows], library_size=lib, dispersion=phi,
-                           batch=None if payload.batch is None else payload.batch[rows],
-                           n_resamples=s.n_resamples, random_state=np.random.default_rng([payload.task.seed, 1]))
-    if baseline:
-        lam = universal_threshold(gene_index.size)
-        genes["lfc_all_guides"] = test.lfc
-        genes["lfc_all_guides_se"] = test.lfc_se
-        genes["lfc_all_guides_z"] = test.z
-        genes["lfc_all_guides_bound"] = np.sign(test.lfc) * np.maximum(np.abs(test.lfc) - lam * test.lfc_se, 0.0)
-    genes["pval"] = test.pval
-    genes["qval"] = bh_qvalues(test.pval)
-    record["pval_any"] = float(test.pval_any)
-    record["any_statistic"] = float(test.any_statistic)
-    record["n_resamples"] = int(test.n_resamples)
 
 
 def resolve_workers(n_jobs: int | None) -> int:

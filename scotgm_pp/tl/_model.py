@@ -18,9 +18,13 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
               store=None, random_state: int | None = 0, sampler_config: dict | None = None, **kwargs):
     """The state model of one perturbation of a screen, fitted again as a :class:`ScOTGM`.
 
-    The screen's record of the perturbation holds the PCA scores of its cells (guide cells and
-    the sampled controls), which cells were pinned, the covariance type and the prior's
-    settings; this rebuilds that graph and fits it. With ``method="em"`` (the default) the fit
+    The screen's record of the perturbation holds the state model's features of its cells
+    (guide cells and the sampled controls): the perturbation signature score by default, the PCA
+    scores with ``state_space="pca"``; which cells were pinned, the covariance type and the
+    prior's settings. This rebuilds that graph and fits it. The PCA state model's graph also
+    carries the loadings (``perturbation_gene_mean``, the screen's ``mu`` layer); the signature's
+    graph is one score per cell, and the screen's PCA-space states are the M-step given its
+    posteriors (:func:`~scotgm_pp.tl._core.states_from_signature`). With ``method="em"`` (the default) the fit
     is the screen's own: its means and weights equal the record's (``tests/test_model_api.py``).
     Any other method (``"map"``, ``"mcmc"``, ``"nuts"``) refits the same graph.
 
@@ -74,10 +78,13 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
         random_state=random_state,
     )
     cells = pd.Index(np.asarray(record["state_cell_names"]).astype(str), dtype=object)
-    loadings = np.asarray(record["loadings"], float)[:, :d]
-    genes = np.asarray(record["genes"]).astype(str)
-    view = ad.AnnData(X=np.zeros((scores.shape[0], genes.size), np.float32), obs=pd.DataFrame(index=cells),
-                      var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
+    if str(record.get("state_space", "pca")) == "pca":
+        # the PCA state model: the graph carries the loadings (perturbation_gene_mean is the mu layer)
+        genes = np.asarray(record["genes"]).astype(str)
+        view = ad.AnnData(X=np.zeros((scores.shape[0], genes.size), np.float32), obs=pd.DataFrame(index=cells),
+                          var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
+        view.varm["PCs"] = np.asarray(record["loadings"], float)[:, :d]
+    else:
+        view = ad.AnnData(X=np.zeros((scores.shape[0], 0), np.float32), obs=pd.DataFrame(index=cells))
     view.obsm["X_pca"] = scores
-    view.varm["PCs"] = loadings
     return model.fit(view, fixed_state=fixed, method=method, **kwargs)

@@ -15,10 +15,23 @@ from ..inference.count_layer import DELTA_SD, batch_codes
 from ..inference.em import default_prior
 from ..inference.joint_em import any_effect_llr
 from ..pp import PreprocessParams, prepare_pair
-from ._core import DEFAULT_RANK_BY, fit_perturbation, gene_statistics, resolve_rank_by, state_shift, unpinned_posterior
-from ._counts import count_shift
+from ._core import (
+    DEFAULT_RANK_BY,
+    KS_ALPHA,
+    DEFAULT_STATE_SPACE,
+    STATE_SPACES,
+    fit_perturbation,
+    gene_statistics,
+    resolve_rank_by,
+    state_shift,
+    states_from_signature,
+    unpinned_posterior,
+)
+from ._calls import bh_qvalues, resampling_test
+from ._counts import count_shift, universal_threshold
 from ._effects import SE_METHOD, effect_table, fit_count_layer, library_sizes
 from ._posterior import posterior_record
+from ._signature import fit_signature_states, pearson_residuals
 
 __all__ = ["analyse_pair"]
 
@@ -40,13 +53,17 @@ def analyse_pair(
     baseline: bool = True,
     delta_sd: float = DELTA_SD,
     any_effect: bool = True,
+    state_space: str = DEFAULT_STATE_SPACE,
+    n_resamples: int | None = None,
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
     1. :func:`~scotgm_pp.pp.prepare_pair`: filter, normalise, PCA (the PCA scores).
-    2. :func:`~scotgm_pp.tl.fit_perturbation`: the state model on the PCA scores (which guide
-       cells are perturbed: ``p_perturbed``), the coupling and the perturbation distribution
-       (``mu``, ``sigma``, ``score``).
+    2. The state model (which guide cells are perturbed: ``p_perturbed``): by default on the
+       cross-fitted perturbation signature of the raw counts
+       (:func:`~scotgm_pp.tl._signature.fit_signature_states`), with ``state_space="pca"`` on
+       the PCA scores (the paper's); then :func:`~scotgm_pp.tl.fit_perturbation`: the PCA-space
+       states, the coupling and the perturbation distribution (``mu``, ``sigma``, ``score``).
     3. :func:`~scotgm_pp.tl.fit_count_layer`: the negative-binomial count layer given those
        state posteriors, with each cell's total count (over all genes of ``counts``) as offset;
        ``effect`` is the perturbed state's log fold change of every gene, with ``effect_se``.
@@ -76,6 +93,16 @@ def analyse_pair(
         Also compute the model-free baseline columns ``lfc_all_guides*``
         (:func:`~scotgm_pp.tl.count_shift` of every guide cell against the controls); needed
         for ``rank_by="lfc_all_guides_bound"``.
+    state_space
+        ``"signature"`` (default) or ``"pca"``: where the escape model looks for the perturbed
+        state (see :data:`~scotgm_pp.tl._core.STATE_SPACES`).
+    n_resamples
+        Also run the calls' resampling test (:func:`~scotgm_pp.tl._calls.resampling_test`, this
+        many label reassignments, seeded by ``[random_state, 1]``): per-gene ``pval`` and
+        ``qval`` columns (and, unless ``baseline``, the model-free ``lfc_all_guides*`` columns
+        from its statistic), and the perturbation's ``pval_any``. Its "any effect" p-value then
+        joins the signature's split-half test in deciding whether the guide cells hold a
+        perturbed state (Bonferroni over the two). ``None``: no calls.
     any_effect
         Also record the model's log-likelihood ratio of the two-state against the one-state
         model (``llr``, ``llr_gaussian``, ``llr_counts``; :func:`scotgm_pp.inference.any_effect_llr`).
@@ -103,17 +130,9 @@ def analyse_pair(
                 f"dispersion must hold one finite non-negative value per gene of counts ({counts.n_vars}), "
                 f"got shape {dispersion.shape}; pass None to estimate it from the experiment's controls."
             )
+    if state_space not in STATE_SPACES:
+        raise ValueError(f"unknown state_space {state_space!r}; choose one of {', '.join(STATE_SPACES)}.")
     pair = prepare_pair(counts, is_control, params)
-    fit = fit_perturbation(
-        pair.pca.scores,
-        pair.is_control,
-        coupling=coupling,
-        escape_model=escape_model,
-        regularization=regularization,
-        em_regularization=em_regularization,
-        random_state=random_state,
-        coupling_kwargs=coupling_kwargs,
-    )
     rows = counts.obs_names.get_indexer(pair.obs_names)
     cols = counts.var_names.get_indexer(pair.var_names)
     X = counts.X[rows]
@@ -121,6 +140,37 @@ def analyse_pair(
     y = X[:, cols]
     y = y.tocsr() if sp.issparse(y) else np.asarray(y)
     b = None if batch is None else np.asarray(batch)[rows]
+    rng = np.random.default_rng(random_state)
+    test = None
+    if n_resamples is not None:
+        seed = [int(random_state), 1] if isinstance(random_state, (int, np.integer)) else rng.spawn(1)[0]
+        phi = np.zeros(len(cols)) if dispersion is None else dispersion[cols]
+        test = resampling_test(y, pair.is_control, library_size=size_factors, dispersion=phi, batch=b,
+                               n_resamples=n_resamples, random_state=np.random.default_rng(seed))
+    states = None
+    if escape_model and state_space == "signature":
+        Z, used = pearson_residuals(y, size_factors, pair.is_control, batch=b,
+                                    dispersion=None if dispersion is None else dispersion[cols])
+        # the split-half test only matters when the calls' any-effect test alone does not decide
+        decided = test is not None and 2.0 * test.pval_any < KS_ALPHA
+        signature = fit_signature_states(Z, pair.is_control, genes=pair.var_names.to_numpy()[used],
+                                         regularization=regularization, em_regularization=em_regularization,
+                                         random_state=rng.spawn(1)[0], shift_test=not decided)
+        del Z
+        states = states_from_signature(signature, pair.pca.scores, pair.is_control, regularization=regularization,
+                                       em_regularization=em_regularization,
+                                       any_effect_pvalue=None if test is None else test.pval_any)
+    fit = fit_perturbation(
+        pair.pca.scores,
+        pair.is_control,
+        coupling=coupling,
+        escape_model=escape_model,
+        regularization=regularization,
+        em_regularization=em_regularization,
+        random_state=rng,
+        coupling_kwargs=coupling_kwargs,
+        states=states,
+    )
     em = fit.em
     cf = fit_count_layer(y, em.fixed_state, em.responsibilities, size_factors=size_factors,
                          dispersion=None if dispersion is None else dispersion[cols], batch=b, delta_sd=delta_sd)
@@ -129,11 +179,21 @@ def analyse_pair(
         base = count_shift(y, pair.is_control, batch=b)
         for col in ("lfc", "lfc_se", "lfc_z", "lfc_bound"):
             table[col.replace("lfc", "lfc_all_guides")] = base[col].to_numpy()
+
     shift = state_shift(pair.lognorm, fit.p_perturbed)
     genes = gene_statistics(pair.pca.loadings, fit.mean, fit.cov, genes=pair.var_names.to_numpy(), shift=shift,
                             counts=table, rank_by=rank_by)
+    if test is not None:
+        if "lfc_all_guides" not in genes:  # the calls' statistic is the same negative-binomial contrast
+            lam = universal_threshold(len(cols))
+            genes["lfc_all_guides"] = test.lfc
+            genes["lfc_all_guides_se"] = test.lfc_se
+            genes["lfc_all_guides_z"] = test.z
+            genes["lfc_all_guides_bound"] = np.sign(test.lfc) * np.maximum(np.abs(test.lfc) - lam * test.lfc_se, 0.0)
+        genes["pval"] = test.pval
+        genes["qval"] = bh_qvalues(test.pval)
     llr = {} if not any_effect else any_effect_llr(
-        pair.pca.scores, weights=em.weights, means=em.means, covariances=em.covariances, fixed_state=em.fixed_state,
+        fit.states.features, weights=em.weights, means=em.means, covariances=em.covariances, fixed_state=em.fixed_state,
         count_data=cf.data, count_params=cf.params, count_prior=cf.prior, regularization=regularization,
         count_loglik=cf.row_loglik)
     record = {
@@ -151,6 +211,9 @@ def analyse_pair(
         "explained_variance_ratio": pair.pca.explained_variance_ratio[: pair.pca.n_pcs],
         "ks": pair.ks,
     }
+    if test is not None:
+        record.update(pval_any=float(test.pval_any), any_statistic=float(test.any_statistic),
+                      n_resamples=int(test.n_resamples))
     p = pd.Series(fit.p_perturbed, index=pair.obs_names)
     return record, genes, p
 
@@ -160,7 +223,7 @@ def _state_record(pair, fit) -> dict:
     em = fit.em
     ctrl = pair.is_control
     assigned = em.responsibilities.argmax(axis=1)
-    hidden = unpinned_posterior(pair.pca.scores, em) >= 0.5
+    hidden = unpinned_posterior(fit.states.features, em) >= 0.5
     guide_state = assigned[~ctrl]
     confusion = np.array(
         [
@@ -177,6 +240,7 @@ def _state_record(pair, fit) -> dict:
         "em_logp_trace": np.asarray(em.logp_trace),
         "state_model_covariance": np.asarray(em.covariances),
         "weights": np.asarray(em.weights),
+        "state_means": np.asarray(em.means),
         "means": np.asarray(fit.states.means),
         # The per-state covariances the coupling used (see record["coupling_covariances"]).
         "covariances": np.asarray(fit.states.covariances),
@@ -187,7 +251,7 @@ def _state_record(pair, fit) -> dict:
         "confusion": confusion,
         "confusion_labels": np.array(["control", "guide"]),
         "confusion_states": np.array(["basal", "perturbed"]),
-        "state_evidence": "pca scores",
+        "state_evidence": "signature score" if fit.state_info.get("state_space") == "signature" else "pca scores",
         **{f"coupling_{k}": v for k, v in fit.coupling_info.items()},
         **fit.state_info,
     }
@@ -195,11 +259,16 @@ def _state_record(pair, fit) -> dict:
 
 
 def _state_model_data(pair, fit, regularization: float, em_regularization: str) -> dict:
-    """What :func:`~scotgm_pp.tl.get_model` needs to rebuild the state model's graph: the PCA
-    scores and names of the experiment's cells, their fixed states, and the prior's settings."""
+    """What :func:`~scotgm_pp.tl.get_model` needs to rebuild the state model's graph: the state
+    model's features (signature or PCA scores) and names of the experiment's cells, their fixed
+    states, and the prior's settings."""
     em = fit.em
+    extra = {}
+    if fit.state_info.get("state_space") == "signature":  # the PCA scores the PCA-space states came from
+        extra["pca_scores"] = np.asarray(pair.pca.scores, float)
     return {
-        "state_scores": np.asarray(pair.pca.scores, float),
+        **extra,
+        "state_scores": np.asarray(fit.states.features, float),
         "state_cell_names": np.asarray(pair.obs_names).astype(str),
         "state_fixed_state": np.asarray(em.fixed_state, np.int8),
         "state_covariance": str(em.covariance),

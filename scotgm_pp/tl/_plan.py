@@ -22,7 +22,7 @@ from .._labels import label_key
 from .._validation import InputError
 from ..pp import PreprocessParams
 from ._calls import N_RESAMPLES
-from ._core import COUPLINGS, DEFAULT_RANK_BY, RANK_BY
+from ._core import COUPLINGS, DEFAULT_RANK_BY, DEFAULT_STATE_SPACE, RANK_BY, STATE_SPACES
 
 __all__ = [
     "RunSettings",
@@ -69,6 +69,7 @@ class RunSettings:
     control: str
     coupling: str = "ot"
     escape_model: bool = True
+    state_space: str = DEFAULT_STATE_SPACE
     regularization: float = 0.01
     em_regularization: str = "map"
     rank_by: str = DEFAULT_RANK_BY
@@ -94,6 +95,8 @@ class RunSettings:
             raise InputError(f"em_regularization must be 'map' or 'paper', got {self.em_regularization!r}.")
         if not isinstance(self.escape_model, (bool, np.bool_)):
             raise InputError(f"escape_model must be True or False, got {self.escape_model!r}.")
+        if self.state_space not in STATE_SPACES:
+            raise InputError(f"unknown state_space {self.state_space!r}; choose one of {', '.join(STATE_SPACES)}.")
         reg = self.regularization
         if isinstance(reg, (bool, np.bool_)) or not isinstance(reg, (int, float, np.number)) or not (
             math.isfinite(reg) and reg > 0

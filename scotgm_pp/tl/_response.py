@@ -25,7 +25,7 @@ from .._validation import InputError, check_library_sizes
 from .._workers import LocalWorkers
 from ..pp import PreprocessParams, resolve_min_genes
 from ._collect import Collector
-from ._core import DEFAULT_RANK_BY
+from ._core import DEFAULT_RANK_BY, DEFAULT_STATE_SPACE
 from ._execute import (
     ScreenContext,
     TaskPayload,
@@ -319,6 +319,7 @@ def perturbation_response(
     variance_threshold: float | None = None,
     coupling: str = "ot",
     escape_model: bool = True,
+    state_space: str = DEFAULT_STATE_SPACE,
     regularization: float = 0.01,
     em_regularization: str = "map",
     coupling_kwargs: dict | None = None,
@@ -370,6 +371,16 @@ def perturbation_response(
         or ``"paper"`` (published Algorithm 1, for comparison only).
     escape_model
         Guide cells are a mixture of escaped and perturbed cells (True) or all perturbed.
+    state_space
+        Where the escape model looks for the perturbed state. ``"signature"`` (default): one
+        score per cell along the perturbation's own discriminant direction, estimated from the
+        counts of all the experiment's genes with cross-fitting, so it sees a perturbation that
+        moves a handful of genes among thousands (:mod:`scotgm_pp.tl._signature`); the PCA-space
+        states (coupling, ``mu``, ``sigma``) are then the M-step given its posteriors. ``"pca"``:
+        the state model on the experiment's PCA scores, as in the paper. Either way, when the
+        guide cells hold no perturbed state (the signature's, or every PC's, KS test) or it
+        holds under 10% of them, every guide cell is treated as perturbed; the summary's
+        ``escape_model`` says which and why.
     rank_by
         ``"effect_bound"`` (default): the model's answer. The count layer of the state model
         gives each gene's natural-log effect ``effect`` in the perturbed state (guide cells
@@ -452,7 +463,7 @@ def perturbation_response(
         raise InputError(f"key_added must be a non-empty name without '/', got {key_added!r}.")
     settings = _settings(
         perturbation_key, control, params=params, n_pcs=n_pcs, variance_threshold=variance_threshold,
-        coupling=coupling, escape_model=escape_model, regularization=regularization,
+        coupling=coupling, escape_model=escape_model, state_space=state_space, regularization=regularization,
         em_regularization=em_regularization, coupling_kwargs=coupling_kwargs, rank_by=rank_by, batch_key=batch_key,
         n_control_cells=n_control_cells, random_state=random_state, blas_threads=blas_threads,
     )
