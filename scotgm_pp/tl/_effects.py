@@ -69,6 +69,12 @@ class CountFit:
         return list(self.data.batch_labels)
 
 
+NEWTON_TOL = 1e-4
+"""A gene's Newton iterations stop once its step is below this (natural-log units); by Newton's
+quadratic convergence the effect is then within about 1e-8 of the optimum, far inside its
+standard error."""
+
+
 def library_sizes(counts) -> np.ndarray:
     """Each cell's total count (over every gene given): the size factor of the count layer."""
     return np.asarray(counts.sum(axis=1), dtype=float).ravel()
@@ -120,7 +126,7 @@ def fit_count_layer(
         source = "controls"
     prior = cl.default_count_prior(counts, size_factors, beta_sd=beta_sd, delta_sd=delta_sd, gamma_sd=gamma_sd)
     data = cl.CountData(counts, size_factors, dispersion, fixed, R.shape[1], batch)
-    cp, n_iter, converged = count_fit.fit_given_states(data, R, prior)
+    cp, n_iter, converged = count_fit.fit_given_states(data, R, prior, tol=NEWTON_TOL)
     se = count_fit.effect_standard_errors(data, cp, R, prior, correction=SE_METHOD)
     return CountFit(params=cp.params, effect_se=se, prior=prior, dispersion=data.phi.copy(), dispersion_source=source,
                     n_iter=int(n_iter), converged=bool(converged), row_loglik=cp.row_loglik, data=data)
