@@ -82,8 +82,10 @@ def simulate(
         ``.uns["simulation"]`` with ``"target_gene"`` (perturbation -> gene), ``"de_genes"``
         (perturbation -> {gene: +1 or -1}: the target as -1, its downstream genes, and genes the
         program shift moves by at least :data:`DE_PROGRAM_LFC` on the log scale),
-        ``"n_moved"`` (perturbation -> number of genes in ``de_genes``), ``"control"`` and the
-        settings.
+        ``"n_moved"`` (perturbation -> number of genes in ``de_genes``), the true effects
+        ``"log_fold_change"`` (``perturbations`` x genes, natural log) with ``"perturbations"``
+        naming its rows, each gene's basal log share of the library ``"base_log_share"``,
+        ``"control"`` and the settings.
     """
     de_max = min(n_de_genes) if isinstance(n_de_genes, (tuple, list)) else n_de_genes
     if n_perturbations < 1 or n_genes < n_perturbations + de_max + 1:
@@ -133,6 +135,9 @@ def simulate(
         "target_gene": target_gene,
         "de_genes": de_genes,
         "n_moved": {p: len(g) for p, g in de_genes.items()},
+        "log_fold_change": design.effects.astype(np.float32),  # perturbation (in targets' order) x gene
+        "perturbations": np.array([str(genes[t]) for t in targets]),
+        "base_log_share": design.base.astype(np.float32),
         "control": control_label,
         "perturbation_key": "perturbation",
         "settings": {
