@@ -6,22 +6,31 @@ numbers, the guide cells' posteriors and the heavy record (loadings, covariances
 file is written under a temporary name and renamed when complete, so a run killed at any moment
 leaves only whole files; a resumed run reads them back instead of fitting again, and a user
 loads one perturbation's record at a time (:func:`scotgm_pp.tl.get_record`).
+
+A store belongs to one fingerprint (:mod:`scotgm_pp._fingerprint`: the settings that change a
+result, the layer, the package version and a digest of the data read), kept in ``store.json``
+and stamped on every record file. A run reuses a record only under the same fingerprint; a store
+of another fingerprint is an error that says what changed, never a silent reuse.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .._fingerprint import canonical, describe_changes, fingerprint_id
 from .._validation import InputError
 from ._execute import TaskResult
 
-__all__ = ["RecordStore"]
+__all__ = ["RecordStore", "MANIFEST"]
 
 _SUFFIX = ".h5"
 _FORMAT = "scotgm_pp.record/1"
+MANIFEST = "store.json"
+"""The file of a store that holds the fingerprint its records were made under."""
 
 
 def _plain_dict(d: dict) -> dict:
@@ -36,13 +45,43 @@ class RecordStore:
     ----------
     path
         The folder (created when missing).
+    fingerprint
+        The identifier (:func:`~scotgm_pp._fingerprint.fingerprint_id`) stamped on records
+        written and required of records read; ``None``: none (set by :meth:`bind`).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fingerprint: str | None = None):
         self.path = Path(path)
+        self.fingerprint = fingerprint
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"record store {self.path} exists and is not a folder; choose another location.")
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def bind(self, fingerprint: dict, *, replace: bool = False,
+             fix: str = "pass another store folder, or delete this one to fit again") -> None:
+        """Make ``fingerprint`` the store's: kept when it is already, written to an empty store,
+        and otherwise an :class:`InputError` naming what changed (``fix`` says what to do), or,
+        with ``replace``, the old records deleted first."""
+        fingerprint = canonical(fingerprint)
+        manifest = self.path / MANIFEST
+        try:
+            previous = json.loads(manifest.read_text())
+        except FileNotFoundError:
+            previous = None
+        except (OSError, ValueError):
+            previous = {"unreadable": True}
+        if previous != fingerprint:
+            self.remove_temporary()
+            if (previous is not None or self.keys()) and not replace:
+                what = ("records without a fingerprint (an older scotgm_pp)" if previous is None else
+                        f"records of other settings or data (changed: {describe_changes(previous, fingerprint)})")
+                raise InputError(f"the record store {self.path} holds {what}; {fix}.")
+            for key in self.keys():
+                self._file(key).unlink()
+            from ..io import atomic_write_text
+
+            atomic_write_text(manifest, json.dumps(fingerprint, indent=1, sort_keys=True))
+        self.fingerprint = fingerprint_id(fingerprint)
 
     def _file(self, key: str) -> Path:
         return self.path / f"{key}{_SUFFIX}"
@@ -62,6 +101,8 @@ class RecordStore:
             f.attrs["format"] = _FORMAT
             f.attrs["perturbation"] = result.perturbation
             f.attrs["key"] = result.key
+            if self.fingerprint is not None:
+                f.attrs["fingerprint"] = self.fingerprint
             if result.skip_reason is not None:
                 f.attrs["skip_reason"] = result.skip_reason
             else:
@@ -86,6 +127,9 @@ class RecordStore:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("format") != _FORMAT:
                     raise InputError(f"{path} is not a scotgm_pp record file (format {f.attrs.get('format')!r}).")
+                if self.fingerprint is not None and f.attrs.get("fingerprint") != self.fingerprint:
+                    raise InputError(f"{path} was made by another run (other settings or data) than the one "
+                                     "reading it; delete it (or its whole store) and run again.")
                 out = TaskResult(perturbation=str(f.attrs["perturbation"]), key=str(f.attrs["key"]))
                 if "skip_reason" in f.attrs:
                     out.skip_reason = str(f.attrs["skip_reason"])
