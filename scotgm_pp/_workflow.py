@@ -11,7 +11,7 @@ from anndata import AnnData
 from . import __version__
 from ._screen import MemoryRows, Screen
 from ._validation import InputError
-from .io import TOP_GENES, RunFolder, run_summary, write_rankings
+from .io import TOP_GENES, RunFolder, run_summary, write_h5ad, write_rankings
 from .tl._plan import RunSettings
 from .tl._response import (
     annotate,
@@ -125,9 +125,9 @@ def _run_in_folder(folder: RunFolder, screen: Screen, settings: RunSettings, *, 
     responses = results.uns[key].pop("responses")
     responses.uns["params"]["store"] = final_records
     staged["responses.h5ad"] = stage / "responses.h5ad"
-    responses.write_h5ad(staged["responses.h5ad"], compression="gzip")
+    write_h5ad(responses, staged["responses.h5ad"])
     staged["results.h5ad"] = stage / "results.h5ad"
-    results.write_h5ad(staged["results.h5ad"], compression="gzip")
+    write_h5ad(results, staged["results.h5ad"])
     results.uns[key]["responses"] = responses
     summary = run_summary(results, key)
     summary["resumed_perturbations"] = done_before

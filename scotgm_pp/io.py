@@ -30,6 +30,7 @@ written last.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ from ._fingerprint import canonical, describe_changes
 from ._validation import InputError
 
 __all__ = ["RunFolder", "FolderLock", "OUTPUT_FILES", "run_summary", "write_rankings", "write_csv", "spreadsheet_safe",
-           "atomic_write_text"]
+           "write_h5ad", "write_bytes", "atomic_write_text"]
 
 WORK = ".scotgm-run"
 LOCK = ".scotgm-lock"
@@ -65,10 +66,67 @@ def _plain(v):
     return v
 
 
+def write_bytes(path: Path, data) -> None:
+    """Write ``data`` to ``path`` with plain file I/O; a partial file left by a failed write (a
+    full disk) is removed before the error goes on."""
+    try:
+        Path(path).write_bytes(data)
+    except OSError:
+        Path(path).unlink(missing_ok=True)
+        raise
+
+
+MEMORY_IMAGE_MAX = 512 * 2**20
+"""An ``.h5ad`` output whose arrays take at most this much is made in memory, then written with
+plain file I/O (see :func:`write_h5ad`)."""
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if hasattr(obj, "data") and hasattr(obj, "indptr"):  # scipy sparse
+        return obj.data.nbytes + obj.indices.nbytes + obj.indptr.nbytes
+    if isinstance(obj, (pd.DataFrame, pd.Series, pd.Index)):
+        return int(np.sum(obj.memory_usage(deep=True)))
+    if isinstance(obj, AnnData):
+        parts = [obj.X, obj.obs, obj.var, obj.obs_names, obj.var_names, *obj.layers.values(), obj.uns]
+        return sum(_nbytes(p) for p in parts if p is not None)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 64
+
+
+def write_h5ad(adata: AnnData, path: Path, compression: str | None = "gzip") -> None:
+    """Write ``adata`` as ``.h5ad``, so that a full disk is one clean ``OSError`` (or an
+    :class:`InputError` saying how much space is needed), never the HDF5 library failing on every
+    later flush (tracebacks on stderr, then a crash at exit). Up to :data:`MEMORY_IMAGE_MAX`
+    of arrays, the file is made in memory and written with plain file I/O; a larger one is
+    written directly once the free space has been checked against its uncompressed size."""
+    import h5py
+    from anndata.io import write_elem
+
+    path = Path(path)
+    size = _nbytes(adata)
+    if size <= MEMORY_IMAGE_MAX:
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
+            write_elem(f, "/", adata, dataset_kwargs={"compression": compression} if compression else {})
+        write_bytes(path, image.getbuffer())
+        return
+    free = shutil.disk_usage(path.parent).free
+    if free < size:
+        raise InputError(f"not enough space for {path.name} in {path.parent}: {free / 2**20:,.0f} MiB free, up to "
+                         f"{size / 2**20:,.0f} MiB needed; free some space (or choose another --out) and rerun the "
+                         "same command to resume.")
+    adata.write_h5ad(path, compression=compression)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    write_bytes(tmp, text.encode())
     os.replace(tmp, path)
 
 

@@ -387,3 +387,19 @@ def test_the_benchmark_report_says_how_many_guide_cells_were_drawn(small_sim, tm
     assert res.settings["guide_cells_drawn"] == n and max(n.values()) < 500
     assert "500 guide cells (all of them where a perturbation has fewer: " in report
     assert all(f"{p} {k}" in report for p, k in n.items())
+
+
+def test_large_h5ad_outputs_check_the_free_space_first(small_sim, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from scotgm_pp import io as sio
+
+    monkeypatch.setattr(sio, "MEMORY_IMAGE_MAX", 0)  # as if the outputs were large
+    sio.write_h5ad(small_sim, tmp_path / "direct.h5ad")
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "direct.h5ad").X.toarray(), small_sim.X.toarray())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(InputError, match="not enough space for full.h5ad"):
+        sio.write_h5ad(small_sim, tmp_path / "full.h5ad")
+    assert not (tmp_path / "full.h5ad").exists()

@@ -15,6 +15,7 @@ of another fingerprint is an error that says what changed, never a silent reuse.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from .._fingerprint import canonical, describe_changes, fingerprint_id
 from .._validation import InputError
+from ..io import atomic_write_text, write_bytes
 from ._execute import TaskResult
 
 __all__ = ["RecordStore", "MANIFEST"]
@@ -78,8 +80,6 @@ class RecordStore:
                 raise InputError(f"the record store {self.path} holds {what}; {fix}.")
             for key in self.keys():
                 self._file(key).unlink()
-            from ..io import atomic_write_text
-
             atomic_write_text(manifest, json.dumps(fingerprint, indent=1, sort_keys=True))
         self.fingerprint = fingerprint_id(fingerprint)
 
@@ -91,13 +91,16 @@ class RecordStore:
         return sorted(p.name[: -len(_SUFFIX)] for p in self.path.glob(f"*{_SUFFIX}") if not p.name.startswith("."))
 
     def write(self, result: TaskResult) -> Path:
-        """Write one result atomically (temporary name, then rename)."""
+        """Write one result atomically (temporary name, then rename). The HDF5 file is made in
+        memory and written with plain file I/O: a full disk is then one clean ``OSError``, not an
+        HDF5 library failing on every later flush."""
         import h5py
         from anndata.io import write_elem
 
         target = self._file(result.key)
         tmp = self.path / f".{result.key}.{os.getpid()}.tmp"
-        with h5py.File(tmp, "w") as f:
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
             f.attrs["format"] = _FORMAT
             f.attrs["perturbation"] = result.perturbation
             f.attrs["key"] = result.key
@@ -112,6 +115,7 @@ class RecordStore:
                 f["guide_rows"] = np.asarray(result.guide_rows, dtype=np.int64)
                 f["p_perturbed"] = np.asarray(result.p_perturbed, dtype=float)
                 write_elem(f, "record", _plain_dict(result.record))
+        write_bytes(tmp, image.getbuffer())
         os.replace(tmp, target)
         return target
 
