@@ -96,7 +96,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         name = f"{prefix}{k}"
         if isinstance(v, dict) and k != "input":
-            out.update(_flatten(v, f"{name}."))
+            out.update(_flatten(v, "" if k == "settings" else f"{name}."))
         else:
             out[name] = v
     return out
