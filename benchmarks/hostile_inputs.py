@@ -112,7 +112,7 @@ def issue15(tmp: Path, base: list, case) -> None:
     case("empty label ''", f"exit {code}; {int((res.obs['scotgm_class'] == 'unassigned').sum())} cells 'unassigned', "
                            f"analysed {sorted(res.uns['scotgm']['summary'].index)}")
     a = ad.read_h5ad(screen(tmp, name="nan.h5ad"))
-    lab = a.obs["perturbation"].astype(object).to_numpy()
+    lab = a.obs["perturbation"].astype(object).to_numpy().copy()  # pandas 3: to_numpy() may be read-only
     lab[:30] = None
     lab[-10:] = np.nan
     a.obs["perturbation"] = lab

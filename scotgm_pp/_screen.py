@@ -41,12 +41,13 @@ class MemoryRows:
 
     def __init__(self, X, what: str = "adata.X"):
         check_count_dtype(X.dtype, what)
-        if sp.issparse(X) and X.format in ("csr", "csc"):
-            try:
-                X.check_format(full_check=True)
-            except ValueError as err:
-                raise InputError(f"{what}: the sparse matrix is corrupt ({err}); rebuild it, e.g. "
-                                 "scipy.sparse.csr_matrix(dense_counts), or rewrite it from its source.") from None
+        if sp.issparse(X) and X.format in ("csr", "csc"):  # checked without touching the user's matrix
+            n_major, n_minor = X.shape if X.format == "csr" else X.shape[::-1]
+            if X.indptr.size != n_major + 1 or X.indices.size < X.indptr[-1] or X.data.size < X.indptr[-1]:
+                raise InputError(f"{what}: the sparse matrix's indptr, indices and data do not fit together; it is "
+                                 "corrupt. Rebuild it, e.g. scipy.sparse.csr_matrix(dense_counts).")
+            check_csr_structure(X.indptr, X.indices[: X.indptr[-1]], n_minor, what,
+                                columns="genes" if X.format == "csr" else "cells")
         if sp.issparse(X) and X.format != "csr":
             X = sp.csr_matrix(X)  # one conversion; row slicing of CSC would be slow
         self.X = X

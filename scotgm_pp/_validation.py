@@ -71,10 +71,11 @@ def check_count_dtype(dtype, what: str = "adata.X") -> None:
 
 
 def check_csr_structure(indptr: np.ndarray, indices: np.ndarray | None, n_cols: int, what: str = "adata.X",
-                        *, n_stored: int | None = None, offset: int = 0) -> None:
+                        *, n_stored: int | None = None, offset: int = 0, columns: str = "genes") -> None:
     """Refuse a corrupt sparse (CSR) structure: ``indptr`` must start at 0 (for a whole matrix,
     ``offset == 0``), never decrease and end at the number of stored values, and every column
-    index must lie in ``[0, n_cols)``. ``offset`` is the first row of the block checked."""
+    index must lie in ``[0, n_cols)``. ``offset`` is the first row of the block checked;
+    ``columns`` names what the columns are (``"cells"`` for a CSC matrix's rows)."""
     fix = ("the sparse matrix is corrupt; rewrite it from its source (anndata's write_h5ad writes a valid "
            "one), or rebuild it with scipy.sparse.csr_matrix(dense_counts).")
     indptr = np.asarray(indptr)
@@ -90,8 +91,7 @@ def check_csr_structure(indptr: np.ndarray, indices: np.ndarray | None, n_cols: 
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n_cols:
             bad = lo if lo < 0 else hi
-            raise InputError(f"{what}: a column index ({bad}) lies outside the {n_cols} genes (rows from {offset}); "
-                             f"{fix}")
+            raise InputError(f"{what}: an index ({bad}) lies outside the {n_cols} {columns} (from {offset}); {fix}")
 
 
 def check_counts(X, what: str = "adata.X", *, offset: int = 0) -> None:

@@ -23,6 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
 
 __all__ = ["QUIET_MONITORS", "WORKER_PRELOAD", "SCHEDULER_TIMEOUT", "LocalWorkers", "connect_scheduler",
            "local_cluster", "start_fork_server", "worker_environ"]
@@ -173,7 +177,7 @@ SCHEDULER_TIMEOUT = 30.0
 """Seconds a scheduler has to answer (``scotgm ... --scheduler-timeout``)."""
 
 
-def connect_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT, what: str = "the scheduler address"):
+def connect_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT, what: str = "the scheduler address") -> Client:
     """A ``dask.distributed.Client`` of the scheduler at ``address``, or an :class:`InputError`.
 
     Dask's own connect waits for the other side's handshake without a limit (a web server on the

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import math
 import os
 import sys
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._arguments import MAX_INT, MAX_PCS, Parser, fraction, int_arg, number_arg, positive_int, seed, storage_error
 from ._workers import SCHEDULER_TIMEOUT
 
 DESCRIPTION = """\
@@ -33,70 +32,14 @@ BUG_REPORT = ("scotgm: this is a bug in scotgm_pp, not a problem with your input
               "command you ran and the traceback above.")
 
 
-# ------------------------------------------------------------------------------- argument types
-MAX_INT = 2**31 - 1
-"""Upper bound of the counting arguments (cells, genes, figures): far above any screen, and
-within every integer type the outputs store."""
-MAX_PCS = 10_000
-"""Upper bound of ``--n-pcs`` (the model keeps at most ``max_pcs``, 100 by default, anyway)."""
-
-
-def _int_arg(minimum: int, maximum: int, what: str = "an integer"):
-    """An argparse type: an integer in ``[minimum, maximum]``, refused before any work."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"expected {what} from {minimum} to {maximum:,}, got {value}")
-        return value
-
-    parse.__name__ = what  # argparse names the type by it in its messages
-    return parse
-
-
-_positive_int = _int_arg(1, MAX_INT, "a positive integer")
-_seed = _int_arg(0, 2**63 - 1, "an integer seed")
-
-
-def _number_arg(low: float, high: float, *, low_open: bool = True, what: str = "a number"):
-    """An argparse type: a finite number in ``(low, high]`` (``[low, high]`` without ``low_open``)."""
-    span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} in {span}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
-            raise argparse.ArgumentTypeError(f"expected {what} in {span}, got {text}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-_fraction = _number_arg(0.0, 1.0)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the problem and where the options are listed (not the
-    whole usage, which for ``run`` is a dozen lines)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel")
-    g.add_argument("--n-workers", type=_positive_int, default=None,
+    g.add_argument("--n-workers", type=positive_int, default=None,
                    help="local Dask worker processes, at most one a core (default: every core; run and demo stay "
                         "in this process when the screen is too small for worker start-up to pay off; 1: no Dask)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="address of a running dask.distributed scheduler (e.g. tcp://10.0.0.1:8786): run there")
-    g.add_argument("--scheduler-timeout", type=_number_arg(0.0, 3600.0, what="seconds"), default=SCHEDULER_TIMEOUT,
+    g.add_argument("--scheduler-timeout", type=number_arg(0.0, 3600.0, what="seconds"), default=SCHEDULER_TIMEOUT,
                    metavar="SECONDS",
                    help=f"how long the scheduler has to answer before the command gives up (default "
                         f"{SCHEDULER_TIMEOUT:g})")
@@ -108,9 +51,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    choices=["independent", "ot", "hit_and_run", "paper"],
                    help="how basal and perturbed states are coupled (default: ot, closed-form optimal transport)")
     pcs = g.add_mutually_exclusive_group()
-    pcs.add_argument("--n-pcs", type=_int_arg(1, MAX_PCS, "a number of PCs"), default=None,
+    pcs.add_argument("--n-pcs", type=int_arg(1, MAX_PCS, "a number of PCs"), default=None,
                      help=f"fixed number of principal components (1 to {MAX_PCS:,})")
-    pcs.add_argument("--variance-threshold", type=_fraction, default=None,
+    pcs.add_argument("--variance-threshold", type=fraction, default=None,
                      help="keep the leading PCs explaining this share of variance, in (0, 1] (default 0.4)")
     g.add_argument("--no-escape-model", action="store_true",
                    help="treat every guide cell as perturbed (no escaped-cell detection)")
@@ -126,9 +69,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-key", default=None,
                    help=".obs column of batches (e.g. replicates): controls are sampled batch by batch and each "
                         "batch gets its own baseline in the count layer")
-    g.add_argument("--n-control-cells", type=_positive_int, default=None,
+    g.add_argument("--n-control-cells", type=positive_int, default=None,
                    help="control cells each perturbation is compared with (at least 10; default 1000)")
-    g.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
+    g.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -138,12 +81,12 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                    help="replace a finished run in --out (or an unfinished one with other settings)")
     g.add_argument("--figures", nargs="+", default=[], metavar="P",
                    help="also draw per-perturbation figures for these perturbations")
-    g.add_argument("--figures-top", type=_int_arg(0, MAX_INT, "a number of perturbations"), default=None,
+    g.add_argument("--figures-top", type=int_arg(0, MAX_INT, "a number of perturbations"), default=None,
                    metavar="N",
                    help="per-perturbation figures for the N perturbations with the most perturbed cells "
                         "(default: 0 for run, all for demo)")
     genes = g.add_mutually_exclusive_group()
-    genes.add_argument("--top-genes", type=_positive_int, default=50,
+    genes.add_argument("--top-genes", type=positive_int, default=50,
                        help="genes per perturbation in gene_rankings.csv (default 50)")
     genes.add_argument("--all-genes", action="store_true", help="every gene of every perturbation in gene_rankings.csv")
 
@@ -343,7 +286,7 @@ def cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scotgm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="scotgm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"scotgm_pp {__version__}")
@@ -381,11 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("data", help="the screen, an .h5ad file with raw counts")
     bench.add_argument("--perturbation-key", required=True)
     bench.add_argument("--control", required=True)
-    bench.add_argument("--n-target", type=_positive_int, default=60, help="guide cells drawn per perturbation (default 60)")
-    bench.add_argument("--n-control", type=_positive_int, default=300, help="control cells drawn (default 300)")
-    bench.add_argument("--seeds", type=_int_arg(1, 100_000, "a number of draws"), default=10,
+    bench.add_argument("--n-target", type=positive_int, default=60, help="guide cells drawn per perturbation (default 60)")
+    bench.add_argument("--n-control", type=positive_int, default=300, help="control cells drawn (default 300)")
+    bench.add_argument("--seeds", type=int_arg(1, 100_000, "a number of draws"), default=10,
                        help="number of random draws (default 10)")
-    bench.add_argument("--first-seed", type=_seed, default=0)
+    bench.add_argument("--first-seed", type=seed, default=0)
     bench.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: all fast ones)")
     bench.add_argument("--batch-key", default=None,
                        help=".obs column of batches (e.g. bio_rep): the scotgm count layer and the van-elteren "
@@ -405,38 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--perturbation-key", required=True)
     cal.add_argument("--control", required=True)
     cal.add_argument("--out", required=True, help="output folder")
-    cal.add_argument("--n-null", type=_int_arg(1, 100_000, "a number of null sets"), default=50,
+    cal.add_argument("--n-null", type=int_arg(1, 100_000, "a number of null sets"), default=50,
                      help="random null sets (default 50)")
-    cal.add_argument("--null-size", type=_positive_int, default=None,
+    cal.add_argument("--null-size", type=positive_int, default=None,
                      help="cells per null set (default: the median size of the real perturbations)")
     cal.add_argument("--guide-key", default=None, help=".obs column of guide identities: one null set per control guide")
-    cal.add_argument("--n-control-cells", type=_positive_int, default=None,
+    cal.add_argument("--n-control-cells", type=positive_int, default=None,
                      help="controls each null set is compared with (default 300)")
     cal.add_argument("--batch-key", default=None)
-    cal.add_argument("--fdr", type=_number_arg(0.0, 1.0, what="a level"), default=0.1,
+    cal.add_argument("--fdr", type=number_arg(0.0, 1.0, what="a level"), default=0.1,
                      help="Benjamini-Hochberg level of the counted discoveries, in (0, 1] (default 0.1)")
     cal.add_argument("--layer", default=None)
-    cal.add_argument("--seed", type=_seed, default=0)
+    cal.add_argument("--seed", type=seed, default=0)
     cal.add_argument("--quiet", action="store_true")
     _add_parallel_options(cal)
     cal.set_defaults(func=cmd_calibrate)
     return parser
-
-
-def _storage_error(err: OSError, args) -> str | None:
-    """The one-line message of a full or read-only disk, naming the path; ``None`` for other
-    errors. h5py reports the C library's errno only inside its message."""
-    text = " ".join(str(err).split())
-    full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left on device" in text \
-        or "errno = 28" in text
-    readonly = err.errno == errno.EROFS or "Read-only file system" in text or "errno = 30" in text
-    if not (full or readonly):
-        return None
-    where = err.filename or getattr(args, "out", None) or "the output folder"
-    if full:
-        return (f"no space left on the device holding {where} while writing; free some space (or choose another "
-                "--out) and rerun the same command to resume.")
-    return f"{where} is on a read-only file system; choose a writable --out."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scotgm {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - unexpected: keep the traceback, ask for a report
-        message = _storage_error(err, args) if isinstance(err, OSError) else None
+        message = storage_error(err, getattr(args, "out", None)) if isinstance(err, OSError) else None
         if message is not None:
             print(f"scotgm {args.command}: error: {message}", file=sys.stderr)
             return 2
