@@ -433,12 +433,18 @@ def perturbation_response(
         (Dask's worker processes import the main module).
     client
         A ``dask.distributed.Client`` or a scheduler address such as ``"tcp://10.0.0.1:8786"``:
-        run on that cluster instead (overrides ``n_jobs``).
+        run on that cluster instead (overrides ``n_jobs``). An address must answer as a Dask
+        scheduler within 30 s (:func:`scotgm_pp._workers.connect_scheduler`), else an
+        :class:`InputError` says why.
     store
         A folder for the heavy per-perturbation records (loadings, covariances, traces), one
         file per perturbation, loadable one at a time with :func:`get_record`; memory then stays
         flat however many perturbations the screen has. ``None``: keep them in
-        ``.uns[key_added]["records"]`` (convenient for small screens).
+        ``.uns[key_added]["records"]`` (convenient for small screens). The folder belongs to
+        one fingerprint (``store.json``: the settings that change a result, ``layer``, the
+        package version, and a digest of the counts, names and labels read): a later call
+        reuses its records only under the same fingerprint (e.g. other ``perturbations`` of
+        the same screen), and raises an :class:`InputError` naming what changed otherwise.
     copy
         Return a copy with the results instead of writing into ``adata`` (for a backed
         ``adata``, a copy of its annotations without the counts).
