@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import InputError, check_counts
+from ._fingerprint import ContentDigest
+from ._validation import InputError, check_count_dtype, check_counts, check_csr_structure
 
 __all__ = ["MemoryRows", "H5adRows", "CountScan", "scan_counts", "rows_of", "Screen", "screen_from_anndata",
            "screen_from_h5ad"]
@@ -35,9 +36,18 @@ def _as_index(rows) -> np.ndarray:
 
 
 class MemoryRows:
-    """Rows of a count matrix held in memory (CSR, CSC or dense)."""
+    """Rows of a count matrix held in memory (CSR, CSC or dense); its type and, when sparse, its
+    structure are checked first (``what`` names it in the error)."""
 
-    def __init__(self, X):
+    def __init__(self, X, what: str = "adata.X"):
+        check_count_dtype(X.dtype, what)
+        if sp.issparse(X) and X.format in ("csr", "csc"):  # checked without touching the user's matrix
+            n_major, n_minor = X.shape if X.format == "csr" else X.shape[::-1]
+            if X.indptr.size != n_major + 1 or X.indices.size < X.indptr[-1] or X.data.size < X.indptr[-1]:
+                raise InputError(f"{what}: the sparse matrix's indptr, indices and data do not fit together; it is "
+                                 "corrupt. Rebuild it, e.g. scipy.sparse.csr_matrix(dense_counts).")
+            check_csr_structure(X.indptr, X.indices[: X.indptr[-1]], n_minor, what,
+                                columns="genes" if X.format == "csr" else "cells")
         if sp.issparse(X) and X.format != "csr":
             X = sp.csr_matrix(X)  # one conversion; row slicing of CSC would be slow
         self.X = X
@@ -67,6 +77,7 @@ class H5adRows:
 
         self.path = str(path)
         self.elem = "X" if layer is None else f"layers/{layer}"
+        self.what = f"{Path(self.path).name}:{self.elem}"
         with h5py.File(self.path, "r") as f:
             if self.elem not in f:
                 raise InputError(f"{self.path} has no {self.elem!r}; layers are: {list(f.get('layers', {}))}.")
@@ -75,6 +86,8 @@ class H5adRows:
                 self.format = "dense"
                 self.shape = tuple(int(v) for v in node.shape)
                 self.dtype = node.dtype
+                if len(self.shape) != 2:
+                    raise InputError(f"{self.what} has shape {self.shape}, not cells x genes; rewrite it with anndata.")
             else:
                 enc = node.attrs.get("encoding-type", "")
                 enc = enc.decode() if isinstance(enc, bytes) else str(enc)
@@ -85,8 +98,17 @@ class H5adRows:
                         "adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path)."
                     )
                 self.format = "csr"
+                if not {"data", "indices", "indptr"} <= set(node) or "shape" not in node.attrs:
+                    raise InputError(f"{self.what} lacks data, indices, indptr or its shape; the file is corrupt. "
+                                     "Rewrite it with anndata.")
                 self.shape = tuple(int(v) for v in node.attrs["shape"])
                 self.dtype = node["data"].dtype
+                indptr = node["indptr"][...]
+                if indptr.size != self.shape[0] + 1 or node["indices"].shape != node["data"].shape:
+                    raise InputError(f"{self.what}: indptr holds {indptr.size} offsets for {self.shape[0]} rows, or "
+                                     "indices and data differ in length; the file is corrupt. Rewrite it with anndata.")
+                check_csr_structure(indptr, None, self.shape[1], self.what, n_stored=node["data"].shape[0])
+        check_count_dtype(self.dtype, self.what)
         self._file = None
         self._indptr = None
 
@@ -138,8 +160,9 @@ class H5adRows:
             indices.append(indices_ds[lo:hi])
             lengths.append(np.diff(ip[a : b + 1]))
         indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-        spans = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
-                              shape=(int(indptr.size - 1), self.shape[1]))
+        indices = np.concatenate(indices)
+        check_csr_structure(indptr, indices, self.shape[1], self.what, offset=int(starts[0]))
+        spans = sp.csr_matrix((np.concatenate(data), indices, indptr), shape=(int(indptr.size - 1), self.shape[1]))
         return spans[positions]
 
     def blocks(self, size: int = BLOCK_ROWS):
@@ -174,9 +197,10 @@ class CountScan:
 
 
 def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray | None = None,
-                *, what: str = "adata.X", block: int = BLOCK_ROWS) -> CountScan:
+                *, what: str = "adata.X", block: int = BLOCK_ROWS, digest: ContentDigest | None = None) -> CountScan:
     """One pass over the screen, block by block: check every stored value is a raw count, and
-    collect per-cell totals and the controls' per-gene moments.
+    collect per-cell totals and the controls' per-gene moments (and, given a ``digest``, feed
+    it every block: the fingerprint of the counts, at the cost of hashing what is read anyway).
 
     The dispersion is ``phi_g = sum_b [sum (y - mu)^2 - mu] / sum_b sum mu^2`` over control cells,
     with ``mu_i = lib_i * rate_bg`` and ``rate_bg`` the batch's summed counts over its summed
@@ -202,6 +226,8 @@ def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray 
         stop = start + X.shape[0]
         X = X.astype(np.float64)
         X.eliminate_zeros()
+        if digest is not None:
+            digest.update(X)
         lib[start:stop] = np.asarray(X.sum(axis=1)).ravel()
         det[start:stop] = np.diff(X.indptr)
         if strata is None:
@@ -238,6 +264,7 @@ class Screen:
     rows: MemoryRows | H5adRows
     what: str = "adata.X"
     source: str | None = None
+    layer: str | None = None
 
     @property
     def n_obs(self) -> int:
@@ -283,12 +310,12 @@ def screen_from_anndata(adata, layer: str | None = None) -> Screen:
         X = adata.X if layer is None else adata.layers[layer]
         if X is None:
             raise InputError("adata.X is empty (None); put the raw counts in .X or name their layer with layer=.")
-        rows = MemoryRows(X)
+        rows = MemoryRows(X, what)
         source = None
     obs = adata.obs.copy()
     obs.index = pd.Index(adata.obs_names.astype(str), dtype=object)
     return Screen(obs=obs, var_names=pd.Index(adata.var_names.astype(str), dtype=object), rows=rows, what=what,
-                  source=source)
+                  source=source, layer=layer)
 
 
 def screen_from_h5ad(path, layer: str | None = None) -> Screen:
@@ -322,4 +349,4 @@ def screen_from_h5ad(path, layer: str | None = None) -> Screen:
     obs.index = pd.Index(obs.index.astype(str), dtype=object)
     what = f"{path.name}:{'X' if layer is None else 'layers/' + layer}"
     return Screen(obs=obs, var_names=pd.Index(var.index.astype(str), dtype=object), rows=rows, what=what,
-                  source=str(path))
+                  source=str(path), layer=layer)

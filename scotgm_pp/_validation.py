@@ -11,6 +11,9 @@ __all__ = [
     "check_obs_key",
     "check_control",
     "check_counts",
+    "check_count_dtype",
+    "check_csr_structure",
+    "MAX_COUNT",
     "check_library_sizes",
     "check_unique_obs_names",
     "check_not_all_zero",
@@ -46,6 +49,51 @@ def _values(X) -> np.ndarray:
     return X.data if sp.issparse(X) else np.asarray(X).ravel()
 
 
+MAX_COUNT = 2**31 - 1
+"""The largest count accepted in one cell and gene. Real UMI (or read) counts stay far below it;
+a larger value is a corrupt entry (e.g. a uint64 overflow), which float64 arithmetic would also
+misread above 2**53."""
+
+_REWRITE = "e.g. adata.X = adata.X.astype(np.int32); adata.write_h5ad(path)"
+
+
+def check_count_dtype(dtype, what: str = "adata.X") -> None:
+    """Refuse storage types that cannot hold raw counts: float16 (exact integers only up to
+    2048, and unsupported by scipy.sparse), booleans, complex numbers, strings and objects."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        raise InputError(f"{what} is stored as float16, which holds integers exactly only up to 2048 and which "
+                         f"scipy.sparse cannot hold; store the raw counts as integers ({_REWRITE}).")
+    if np.issubdtype(dtype, np.bool_):
+        raise InputError(f"{what} is boolean; raw UMI counts (integers) are needed.")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputError(f"{what} is not a real numeric matrix (dtype {dtype}); raw UMI counts are needed.")
+
+
+def check_csr_structure(indptr: np.ndarray, indices: np.ndarray | None, n_cols: int, what: str = "adata.X",
+                        *, n_stored: int | None = None, offset: int = 0, columns: str = "genes") -> None:
+    """Refuse a corrupt sparse (CSR) structure: ``indptr`` must start at 0 (for a whole matrix,
+    ``offset == 0``), never decrease and end at the number of stored values, and every column
+    index must lie in ``[0, n_cols)``. ``offset`` is the first row of the block checked;
+    ``columns`` names what the columns are (``"cells"`` for a CSC matrix's rows)."""
+    fix = ("the sparse matrix is corrupt; rewrite it from its source (anndata's write_h5ad writes a valid "
+           "one), or rebuild it with scipy.sparse.csr_matrix(dense_counts).")
+    indptr = np.asarray(indptr)
+    if indptr.ndim != 1 or indptr.size == 0:
+        raise InputError(f"{what}: indptr is not a one-dimensional array of row offsets; {fix}")
+    step = np.diff(indptr)
+    if (offset == 0 and indptr[0] != 0) or (step < 0).any():
+        row = offset + (int(np.argmax(step < 0)) if (step < 0).any() else 0)
+        raise InputError(f"{what}: indptr decreases at row {row} (row offsets must never decrease); {fix}")
+    if n_stored is not None and int(indptr[-1]) != int(n_stored):
+        raise InputError(f"{what}: indptr ends at {int(indptr[-1])} but {int(n_stored)} values are stored; {fix}")
+    if indices is not None and indices.size:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n_cols:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"{what}: an index ({bad}) lies outside the {n_cols} {columns} (from {offset}); {fix}")
+
+
 def check_counts(X, what: str = "adata.X", *, offset: int = 0) -> None:
     """Raw UMI counts: finite, non-negative integers (every stored value is checked).
 
@@ -53,18 +101,16 @@ def check_counts(X, what: str = "adata.X", *, offset: int = 0) -> None:
     checked block by block), so the message can name the offending cell.
     """
     v = _values(X)
+    check_count_dtype(v.dtype, what)
     if v.size == 0:
         return
-    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
-        raise InputError(f"{what} is not a real numeric matrix (dtype {v.dtype}); raw UMI counts are needed.")
-    if np.issubdtype(v.dtype, np.bool_):
-        raise InputError(f"{what} is boolean; raw UMI counts (integers) are needed.")
     if np.issubdtype(v.dtype, np.integer):
         if np.any(v < 0):
             raise InputError(
                 f"{what} contains negative values (min {v.min():g}); it looks scaled or corrected. "
                 "scotgm_pp needs raw UMI counts: pass the counts layer, e.g. adata.X = adata.layers['counts']."
             )
+        _check_max(v, what, offset)
         return
     finite = np.isfinite(v)
     if not finite.all():
@@ -84,6 +130,15 @@ def check_counts(X, what: str = "adata.X", *, offset: int = 0) -> None:
             "log-transformed. scotgm_pp normalises itself and needs raw UMI counts: pass the counts layer, e.g. "
             "adata.X = adata.layers['counts'] or adata.raw.to_adata()."
         )
+    _check_max(v, what, offset)
+
+
+def _check_max(v: np.ndarray, what: str, offset: int) -> None:
+    top = v.max()
+    if top > MAX_COUNT:
+        raise InputError(f"{what} holds a count of {top:.6g} (in rows from {offset}), far above any real UMI count "
+                         f"(at most {MAX_COUNT:,} accepted): the matrix is corrupt (e.g. an integer overflow) or not "
+                         "counts. Repair those entries, or pass the raw counts layer.")
 
 
 MIN_LIBRARY_SPREAD = 0.01

@@ -23,8 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
-__all__ = ["QUIET_MONITORS", "WORKER_PRELOAD", "LocalWorkers", "local_cluster", "start_fork_server", "worker_environ"]
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+__all__ = ["QUIET_MONITORS", "WORKER_PRELOAD", "SCHEDULER_TIMEOUT", "LocalWorkers", "connect_scheduler",
+           "local_cluster", "start_fork_server", "worker_environ"]
 
 WORKER_PRELOAD = ("scotgm_pp.tl._execute", "scotgm_pp.tl._store")
 """Modules a local worker of a screen run needs, imported once by the fork server the workers
@@ -166,3 +171,68 @@ class LocalWorkers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+SCHEDULER_TIMEOUT = 30.0
+"""Seconds a scheduler has to answer (``scotgm ... --scheduler-timeout``)."""
+
+
+def connect_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT, what: str = "the scheduler address") -> Client:
+    """A ``dask.distributed.Client`` of the scheduler at ``address``, or an :class:`InputError`.
+
+    Dask's own connect waits for the other side's handshake without a limit (a web server on the
+    port keeps it waiting for ever) and may read a stranger's bytes as a frame length and try to
+    allocate exabytes. So the address is probed first, with every step bounded by ``timeout``
+    seconds: connect, handshake, and an ``identity`` request that a scheduler answers with its
+    type. A malformed address, nothing listening, a service of another protocol, or a Dask
+    process that is not a scheduler ends in a one-line error naming the address (``what`` says
+    where it came from).
+    """
+    import asyncio
+
+    from ._validation import InputError
+
+    def refuse(reason: str) -> InputError:
+        return InputError(f"{what} {address!r}: {reason}. Pass the address of a running dask.distributed "
+                          "scheduler, e.g. tcp://10.0.0.1:8786.")
+
+    if not isinstance(address, str) or not address.strip():
+        raise refuse("not an address")
+    try:
+        from distributed.comm import connect, parse_address
+        from distributed.comm.addressing import parse_host_port
+        from distributed.comm.registry import get_backend
+
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as err:
+        raise refuse(f"not an address of the form tcp://HOST:PORT ({err})") from None
+
+    async def identify():
+        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout)
+        try:
+            await asyncio.wait_for(comm.write({"op": "identity"}), timeout)
+            return await asyncio.wait_for(comm.read(), timeout)
+        finally:
+            comm.abort()
+
+    try:
+        identity = asyncio.run(identify())
+    except (TimeoutError, asyncio.TimeoutError):
+        raise refuse(f"no Dask scheduler answered within {timeout:g} s (is the scheduler running, and is this its "
+                     "port?)") from None
+    except OSError as err:
+        raise refuse(f"cannot connect ({' '.join(str(err).split())})") from None
+    except Exception as err:  # noqa: BLE001 - a stranger's bytes: any decoding error, MemoryError included
+        raise refuse(f"the service there does not speak Dask's protocol ({type(err).__name__})") from None
+    if not isinstance(identity, dict) or identity.get("type") != "Scheduler":
+        kind = identity.get("type") if isinstance(identity, dict) else type(identity).__name__
+        raise refuse(f"it answered as {kind!r}, not as a Dask scheduler")
+    from dask.distributed import Client
+
+    try:
+        return Client(address, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - e.g. it went away between the probe and the connect
+        raise refuse(f"the connection failed ({type(err).__name__}: {' '.join(str(err).split())})") from None

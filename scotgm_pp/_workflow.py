@@ -10,7 +10,8 @@ from anndata import AnnData
 
 from . import __version__
 from ._screen import MemoryRows, Screen
-from .io import TOP_GENES, RunFolder, input_fingerprint, run_summary, write_rankings
+from ._validation import InputError
+from .io import TOP_GENES, RunFolder, run_summary, write_h5ad, write_rankings
 from .tl._plan import RunSettings
 from .tl._response import (
     annotate,
@@ -41,24 +42,57 @@ def run_to_folder(
     de_genes: dict | None = None,
     command: str = "run",
 ) -> tuple[AnnData, dict[str, Path]]:
-    """Check ``out``, fit every perturbation (resuming an interrupted run), and write the outputs
-    atomically (see :mod:`scotgm_pp.io`). Returns the results AnnData and the paths written."""
+    """Check and lock ``out``, fit every perturbation (resuming an interrupted run of the same
+    settings and data), and write the outputs atomically (see :mod:`scotgm_pp.io`). Returns the
+    results AnnData and the paths written. ``client`` as in
+    :func:`~scotgm_pp.tl.perturbation_response`; a scheduler address is connected to before
+    the folder is claimed (:func:`~scotgm_pp._workers.connect_scheduler`)."""
     inputs = (screen.source,) if screen.source else ()
     fingerprint = {
         "scotgm_pp": __version__,
         "settings": settings.to_dict(),
+        "layer": screen.layer,
         "perturbations": None if perturbations is None else [str(p) for p in perturbations],
-        "input": input_fingerprint(screen.source) if screen.source else {"n_obs": screen.n_obs,
-                                                                          "n_vars": len(screen.var_names)},
     }
     folder = RunFolder(Path(out), fingerprint, inputs=inputs, overwrite=overwrite, command=command)
     folder.check()
+    try:
+        return _run_in_folder(folder, screen, settings, perturbations=perturbations, n_jobs=n_jobs, client=client,
+                              progress=progress, figures=figures, figures_top=figures_top, top_genes=top_genes,
+                              key=key, de_genes=de_genes)
+    finally:
+        folder.release()
+
+
+def _check_figures(plan, figures) -> None:
+    """Every perturbation named for figures is one this run can draw, before any fit."""
+    planned = {t.perturbation: t.skip_reason for t in plan.tasks}
+    unknown = [str(p) for p in figures if str(p) not in planned]
+    if unknown:
+        shown = ", ".join(map(repr, plan.perturbations[:10])) + (" ..." if len(plan.perturbations) > 10 else "")
+        raise InputError(f"figures were asked for {', '.join(map(repr, unknown[:5]))}, which this run does not "
+                         f"analyse; name perturbations of the run ({shown}).")
+    skipped = [(str(p), planned[str(p)]) for p in figures if planned[str(p)] is not None]
+    if skipped:
+        raise InputError(f"figures were asked for {skipped[0][0]!r}, which cannot be analysed: {skipped[0][1]}.")
+
+
+def _run_in_folder(folder: RunFolder, screen: Screen, settings: RunSettings, *, perturbations, n_jobs, client,
+                   progress, figures, figures_top, top_genes, key, de_genes) -> tuple[AnnData, dict[str, Path]]:
+    own_client = None
+    if isinstance(client, str):
+        from ._workers import connect_scheduler
+
+        client = own_client = connect_scheduler(client)
     # local workers start in the background while the plan is made
     workers = start_workers(screen, settings, perturbations, n_jobs=n_jobs, client=client)
     try:
         plan = plan_screen(screen, settings, perturbations)
+        _check_figures(plan, figures)
         folder.claim()
         store = RecordStore(folder.records)
+        store.bind(plan.fingerprint(), replace=folder.overwrite,
+                   fix="pass --overwrite to discard them, or choose another --out")
         done_before = len(store.keys())
         if done_before and progress:
             print(f"resuming: {done_before} perturbation(s) already finished in {folder.work}")
@@ -67,6 +101,8 @@ def run_to_folder(
     finally:
         if workers is not None:
             workers.close()
+        if own_client is not None:
+            own_client.close()
     results = AnnData(obs=screen.obs.copy(), var=pd.DataFrame(index=screen.var_names))
     annotate(results, run, key)
     stage = folder.work / "out"
@@ -89,9 +125,9 @@ def run_to_folder(
     responses = results.uns[key].pop("responses")
     responses.uns["params"]["store"] = final_records
     staged["responses.h5ad"] = stage / "responses.h5ad"
-    responses.write_h5ad(staged["responses.h5ad"], compression="gzip")
+    write_h5ad(responses, staged["responses.h5ad"])
     staged["results.h5ad"] = stage / "results.h5ad"
-    results.write_h5ad(staged["results.h5ad"], compression="gzip")
+    write_h5ad(results, staged["results.h5ad"])
     results.uns[key]["responses"] = responses
     summary = run_summary(results, key)
     summary["resumed_perturbations"] = done_before

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
 import time
 import traceback
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from ._arguments import MAX_INT, MAX_PCS, Parser, fraction, int_arg, number_arg, positive_int, seed, storage_error
+from ._workers import SCHEDULER_TIMEOUT
 
 DESCRIPTION = """\
 sc-OTGM for single-cell CRISPR screens (Perturb-seq, CROP-seq, ECCITE-seq).
@@ -28,44 +32,17 @@ BUG_REPORT = ("scotgm: this is a bug in scotgm_pp, not a problem with your input
               "command you ran and the traceback above.")
 
 
-# ------------------------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"the seed must be between 0 and 2**63 - 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
-
-
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel")
-    g.add_argument("--n-workers", type=_positive_int, default=None,
-                   help="local Dask worker processes (default: every core; run and demo stay in this process "
-                        "when the screen is too small for worker start-up to pay off; 1: no Dask)")
+    g.add_argument("--n-workers", type=positive_int, default=None,
+                   help="local Dask worker processes, at most one a core (default: every core; run and demo stay "
+                        "in this process when the screen is too small for worker start-up to pay off; 1: no Dask)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="address of a running dask.distributed scheduler (e.g. tcp://10.0.0.1:8786): run there")
+    g.add_argument("--scheduler-timeout", type=number_arg(0.0, 3600.0, what="seconds"), default=SCHEDULER_TIMEOUT,
+                   metavar="SECONDS",
+                   help=f"how long the scheduler has to answer before the command gives up (default "
+                        f"{SCHEDULER_TIMEOUT:g})")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -74,8 +51,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    choices=["independent", "ot", "hit_and_run", "paper"],
                    help="how basal and perturbed states are coupled (default: ot, closed-form optimal transport)")
     pcs = g.add_mutually_exclusive_group()
-    pcs.add_argument("--n-pcs", type=_positive_int, default=None, help="fixed number of principal components")
-    pcs.add_argument("--variance-threshold", type=_fraction, default=None,
+    pcs.add_argument("--n-pcs", type=int_arg(1, MAX_PCS, "a number of PCs"), default=None,
+                     help=f"fixed number of principal components (1 to {MAX_PCS:,})")
+    pcs.add_argument("--variance-threshold", type=fraction, default=None,
                      help="keep the leading PCs explaining this share of variance, in (0, 1] (default 0.4)")
     g.add_argument("--no-escape-model", action="store_true",
                    help="treat every guide cell as perturbed (no escaped-cell detection)")
@@ -91,9 +69,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-key", default=None,
                    help=".obs column of batches (e.g. replicates): controls are sampled batch by batch and each "
                         "batch gets its own baseline in the count layer")
-    g.add_argument("--n-control-cells", type=_positive_int, default=None,
-                   help="control cells each perturbation is compared with (default 1000)")
-    g.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
+    g.add_argument("--n-control-cells", type=positive_int, default=None,
+                   help="control cells each perturbation is compared with (at least 10; default 1000)")
+    g.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -103,11 +81,12 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                    help="replace a finished run in --out (or an unfinished one with other settings)")
     g.add_argument("--figures", nargs="+", default=[], metavar="P",
                    help="also draw per-perturbation figures for these perturbations")
-    g.add_argument("--figures-top", type=int, default=None, metavar="N",
+    g.add_argument("--figures-top", type=int_arg(0, MAX_INT, "a number of perturbations"), default=None,
+                   metavar="N",
                    help="per-perturbation figures for the N perturbations with the most perturbed cells "
                         "(default: 0 for run, all for demo)")
     genes = g.add_mutually_exclusive_group()
-    genes.add_argument("--top-genes", type=_positive_int, default=50,
+    genes.add_argument("--top-genes", type=positive_int, default=50,
                        help="genes per perturbation in gene_rankings.csv (default 50)")
     genes.add_argument("--all-genes", action="store_true", help="every gene of every perturbation in gene_rankings.csv")
 
@@ -150,6 +129,29 @@ def _print_table(results, key: str = "scotgm", limit: int = 40) -> None:
         print(f"{str(pert)[:15]:<16} skipped: {why}")
 
 
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parallel(args) -> None:
+    """Settle the parallel options before any work: ``--n-workers`` at most one a core (a warning
+    says so), and a ``--scheduler`` connected (or refused) now, within ``--scheduler-timeout``:
+    ``args.client`` is then the client, closed by :func:`main`."""
+    cores = _cores()
+    if args.n_workers is not None and args.n_workers > cores:
+        print(f"scotgm {args.command}: warning: --n-workers {args.n_workers} is more than the {cores} cores this "
+              f"process may use; running {cores} workers.", file=sys.stderr)
+        args.n_workers = cores
+    args.client = None
+    if args.scheduler is not None:
+        from ._workers import connect_scheduler
+
+        args.client = connect_scheduler(args.scheduler, args.scheduler_timeout, what="--scheduler")
+
+
 def _run_folder(screen, args, settings, perturbations=None, de_genes=None, figures_top_default=0):
     from ._workflow import run_to_folder
 
@@ -157,7 +159,7 @@ def _run_folder(screen, args, settings, perturbations=None, de_genes=None, figur
         warnings.simplefilter("ignore", FutureWarning)
         return run_to_folder(
             screen, settings, args.out, perturbations=perturbations, overwrite=args.overwrite,
-            n_jobs=args.n_workers, client=args.scheduler, progress=not args.quiet, figures=args.figures,
+            n_jobs=args.n_workers, client=args.client, progress=not args.quiet, figures=args.figures,
             figures_top=figures_top_default if args.figures_top is None else args.figures_top,
             top_genes=None if args.all_genes else args.top_genes, de_genes=de_genes, command=args.command,
         )
@@ -168,11 +170,12 @@ def cmd_demo(args) -> int:
     from ._screen import screen_from_anndata
 
     t0 = time.perf_counter()
+    settings_check = _settings(args, "perturbation", "control")  # every setting checked before the simulation
     adata = datasets.simulate(random_state=args.seed)
     sim = adata.uns["simulation"]
     print(f"simulated screen: {adata.n_obs} cells x {adata.n_vars} genes, "
           f"{len(sim['target_gene'])} knock-downs, control label {sim['control']!r}")
-    settings = _settings(args, "perturbation", sim["control"])
+    settings = replace(settings_check, control=sim["control"])
     results, paths = _run_folder(screen_from_anndata(adata), args, settings, de_genes=sim["de_genes"],
                                  figures_top_default=len(sim["target_gene"]))
     _print_table(results)
@@ -204,9 +207,9 @@ def cmd_run(args) -> int:
     _start_fork_server(args)
     from ._screen import screen_from_h5ad
 
+    settings = _settings(args, args.perturbation_key, args.control)
     screen = screen_from_h5ad(args.data, layer=args.layer)
     print(f"{args.data}: {screen.n_obs} cells x {len(screen.var_names)} genes (counts read by rows as needed)")
-    settings = _settings(args, args.perturbation_key, args.control)
     results, _ = _run_folder(screen, args, settings, perturbations=args.perturbations)
     _print_table(results)
     print(f"outputs in {Path(args.out).resolve()}; {time.perf_counter() - t0:.1f} s")
@@ -217,6 +220,11 @@ def cmd_benchmark(args) -> int:
     from . import datasets
     from .benchmark import run_benchmark
 
+    if args.first_seed + args.seeds - 1 > 2**63 - 1:
+        from ._validation import InputError
+
+        raise InputError(f"--first-seed {args.first_seed} with --seeds {args.seeds} passes the largest seed, "
+                         "2**63 - 1; choose a smaller --first-seed.")
     adata = datasets.read(args.data, args.perturbation_key, args.control)
     t0 = time.perf_counter()
     result = run_benchmark(
@@ -232,7 +240,7 @@ def cmd_benchmark(args) -> int:
         out_dir=args.out,
         progress=not args.quiet,
         n_jobs=args.n_workers,
-        client=args.scheduler,
+        client=args.client,
     )
     print(result.topk.to_string(index=False))
     print(f"outputs in {Path(args.out).resolve()}; {time.perf_counter() - t0:.1f} s")
@@ -243,7 +251,7 @@ def cmd_calibrate(args) -> int:
     import json
 
     from . import datasets, pl
-    from .io import atomic_write_text
+    from .io import atomic_write_text, write_csv
     from .tl import calibration_check
 
     out = Path(args.out)
@@ -260,12 +268,12 @@ def cmd_calibrate(args) -> int:
         res = calibration_check(
             adata, args.perturbation_key, args.control, n_null=args.n_null, null_size=args.null_size,
             guide_key=args.guide_key, n_control_cells=args.n_control_cells or 300, batch_key=args.batch_key,
-            fdr=args.fdr, random_state=args.seed, n_jobs=args.n_workers, client=args.scheduler,
+            fdr=args.fdr, random_state=args.seed, n_jobs=args.n_workers, client=args.client,
             progress=not args.quiet,
         )
-    res.table.to_csv(out / ".calibration.csv.tmp", index=False)
+    write_csv(res.table, out / ".calibration.csv.tmp")
     Path(out / ".calibration.csv.tmp").replace(out / "calibration.csv")
-    res.sets.to_csv(out / ".null_sets.csv.tmp", index=False)
+    write_csv(res.sets, out / ".null_sets.csv.tmp")
     Path(out / ".null_sets.csv.tmp").replace(out / "null_sets.csv")
     pl.calibration_qq(res).savefig(out / ".qq.png.tmp", dpi=120, format="png")
     Path(out / ".qq.png.tmp").replace(out / "qq.png")
@@ -278,8 +286,7 @@ def cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scotgm", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="scotgm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"scotgm_pp {__version__}")
@@ -317,10 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("data", help="the screen, an .h5ad file with raw counts")
     bench.add_argument("--perturbation-key", required=True)
     bench.add_argument("--control", required=True)
-    bench.add_argument("--n-target", type=_positive_int, default=60, help="guide cells drawn per perturbation (default 60)")
-    bench.add_argument("--n-control", type=_positive_int, default=300, help="control cells drawn (default 300)")
-    bench.add_argument("--seeds", type=_positive_int, default=10, help="number of random draws (default 10)")
-    bench.add_argument("--first-seed", type=_seed, default=0)
+    bench.add_argument("--n-target", type=positive_int, default=60, help="guide cells drawn per perturbation (default 60)")
+    bench.add_argument("--n-control", type=positive_int, default=300, help="control cells drawn (default 300)")
+    bench.add_argument("--seeds", type=int_arg(1, 100_000, "a number of draws"), default=10,
+                       help="number of random draws (default 10)")
+    bench.add_argument("--first-seed", type=seed, default=0)
     bench.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: all fast ones)")
     bench.add_argument("--batch-key", default=None,
                        help=".obs column of batches (e.g. bio_rep): the scotgm count layer and the van-elteren "
@@ -340,16 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--perturbation-key", required=True)
     cal.add_argument("--control", required=True)
     cal.add_argument("--out", required=True, help="output folder")
-    cal.add_argument("--n-null", type=_positive_int, default=50, help="random null sets (default 50)")
-    cal.add_argument("--null-size", type=_positive_int, default=None,
+    cal.add_argument("--n-null", type=int_arg(1, 100_000, "a number of null sets"), default=50,
+                     help="random null sets (default 50)")
+    cal.add_argument("--null-size", type=positive_int, default=None,
                      help="cells per null set (default: the median size of the real perturbations)")
     cal.add_argument("--guide-key", default=None, help=".obs column of guide identities: one null set per control guide")
-    cal.add_argument("--n-control-cells", type=_positive_int, default=None,
+    cal.add_argument("--n-control-cells", type=positive_int, default=None,
                      help="controls each null set is compared with (default 300)")
     cal.add_argument("--batch-key", default=None)
-    cal.add_argument("--fdr", type=_fraction, default=0.1, help="Benjamini-Hochberg level of the counted discoveries")
+    cal.add_argument("--fdr", type=number_arg(0.0, 1.0, what="a level"), default=0.1,
+                     help="Benjamini-Hochberg level of the counted discoveries, in (0, 1] (default 0.1)")
     cal.add_argument("--layer", default=None)
-    cal.add_argument("--seed", type=_seed, default=0)
+    cal.add_argument("--seed", type=seed, default=0)
     cal.add_argument("--quiet", action="store_true")
     _add_parallel_options(cal)
     cal.set_defaults(func=cmd_calibrate)
@@ -362,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._validation import InputError
 
     try:
+        _parallel(args)
         return args.func(args)
     except (InputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
         message = " ".join(str(err).split())
@@ -370,10 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"scotgm {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - unexpected: keep the traceback, ask for a report
+    except Exception as err:  # noqa: BLE001 - unexpected: keep the traceback, ask for a report
+        message = storage_error(err, getattr(args, "out", None)) if isinstance(err, OSError) else None
+        if message is not None:
+            print(f"scotgm {args.command}: error: {message}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(BUG_REPORT, file=sys.stderr)
         return 1
+    finally:
+        if getattr(args, "client", None) is not None:
+            args.client.close()
 
 
 def entry_point() -> int:

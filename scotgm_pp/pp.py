@@ -86,8 +86,8 @@ class PreprocessParams:
     def __post_init__(self):
         _check_int(self.min_genes, "min_genes", 0, allow_none=True)
         _check_int(self.min_cells, "min_cells", 0)
-        _check_int(self.n_pcs, "n_pcs", 1, allow_none=True)
-        _check_int(self.max_pcs, "max_pcs", 1)
+        _check_int(self.n_pcs, "n_pcs", 1, allow_none=True, maximum=MAX_PCS)
+        _check_int(self.max_pcs, "max_pcs", 1, maximum=MAX_PCS)
         _check_float(self.target_sum, "target_sum", lower=0.0, strict=True)
         for name in ("hvg_min_mean", "hvg_max_mean", "hvg_min_disp"):
             _check_float(getattr(self, name), name)
@@ -101,11 +101,19 @@ class PreprocessParams:
         return asdict(self)
 
 
-def _check_int(value, name: str, minimum: int, *, allow_none: bool = False) -> None:
+MAX_PCS = 10_000
+"""Upper bound of ``n_pcs`` and ``max_pcs`` (an experiment keeps at most a third of its smaller
+group's cells anyway)."""
+
+
+def _check_int(value, name: str, minimum: int, *, allow_none: bool = False, maximum: int = 2**31 - 1) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}.")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not (
+        minimum <= value <= maximum
+    ):
+        raise InputError(f"{name} must be an integer from {minimum} to {maximum:,}{' or None' if allow_none else ''}, "
+                         f"got {value!r}.")
 
 
 def _check_float(value, name: str, *, lower: float | None = None, upper: float | None = None,

@@ -209,13 +209,15 @@ def test_missing_labels_are_unassigned_cells(small_sim):
 @pytest.mark.parametrize("kwargs, message", [
     ({"perturbations": "G0030"}, "single string 'G0030'; pass \\['G0030'\\]"),
     ({"perturbations": ["control"]}, "control label 'control' cannot be analysed"),
-    ({"n_pcs": 0}, "n_pcs must be an integer >= 1"),
-    ({"n_pcs": -3}, "n_pcs must be an integer >= 1"),
+    ({"n_pcs": 0}, "n_pcs must be an integer from 1 to 10,000"),
+    ({"n_pcs": -3}, "n_pcs must be an integer from 1 to 10,000"),
+    ({"n_pcs": 2**63}, "n_pcs must be an integer from 1 to 10,000"),
     ({"variance_threshold": float("nan")}, "variance_threshold must be a finite number in \\(0, 1\\]"),
     ({"variance_threshold": 7}, "variance_threshold must be a finite number in \\(0, 1\\]"),
     ({"regularization": -1.0}, "regularization must be a finite number > 0"),
     ({"random_state": 10**24}, "random_state must be between 0 and"),
-    ({"n_control_cells": 3}, "n_control_cells must be >= 10"),
+    ({"n_control_cells": 3}, "n_control_cells must be between 10 and"),
+    ({"n_control_cells": 2**63}, "n_control_cells must be between 10 and"),
     ({"n_jobs": 0}, "n_jobs must be a positive integer or None"),
     ({"key_added": "a/b"}, "key_added must be a non-empty name without '/'"),
 ])

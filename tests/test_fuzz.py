@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 import warnings
 
 import anndata as ad
@@ -47,9 +48,39 @@ def test_label_keys_are_safe_unique_and_reversible(labels):
     assert len(set(keys)) == len(keys)
     for lab, key in zip(labels, keys):
         assert len(key) <= MAX_KEY_LENGTH and key not in (".", "..")
-        assert set(key) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-%~")
+        assert set(key) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-%~.")
         if "~" not in key:
             assert key_label(key) == lab
+
+
+def _variants(label: str) -> list[str]:
+    """A label with the labels a case-insensitive or normalising file system confuses it with."""
+    forms = [label, label.lower(), label.upper(), label.swapcase(), label.casefold()]
+    forms += [unicodedata.normalize(f, x) for f in ("NFC", "NFD", "NFKC") for x in list(forms)]
+    return forms
+
+
+def _as_a_file_system_sees_it(key: str) -> set[str]:
+    return {unicodedata.normalize(f, key).casefold() for f in ("NFC", "NFD")}
+
+
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=60), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None, derandomize=True)
+def test_label_keys_stay_distinct_under_case_folding_and_unicode_normalisation(seeds):
+    labels = sorted({v for s in seeds for v in _variants(s)} | {"GeneA", "genea", "caf\u00e9", "cafe\u0301"})
+    keys = [label_key(x) for x in labels]
+    seen: dict[str, str] = {}
+    for lab, key in zip(labels, keys):
+        for folded in _as_a_file_system_sees_it(key):  # macOS (NFD, no case), Windows (no case)
+            assert seen.setdefault(folded, lab) == lab, (lab, seen[folded], key)
+    assert label_key("STAT1") == "p_STAT1"  # upper-case gene symbols keep a readable key
+
+
+def test_keys_of_case_and_normalisation_twins_differ():
+    pairs = [("p_GeneA", "p_genea"), ("GeneA", "genea"), ("caf\u00e9", "cafe\u0301"), ("CAFÉ", "café")]
+    for a, b in pairs:
+        assert label_key(a).casefold() != label_key(b).casefold()
+        assert unicodedata.normalize("NFD", label_key(a)).casefold() != unicodedata.normalize("NFD", label_key(b)).casefold()
 
 
 @FUZZ

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..io import write_csv
 from ._metrics import topk_accuracy
 
 __all__ = ["plot_topk_curves", "plot_target_ranks", "write_outputs"]
@@ -66,18 +67,27 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _guide_cells(settings: dict) -> str:
+    """The guide cells drawn per experiment, in words: ``n_target``, or the fewer a perturbation has."""
+    n = settings["n_target"]
+    fewer = {p: k for p, k in settings.get("guide_cells_drawn", {}).items() if k < n}
+    if not fewer:
+        return f"{n} guide cells"
+    shown = ", ".join(f"{p} {k}" for p, k in list(fewer.items())[:10]) + (" ..." if len(fewer) > 10 else "")
+    return f"{n} guide cells (all of them where a perturbation has fewer: {shown})"
+
+
 def write_outputs(result, out_dir: Path) -> None:
     """Write the tables (CSV), the figures (PNG) and ``report.md`` into ``out_dir``."""
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    result.topk.to_csv(out_dir / "topk.csv", index=False)
-    result.ranks.to_csv(out_dir / "ranks.csv", index=False)
-    result.deg.to_csv(out_dir / "deg.csv", index=False)
-    result.deg_summary.to_csv(out_dir / "deg_summary.csv", index=False)
-    result.timings.to_csv(out_dir / "timings.csv", index=False)
+    tables = {"topk.csv": result.topk, "ranks.csv": result.ranks, "deg.csv": result.deg,
+              "deg_summary.csv": result.deg_summary, "timings.csv": result.timings}
     if len(result.failures):
-        result.failures.to_csv(out_dir / "failures.csv", index=False)
+        tables["failures.csv"] = result.failures
+    for name, table in tables.items():
+        write_csv(table, out_dir / name)
     figs = {}
     if len(result.ranks):
         figs["topk_curves.png"] = plot_topk_curves(result.ranks)
@@ -89,7 +99,7 @@ def write_outputs(result, out_dir: Path) -> None:
     text = [
         "# Benchmark report",
         "",
-        f"{s['seeds']} seeds from {s['first_seed']}; {s['n_target']} guide cells and {s['n_control']} control "
+        f"{s['seeds']} seeds from {s['first_seed']}; {_guide_cells(s)} and {s['n_control']} control "
         f"cells per experiment; perturbations: {', '.join(s['perturbations'])}. Default sc-OTGM row: "
         f"`{s['default_method']}`.",
         "",

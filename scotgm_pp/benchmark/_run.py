@@ -258,7 +258,8 @@ def run_benchmark(
         settings={"perturbation_key": perturbation_key, "control": control, "n_target": n_target,
                   "n_control": n_control, "seeds": seeds, "first_seed": first_seed, "methods": list(funcs),
                   "perturbations": perts, "params": params.to_dict(), "default_method": DEFAULT_SCOTGM,
-                  "n_top_genes": int(n_top_genes), "batch_key": batch_key or ""},
+                  "n_top_genes": int(n_top_genes), "batch_key": batch_key or "",
+                  "guide_cells_drawn": {p: int(min(n_target, np.sum(labels == p))) for p in perts}},
     )
     if out_dir is not None:
         from ._report import write_outputs

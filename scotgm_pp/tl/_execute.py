@@ -40,7 +40,8 @@ class ScreenContext:
     (``control_pool``, whose row ``pool_pos[r]`` is screen row ``r``). With ``store_path`` the
     worker writes its own result file there (workers that share the run's filesystem). With
     ``rows`` (the screen's file, for workers that share the run's filesystem) each worker reads
-    its tasks' cells itself, and the tasks carry only their row numbers."""
+    its tasks' cells itself, and the tasks carry only their row numbers. ``store_fingerprint``
+    is stamped on the result files (:class:`~scotgm_pp.tl._store.RecordStore`)."""
 
     settings: RunSettings
     var_names: np.ndarray
@@ -48,6 +49,7 @@ class ScreenContext:
     control_pool: sp.csr_matrix | None = None
     pool_pos: np.ndarray | None = None
     store_path: str | None = None
+    store_fingerprint: str | None = None
     rows: object | None = None
 
 
@@ -156,7 +158,7 @@ def run_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
         if context.store_path is not None:
             from ._store import RecordStore
 
-            RecordStore(context.store_path).write(result)
+            RecordStore(context.store_path, context.store_fingerprint).write(result)
             result.stored = True
             result.record = {}
     return result
@@ -266,7 +268,7 @@ def map_tasks(
 
 def _map_dask(tasks, payload_of, context, on_result, fn, n_workers, client, bar) -> None:
     try:
-        from dask.distributed import Client, as_completed
+        from dask.distributed import as_completed
     except ImportError as err:  # pragma: no cover - dask is a dependency
         raise InputError("parallel runs need dask.distributed: pip install 'dask[distributed]'.") from err
     own_cluster = own_client = None
@@ -276,7 +278,9 @@ def _map_dask(tasks, payload_of, context, on_result, fn, n_workers, client, bar)
     elif isinstance(client, LocalWorkers):
         client = client.client
     elif isinstance(client, str):
-        client = own_client = Client(client)
+        from .._workers import connect_scheduler
+
+        client = own_client = connect_scheduler(client)
     try:
         workers = max(1, len(client.scheduler_info().get("workers", {})) or n_workers)
         shared = client.scatter(context, broadcast=True)

@@ -102,10 +102,10 @@ class RunSettings:
             math.isfinite(reg) and reg > 0
         ):
             raise InputError(f"regularization must be a finite number > 0, got {reg!r}.")
-        _int_setting(self.n_control_cells, "n_control_cells", MIN_CELLS)
+        _int_setting(self.n_control_cells, "n_control_cells", MIN_CELLS, 2**31 - 1)
         _int_setting(self.random_state, "random_state", 0, MAX_SEED)
-        _int_setting(self.blas_threads, "blas_threads", 1, allow_none=True)
-        _int_setting(self.n_resamples, "n_resamples", 20)
+        _int_setting(self.blas_threads, "blas_threads", 1, 4096, allow_none=True)
+        _int_setting(self.n_resamples, "n_resamples", 20, 10**7)
         fdr = self.effect_fdr
         if isinstance(fdr, (bool, np.bool_)) or not isinstance(fdr, (int, float, np.number)) or not 0 < fdr < 1:
             raise InputError(f"effect_fdr must be a number in (0, 1), got {fdr!r}.")

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .. import __version__
+from .._fingerprint import ContentDigest, digest_strings, fingerprint_id
 from .._screen import H5adRows, Screen, scan_counts, screen_from_anndata
 from .._validation import InputError, check_library_sizes
 from .._workers import LocalWorkers
@@ -76,6 +78,7 @@ class ScreenRun:
         out["perturbations"] = list(self.perturbations)
         if self.store is not None:
             out["store"] = str(self.store.path.resolve())
+            out["store_fingerprint"] = self.store.fingerprint
         return out
 
 
@@ -151,6 +154,13 @@ class ScreenPlan:
     dispersion: np.ndarray | None
     n_control_total: int
     n_detected: np.ndarray | None = None
+    content: dict | None = None
+
+    def fingerprint(self) -> dict:
+        """What every record of this plan depends on: the settings, the layer, the package
+        version and the content read (:mod:`scotgm_pp._fingerprint`)."""
+        return {"scotgm_pp": __version__, "settings": self.settings.to_dict(), "layer": self.screen.layer,
+                "input": self.content}
 
 
 def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> ScreenPlan:
@@ -165,7 +175,11 @@ def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> Sc
     if n_control_total < MIN_CELLS:
         raise InputError(f"only {n_control_total} control cells labelled {settings.control!r}; the model needs at "
                          f"least {MIN_CELLS}.")
-    scan = scan_counts(screen.rows, labels.control_mask, batch, what=screen.what)
+    digest = ContentDigest()
+    scan = scan_counts(screen.rows, labels.control_mask, batch, what=screen.what, digest=digest)
+    content = {"shape": [screen.n_obs, len(screen.var_names)], "matrix": digest.hexdigest(),
+               "obs_names": digest_strings(screen.obs_names), "var_names": digest_strings(screen.var_names),
+               "labels": digest_strings(labels.labels), "batches": None if batch is None else digest_strings(batch)}
     if not np.any(scan.library_size > 0):
         raise InputError(f"{screen.what} is all zeros: every gene has zero counts in every cell; nothing to analyse.")
     check_library_sizes(scan.library_size, screen.what)
@@ -174,12 +188,13 @@ def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> Sc
     tasks = make_tasks(labels, chosen, settings, usable, batch)
     return ScreenPlan(screen=screen, settings=settings, perturbations=chosen, labels=labels, batch=batch,
                       tasks=tasks, dispersion=scan.dispersion, n_control_total=n_control_total,
-                      n_detected=scan.n_detected)
+                      n_detected=scan.n_detected, content=content)
 
 
 def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, store: RecordStore | None = None,
                  progress: bool = False) -> ScreenRun:
-    """Fit every planned perturbation (those already in ``store`` are read back, not refitted).
+    """Fit every planned perturbation (those already in ``store`` under the plan's fingerprint are
+    read back, not refitted; a store of another fingerprint is an :class:`InputError`).
     ``client`` may be local workers started before the plan (:func:`start_workers`); they are
     used when the run needs workers and left running either way."""
     labels = plan.labels
@@ -187,6 +202,7 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
                           labels.unassigned, store)
     done = set()
     if store is not None:
+        store.bind(plan.fingerprint())
         store.remove_temporary()
         wanted = {t.key for t in plan.tasks}
         for key in store.keys():
@@ -214,7 +230,8 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
         payloads = _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected, in_workers=local_files)
         context = payloads.context(ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
                                                  dispersion=plan.dispersion,
-                                                 store_path=str(store.path) if own_files else None))
+                                                 store_path=str(store.path) if own_files else None,
+                                                 store_fingerprint=store.fingerprint if own_files else None))
         map_tasks(todo, payloads, context, collector.add, n_jobs=n_workers, client=client, progress=progress)
     return ScreenRun(settings=plan.settings, perturbations=plan.perturbations, collector=collector, store=store,
                      n_control_total=plan.n_control_total)
@@ -416,12 +433,18 @@ def perturbation_response(
         (Dask's worker processes import the main module).
     client
         A ``dask.distributed.Client`` or a scheduler address such as ``"tcp://10.0.0.1:8786"``:
-        run on that cluster instead (overrides ``n_jobs``).
+        run on that cluster instead (overrides ``n_jobs``). An address must answer as a Dask
+        scheduler within 30 s (:func:`scotgm_pp._workers.connect_scheduler`), else an
+        :class:`InputError` says why.
     store
         A folder for the heavy per-perturbation records (loadings, covariances, traces), one
         file per perturbation, loadable one at a time with :func:`get_record`; memory then stays
         flat however many perturbations the screen has. ``None``: keep them in
-        ``.uns[key_added]["records"]`` (convenient for small screens).
+        ``.uns[key_added]["records"]`` (convenient for small screens). The folder belongs to
+        one fingerprint (``store.json``: the settings that change a result, ``layer``, the
+        package version, and a digest of the counts, names and labels read): a later call
+        reuses its records only under the same fingerprint (e.g. other ``perturbations`` of
+        the same screen), and raises an :class:`InputError` naming what changed otherwise.
     copy
         Return a copy with the results instead of writing into ``adata`` (for a backed
         ``adata``, a copy of its annotations without the counts).
@@ -551,4 +574,4 @@ def get_record(adata: AnnData, perturbation: str, key: str = "scotgm", *, store:
     store = store if store is not None else uns["params"].get("store")
     if store is None:
         raise KeyError(f"the records of {key!r} were not kept (no store and no in-memory records).")
-    return RecordStore(store).read(rkey, record=True).record
+    return RecordStore(store, uns["params"].get("store_fingerprint")).read(rkey, record=True).record
