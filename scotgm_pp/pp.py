@@ -27,9 +27,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from ._guide_assign import assign_guides, read_guide_library
 from ._validation import InputError, check_counts
 
 __all__ = [
+    "assign_guides",
+    "read_guide_library",
     "PreprocessParams",
     "PCAResult",
     "PreparedPair",
