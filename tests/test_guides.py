@@ -168,3 +168,46 @@ def test_papalexi_assignment_agrees_with_the_published_guides(papalexi):
     # the published guide is the one with the most UMIs: the "max" rule gives it back exactly
     assert np.array_equal(top.obs["guide"].astype(object).to_numpy(), published)
     assert "guide" not in papalexi.obs.columns  # copy=True: the session's data are untouched
+
+
+# ------------------------------------------------------------------------------ guide fractions
+def test_guide_fractions_follow_each_guides_efficiency(guided):
+    table = sg.tl.guide_fractions(guided)
+    obs = guided.obs
+    assert len(table) == 24 and (table["escape_model"] == "on").all()
+    analysed = obs["scotgm_p_perturbed"].notna()
+    truth = np.array([1.0 - obs["escaped"][analysed & (obs["guide"] == g)].mean() for g in table["guide"]])
+    assert np.corrcoef(table["fraction_perturbed"], truth)[0, 1] >= 0.9  # measured 0.967
+    assert np.abs(table["fraction_perturbed"] - truth).mean() <= 0.06  # measured 0.038
+    inside = (table["fraction_lower"] <= truth) & (truth <= table["fraction_upper"])
+    assert inside.mean() >= 0.75  # 90% intervals; measured 22 of 24
+    counts = obs.loc[analysed & obs["guide"].notna() & (obs["scotgm_class"] != "control"), "guide"]
+    assert dict(zip(table["guide"], table["n_cells"])) == counts.astype(str).value_counts().to_dict()
+
+
+@pytest.mark.slow
+def test_guide_fractions_quadrature_is_the_pymc_graphs_posterior(guided):
+    import pymc as pm
+
+    table = sg.tl.guide_fractions(guided, perturbations=["G0019"])
+    model = sg.tl.guide_model(guided, "G0019")
+    assert list(model.coords["guide"]) == list(table["guide"])
+    with model, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata = pm.sample(draws=1000, tune=1000, chains=2, random_seed=1, progressbar=False,
+                          compute_convergence_checks=False)
+    post = idata.posterior
+    nuts = post["guide_fraction"].mean(("chain", "draw")).to_numpy()
+    np.testing.assert_allclose(table["fraction_perturbed"], nuts, atol=0.015)
+    for q, col in ((0.05, "fraction_lower"), (0.95, "fraction_upper")):
+        np.testing.assert_allclose(table[col], post["guide_fraction"].quantile(q, ("chain", "draw")).to_numpy(),
+                                   atol=0.03)
+    assert table["target_fraction"].iloc[0] == pytest.approx(float(post["target_fraction"].mean()), abs=0.015)
+
+
+def test_guide_fractions_errors(guided):
+    with pytest.raises(InputError, match="guide_key 'sgRNA' is not a column of adata.obs; assign guides first"):
+        sg.tl.guide_fractions(guided, guide_key="sgRNA")
+    with pytest.raises(InputError, match=r"no results for perturbation\(s\) \['G9999'\]"):
+        sg.tl.guide_fractions(guided, perturbations=["G9999"])
+

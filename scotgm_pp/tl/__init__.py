@@ -34,6 +34,8 @@ _WHERE = {
     "get_responses": "_response",
     "perturbation_response": "_response",
     "sample_cells": "_synthetic",
+    "guide_fractions": "_guides",
+    "guide_model": "_guides",
 }
 """Public name -> the submodule that defines it. Each is imported on first access, so that a
 screen run (and each of its workers) loads only the modules it uses: the posterior predictive
@@ -82,5 +84,7 @@ __all__ = [
     "predict_response",
     "sample_cells",
     "state_shift",
+    "guide_fractions",
+    "guide_model",
     "universal_threshold",
 ]
