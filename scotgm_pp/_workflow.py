@@ -10,7 +10,8 @@ from anndata import AnnData
 
 from . import __version__
 from ._screen import MemoryRows, Screen
-from .io import TOP_GENES, RunFolder, input_fingerprint, run_summary, write_rankings
+from ._guide_assign import GUIDE_COLUMNS
+from .io import TOP_GENES, RunFolder, input_fingerprint, run_summary, settings_digest, write_rankings
 from .tl._plan import RunSettings
 from .tl._response import (
     annotate,
@@ -40,9 +41,15 @@ def run_to_folder(
     key: str = "scotgm",
     de_genes: dict | None = None,
     command: str = "run",
+    guide_assignment: dict | None = None,
 ) -> tuple[AnnData, dict[str, Path]]:
     """Check ``out``, fit every perturbation (resuming an interrupted run), and write the outputs
-    atomically (see :mod:`scotgm_pp.io`). Returns the results AnnData and the paths written."""
+    atomically (see :mod:`scotgm_pp.io`). Returns the results AnnData and the paths written.
+
+    ``guide_assignment`` is the record of :func:`scotgm_pp.pp.assign_guides` when the screen's
+    labels were assigned from guide counts: it is kept in ``results.uns["guide_assignment"]``,
+    counted in ``summary.json`` (``guides``), and each guide's perturbed fraction goes to
+    ``guide_fractions.csv``."""
     inputs = (screen.source,) if screen.source else ()
     fingerprint = {
         "scotgm_pp": __version__,
@@ -51,6 +58,9 @@ def run_to_folder(
         "input": input_fingerprint(screen.source) if screen.source else {"n_obs": screen.n_obs,
                                                                           "n_vars": len(screen.var_names)},
     }
+    if guide_assignment is not None:  # other guide calls are other labels: never resumed across them
+        fingerprint["guides"] = {**guide_assignment["params"],
+                                 "calls": settings_digest(screen.obs[list(GUIDE_COLUMNS[:3])].astype(str).to_numpy())}
     folder = RunFolder(Path(out), fingerprint, inputs=inputs, overwrite=overwrite, command=command)
     folder.check()
     # local workers start in the background while the plan is made
@@ -72,6 +82,12 @@ def run_to_folder(
     stage = folder.work / "out"
     stage.mkdir(exist_ok=True)
     staged = {"records": folder.records, "figures": stage / "figures"}
+    if guide_assignment is not None:
+        from .tl._guides import guide_fractions
+
+        results.uns["guide_assignment"] = guide_assignment
+        staged["guide_fractions.csv"] = stage / "guide_fractions.csv"
+        guide_fractions(results, "guide", key).to_csv(staged["guide_fractions.csv"], index=False)
     counts_at_hand = isinstance(screen.rows, MemoryRows)  # then figures may show observed changes
     figure_data = results
     if counts_at_hand:
@@ -95,5 +111,8 @@ def run_to_folder(
     results.uns[key]["responses"] = responses
     summary = run_summary(results, key)
     summary["resumed_perturbations"] = done_before
+    if guide_assignment is not None:
+        # cells with several guides have no target: a low-MOI run leaves them out, counted here
+        summary["guides"] = {**guide_assignment["params"], **guide_assignment["counts"]}
     paths = folder.finish(staged, summary)
     return results, paths
