@@ -211,3 +211,14 @@ def test_guide_fractions_errors(guided):
     with pytest.raises(InputError, match=r"no results for perturbation\(s\) \['G9999'\]"):
         sg.tl.guide_fractions(guided, perturbations=["G9999"])
 
+
+
+def test_guide_cells_without_a_guide_are_left_out_with_a_warning(guided):
+    adata = guided.copy()
+    cells = adata.obs_names[(adata.obs["target"] == "G0019").to_numpy()][:5]
+    adata.obs["guide"] = adata.obs["guide"].astype(object)
+    adata.obs.loc[cells, "guide"] = None
+    with pytest.warns(UserWarning, match=r"left out of the guide model: \{'G0019': 5\}"):
+        table = sg.tl.guide_fractions(adata, perturbations=["G0019"])
+    full = sg.tl.guide_fractions(guided, perturbations=["G0019"])
+    assert table["n_cells"].sum() == full["n_cells"].sum() - 5

@@ -8,10 +8,10 @@ mixture weight by a weight per guide, drawn around the target's::
     target_fraction     ~ Beta(1, 1)
     guide_concentration ~ LogNormal(log 10, 1.5)
     guide_fraction[g]   ~ Beta(target_fraction * c, (1 - target_fraction) * c)
-    score[i]            ~ (1 - guide_fraction[g_i]) N(mean_0, S) + guide_fraction[g_i] N(mean_1, S)
+    score[i]            ~ (1 - guide_fraction[g_i]) N(mean_0, S_0) + guide_fraction[g_i] N(mean_1, S_1)
 
-(the states' means and covariance are held at the screen's fit: a cut, as the count layer's
-states are). :func:`guide_model` declares this graph in PyMC; :func:`guide_fractions` computes
+(the states' means and covariances, one shared covariance in the screen's tied escape model, are
+held at the screen's fit: a cut, as the count layer's states are). :func:`guide_model` declares this graph in PyMC; :func:`guide_fractions` computes
 its posterior by quadrature: given the state densities, each guide's likelihood is a function of
 its one weight, so the posterior of every parameter is an integral over a grid of
 ``(target_fraction, guide_concentration, guide_fraction)``, exact up to the grid's resolution
@@ -20,6 +20,7 @@ its one weight, so the posterior of every parameter is an integral over a grid o
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,7 +142,7 @@ class _GuideData:
     cells: np.ndarray
     scores: np.ndarray
     means: np.ndarray
-    covariance: np.ndarray
+    covariances: np.ndarray
     l0: np.ndarray
     l1: np.ndarray
     p_perturbed: np.ndarray
@@ -162,15 +163,15 @@ def _guide_data(adata: AnnData, perturbation: str, guide_key: str, key: str, sto
     X = np.asarray(record["state_scores"], float)[free]
     means = np.asarray(record["state_means"], float)
     cov = np.asarray(record["state_model_covariance"], float)
-    cov = cov[0] if cov.ndim == 3 else cov
+    cov = np.stack([cov, cov]) if cov.ndim == 2 else cov  # one per state (tied: the same twice)
     labels = adata.obs[guide_key].reindex(pd.Index(cells, dtype=object))
     has = labels.notna().to_numpy()
     guides = sorted(set(labels[has].astype(str)))
     index = pd.Index(guides).get_indexer(labels[has].astype(str))
     p = adata.obs[f"{key}_p_perturbed"].reindex(pd.Index(cells[has], dtype=object)).to_numpy(float)
-    return _GuideData(guides=guides, index=index, cells=cells[has], scores=X[has], means=means, covariance=cov,
-                      l0=_mvn_logpdf(X[has], means[0], cov), l1=_mvn_logpdf(X[has], means[1], cov), p_perturbed=p,
-                      n_without_guide=int((~has).sum()))
+    return _GuideData(guides=guides, index=index, cells=cells[has], scores=X[has], means=means, covariances=cov,
+                      l0=_mvn_logpdf(X[has], means[0], cov[0]), l1=_mvn_logpdf(X[has], means[1], cov[1]),
+                      p_perturbed=p, n_without_guide=int((~has).sum()))
 
 
 def _check(adata: AnnData, guide_key: str, key: str) -> pd.DataFrame:
@@ -216,6 +217,7 @@ def guide_fractions(adata: AnnData, guide_key: str = "guide", key: str = "scotgm
         one weight); ``escape_model``.
         Perturbations whose escape model fell back (every guide cell treated as perturbed) have
         no perturbed state to weigh: their fractions are NaN and ``escape_model`` says why.
+        Guide cells without a guide in ``.obs[guide_key]`` are left out, with a warning.
     """
     if not 0 < interval < 1:
         raise InputError(f"interval must be in (0, 1), got {interval!r}.")
@@ -224,10 +226,12 @@ def guide_fractions(adata: AnnData, guide_key: str = "guide", key: str = "scotgm
     unknown = [p for p in chosen if p not in summary.index]
     if unknown:
         raise InputError(f"no results for perturbation(s) {unknown[:5]}; analysed: {list(summary.index[:20])}.")
-    rows = []
+    rows, without = [], {}
     for pert in chosen:
         status = str(summary.loc[pert, "escape_model"]) if "escape_model" in summary else "on"
         data = _guide_data(adata, pert, guide_key, key, store)
+        if data.n_without_guide:
+            without[pert] = data.n_without_guide
         counts = np.bincount(data.index, minlength=len(data.guides))
         mean_p = np.bincount(data.index, weights=data.p_perturbed, minlength=len(data.guides)) / np.maximum(counts, 1)
         fitted = status == "on" and len(data.guides) > 0
@@ -242,6 +246,9 @@ def guide_fractions(adata: AnnData, guide_key: str = "guide", key: str = "scotgm
                 "guide_concentration": post["concentration"] if fitted else np.nan,
                 "mean_p_perturbed": mean_p[g], "escape_model": status,
             })
+    if without:
+        warnings.warn(f"guide cells without a guide in adata.obs[{guide_key!r}] are left out of the guide model: "
+                      f"{without}.", UserWarning, stacklevel=2)
     return pd.DataFrame(rows)
 
 
@@ -271,7 +278,7 @@ def guide_model(adata: AnnData, perturbation: str, guide_key: str = "guide", key
         conc = pm.LogNormal("guide_concentration", mu=prior.concentration_log_mean, sigma=prior.concentration_log_sd)
         frac = pm.Beta("guide_fraction", alpha=target * conc, beta=(1.0 - target) * conc, dims="guide")
         w = frac[index]
-        components = [pm.MvNormal.dist(mu=data.means[k], cov=data.covariance) for k in (0, 1)]
+        components = [pm.MvNormal.dist(mu=data.means[k], cov=data.covariances[k]) for k in (0, 1)]
         pm.Mixture("score", w=pt.stack([1.0 - w, w], axis=-1), comp_dists=components, observed=data.scores,
                    dims=("cell", "score_dim"))
     return model
