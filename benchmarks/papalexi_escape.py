@@ -86,8 +86,11 @@ def main(argv=None) -> pd.DataFrame:
                 row[f"{name}_escaped_expr"] = float(expr[r & ~called].mean()) if (r & ~called).any() else np.nan
         rows.append(row)
     df = pd.DataFrame(rows)
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
-        print(df.drop(columns=["scotgm_escape_model"]).to_string(index=False))
+    shown = df.assign(scotgm_escape=np.where(df["scotgm_escape_model"] == "on", "fitted", "fallback"))
+    with pd.option_context("display.width", 220, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
+        print(shown.drop(columns=["scotgm_escape_model"]).to_string(index=False))
+    print("(fallback: no evidence of a perturbed state, or too few perturbed cells; every guide cell then counts "
+          "as perturbed, so its 1.00 is not a finding)")
     fitted = (df["scotgm_escape_model"] == "on").sum()
     print(f"\nscotgm escape model fitted for {fitted} of {len(df)} targets; scotgm {sc_seconds:.0f} s, "
           f"Mixscape {mix_seconds:.0f} s (both in this process)")

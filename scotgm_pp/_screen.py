@@ -65,22 +65,24 @@ class MemoryRows:
 
 
 class H5adRows:
-    """Rows of ``.X`` (or ``.layers[layer]``) of an ``.h5ad`` file, read on demand.
+    """Rows of ``.X`` (or ``.layers[layer]``) of an ``.h5ad`` file, read on demand (or of one
+    modality of an ``.h5mu`` file: ``root="mod/rna/"``).
 
     Only CSR and dense matrices can be read by rows; a CSC matrix is refused with the fix. The
     object holds a path, not an open file, so it can be sent to other processes; each process
     opens the file read-only when it first reads.
     """
 
-    def __init__(self, path: str | Path, layer: str | None = None):
+    def __init__(self, path: str | Path, layer: str | None = None, root: str = ""):
         import h5py
 
         self.path = str(path)
-        self.elem = "X" if layer is None else f"layers/{layer}"
+        self.elem = f"{root}X" if layer is None else f"{root}layers/{layer}"
         self.what = f"{Path(self.path).name}:{self.elem}"
         with h5py.File(self.path, "r") as f:
             if self.elem not in f:
-                raise InputError(f"{self.path} has no {self.elem!r}; layers are: {list(f.get('layers', {}))}.")
+                layers = list(f.get(f"{root}layers", {}))
+                raise InputError(f"{self.path} has no {self.elem!r}; layers are: {layers}.")
             node = f[self.elem]
             if isinstance(node, h5py.Dataset):
                 self.format = "dense"
@@ -318,8 +320,9 @@ def screen_from_anndata(adata, layer: str | None = None) -> Screen:
                   source=source, layer=layer)
 
 
-def screen_from_h5ad(path, layer: str | None = None) -> Screen:
-    """The screen stored in an ``.h5ad`` file: annotations read now, counts read by rows later."""
+def screen_from_h5ad(path, layer: str | None = None, modality: str = "rna") -> Screen:
+    """The screen stored in an ``.h5ad`` file, or in the ``modality`` of an ``.h5mu`` file:
+    annotations read now, counts read by rows later."""
     import h5py
     from anndata.io import read_elem
 
@@ -328,25 +331,32 @@ def screen_from_h5ad(path, layer: str | None = None) -> Screen:
         raise InputError(f"no such file: {path}")
     if path.is_dir():
         raise InputError(f"{path} is a folder, not an .h5ad file.")
-    if path.suffix != ".h5ad":
-        raise InputError(f"{path} is not an .h5ad file; convert it with anndata (e.g. sc.read_10x_h5 then write_h5ad).")
+    if path.suffix not in (".h5ad", ".h5mu"):
+        raise InputError(f"{path} is not an .h5ad or .h5mu file; convert it with anndata (e.g. sc.read_10x_h5 then "
+                         "write_h5ad), or read it with sg.read_screen.")
+    root = f"mod/{modality}/" if path.suffix == ".h5mu" else ""
+    kind = "a MuData file" if root else "an AnnData file"
     try:
         with h5py.File(path, "r") as f:
-            if "obs" not in f or "var" not in f or "X" not in f and layer is None:
-                raise InputError(f"{path} is not an AnnData file (it lacks obs, var or X); write it with anndata.")
-            obs = read_elem(f["obs"])
-            var = read_elem(f["var"])
+            if root and root.rstrip("/") not in f:
+                raise InputError(f"{path} has no modality {modality!r}; modalities: {list(f.get('mod', {}))}. Name "
+                                 "the gene-expression modality.")
+            if f"{root}obs" not in f or f"{root}var" not in f or f"{root}X" not in f and layer is None:
+                raise InputError(f"{path} is not {kind} (it lacks {root}obs, {root}var or {root}X); write it with "
+                                 f"{'mudata' if root else 'anndata'}.")
+            obs = read_elem(f[f"{root}obs"])
+            var = read_elem(f[f"{root}var"])
     except OSError as err:
-        raise InputError(f"cannot read {path}: it is not a readable HDF5/.h5ad file ({err}). "
-                         "Check that the file is complete (not truncated) and was written by anndata.") from err
+        raise InputError(f"cannot read {path}: it is not a readable HDF5 file ({err}). "
+                         "Check that the file is complete (not truncated).") from err
     _check_names(obs.index, var.index)
     if len(obs) == 0 or len(var) == 0:
         raise InputError(f"{path} holds an empty screen ({len(obs)} cells x {len(var)} genes).")
-    rows = H5adRows(path, layer)
+    rows = H5adRows(path, layer, root)
     if rows.shape != (len(obs), len(var)):
         raise InputError(f"{path}: the counts are {rows.shape} but obs/var describe {(len(obs), len(var))}; "
                          "the file is inconsistent.")
     obs.index = pd.Index(obs.index.astype(str), dtype=object)
-    what = f"{path.name}:{'X' if layer is None else 'layers/' + layer}"
+    what = f"{path.name}:{root}{'X' if layer is None else 'layers/' + layer}"
     return Screen(obs=obs, var_names=pd.Index(var.index.astype(str), dtype=object), rows=rows, what=what,
                   source=str(path), layer=layer)

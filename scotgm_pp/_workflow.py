@@ -10,8 +10,10 @@ from anndata import AnnData
 
 from . import __version__
 from ._screen import MemoryRows, Screen
+from ._fingerprint import digest_strings
+from ._guide_assign import GUIDE_COLUMNS
 from ._validation import InputError
-from .io import TOP_GENES, RunFolder, run_summary, write_h5ad, write_rankings
+from .io import TOP_GENES, RunFolder, run_summary, write_csv, write_h5ad, write_rankings
 from .tl._plan import RunSettings
 from .tl._response import (
     annotate,
@@ -41,12 +43,18 @@ def run_to_folder(
     key: str = "scotgm",
     de_genes: dict | None = None,
     command: str = "run",
+    guide_assignment: dict | None = None,
 ) -> tuple[AnnData, dict[str, Path]]:
     """Check and lock ``out``, fit every perturbation (resuming an interrupted run of the same
     settings and data), and write the outputs atomically (see :mod:`scotgm_pp.io`). Returns the
     results AnnData and the paths written. ``client`` as in
     :func:`~scotgm_pp.tl.perturbation_response`; a scheduler address is connected to before
-    the folder is claimed (:func:`~scotgm_pp._workers.connect_scheduler`)."""
+    the folder is claimed (:func:`~scotgm_pp._workers.connect_scheduler`).
+
+    ``guide_assignment`` is the record of :func:`scotgm_pp.pp.assign_guides` when the screen's
+    labels were assigned from guide counts: it is kept in ``results.uns["guide_assignment"]``,
+    counted in ``summary.json`` (``guides``), and each guide's perturbed fraction goes to
+    ``guide_fractions.csv``."""
     inputs = (screen.source,) if screen.source else ()
     fingerprint = {
         "scotgm_pp": __version__,
@@ -54,12 +62,15 @@ def run_to_folder(
         "layer": screen.layer,
         "perturbations": None if perturbations is None else [str(p) for p in perturbations],
     }
+    if guide_assignment is not None:  # other guide calls are other labels: never resumed across them
+        calls = screen.obs[list(GUIDE_COLUMNS[:3])].astype(str).to_numpy().ravel()
+        fingerprint["guides"] = {**guide_assignment["params"], "calls": digest_strings(calls)}
     folder = RunFolder(Path(out), fingerprint, inputs=inputs, overwrite=overwrite, command=command)
     folder.check()
     try:
         return _run_in_folder(folder, screen, settings, perturbations=perturbations, n_jobs=n_jobs, client=client,
                               progress=progress, figures=figures, figures_top=figures_top, top_genes=top_genes,
-                              key=key, de_genes=de_genes)
+                              key=key, de_genes=de_genes, guide_assignment=guide_assignment)
     finally:
         folder.release()
 
@@ -78,7 +89,8 @@ def _check_figures(plan, figures) -> None:
 
 
 def _run_in_folder(folder: RunFolder, screen: Screen, settings: RunSettings, *, perturbations, n_jobs, client,
-                   progress, figures, figures_top, top_genes, key, de_genes) -> tuple[AnnData, dict[str, Path]]:
+                   progress, figures, figures_top, top_genes, key, de_genes,
+                   guide_assignment=None) -> tuple[AnnData, dict[str, Path]]:
     own_client = None
     if isinstance(client, str):
         from ._workers import connect_scheduler
@@ -108,6 +120,12 @@ def _run_in_folder(folder: RunFolder, screen: Screen, settings: RunSettings, *, 
     stage = folder.work / "out"
     stage.mkdir(exist_ok=True)
     staged = {"records": folder.records, "figures": stage / "figures"}
+    if guide_assignment is not None:
+        from .tl._guides import guide_fractions
+
+        results.uns["guide_assignment"] = guide_assignment
+        staged["guide_fractions.csv"] = stage / "guide_fractions.csv"
+        write_csv(guide_fractions(results, "guide", key), staged["guide_fractions.csv"])
     counts_at_hand = isinstance(screen.rows, MemoryRows)  # then figures may show observed changes
     figure_data = results
     if counts_at_hand:
@@ -131,5 +149,8 @@ def _run_in_folder(folder: RunFolder, screen: Screen, settings: RunSettings, *, 
     results.uns[key]["responses"] = responses
     summary = run_summary(results, key)
     summary["resumed_perturbations"] = done_before
+    if guide_assignment is not None:
+        # cells with several guides have no target: a low-MOI run leaves them out, counted here
+        summary["guides"] = {**guide_assignment["params"], **guide_assignment["counts"]}
     paths = folder.finish(staged, summary)
     return results, paths

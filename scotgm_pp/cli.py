@@ -152,7 +152,8 @@ def _parallel(args) -> None:
         args.client = connect_scheduler(args.scheduler, args.scheduler_timeout, what="--scheduler")
 
 
-def _run_folder(screen, args, settings, perturbations=None, de_genes=None, figures_top_default=0):
+def _run_folder(screen, args, settings, perturbations=None, de_genes=None, figures_top_default=0,
+                guide_assignment=None):
     from ._workflow import run_to_folder
 
     with warnings.catch_warnings():
@@ -162,6 +163,7 @@ def _run_folder(screen, args, settings, perturbations=None, de_genes=None, figur
             n_jobs=args.n_workers, client=args.client, progress=not args.quiet, figures=args.figures,
             figures_top=figures_top_default if args.figures_top is None else args.figures_top,
             top_genes=None if args.all_genes else args.top_genes, de_genes=de_genes, command=args.command,
+            guide_assignment=guide_assignment,
         )
 
 
@@ -202,15 +204,45 @@ def _start_fork_server(args) -> None:
         start_fork_server()
 
 
+def _guide_options(args):
+    """The guide assignment asked for on the command line (``None`` without ``--guide-modality``)."""
+    from ._inputs import GUIDE_TARGET_KEY, GuideOptions
+    from ._validation import InputError
+
+    if (args.guide_modality is None) != (args.guide_library is None):
+        raise InputError("--guide-modality and --guide-library go together: the guide counts' modality (e.g. gdo) "
+                         "and the CSV (columns guide,target) that maps each guide to its target.")
+    if args.guide_modality is None:
+        if args.perturbation_key is None:
+            raise InputError("give --perturbation-key (the .obs column of each cell's perturbation), or assign them "
+                             "from guide counts with --guide-modality and --guide-library.")
+        return None
+    if args.perturbation_key not in (None, GUIDE_TARGET_KEY):
+        raise InputError(f"with --guide-modality the perturbation of each cell is its assigned "
+                         f"{GUIDE_TARGET_KEY!r}; drop --perturbation-key {args.perturbation_key}.")
+    return GuideOptions(modality=args.guide_modality, library=args.guide_library, method=args.guide_method,
+                        threshold=args.guide_threshold)
+
+
+def _print_guides(record: dict) -> None:
+    n = record["counts"]
+    print(f"guides ({record['params']['method']}): {n['one_guide']} cells with one guide, {n['several_guides']} with "
+          f"several (not analysed: low-MOI), {n['no_guide']} with none")
+
+
 def cmd_run(args) -> int:
     t0 = time.perf_counter()
+    guides = _guide_options(args)
     _start_fork_server(args)
-    from ._screen import screen_from_h5ad
+    from ._inputs import GUIDE_TARGET_KEY, load_screen
 
-    settings = _settings(args, args.perturbation_key, args.control)
-    screen = screen_from_h5ad(args.data, layer=args.layer)
-    print(f"{args.data}: {screen.n_obs} cells x {len(screen.var_names)} genes (counts read by rows as needed)")
-    results, _ = _run_folder(screen, args, settings, perturbations=args.perturbations)
+    key = GUIDE_TARGET_KEY if guides is not None else args.perturbation_key
+    settings = _settings(args, key, args.control)  # every setting checked before any work
+    screen, assignment = load_screen(args.data, layer=args.layer, rna=args.rna_modality, guides=guides)
+    print(f"{args.data}: {screen.n_obs} cells x {len(screen.var_names)} genes")
+    if assignment is not None:
+        _print_guides(assignment)
+    results, _ = _run_folder(screen, args, settings, perturbations=args.perturbations, guide_assignment=assignment)
     _print_table(results)
     print(f"outputs in {Path(args.out).resolve()}; {time.perf_counter() - t0:.1f} s")
     return 0
@@ -301,17 +333,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(demo)
     demo.set_defaults(func=cmd_demo)
 
-    run = sub.add_parser("run", help="analyse a screen stored as .h5ad",
+    run = sub.add_parser("run", help="analyse a screen stored as .h5ad, .h5mu or 10x .h5",
                          description="Analyse every perturbation of a screen (raw UMI counts in .X) against "
-                                     "its control cells. Writes DIR/results.h5ad, DIR/responses.h5ad, "
-                                     "DIR/gene_rankings.csv, DIR/records/, DIR/figures/ and, last, "
-                                     "DIR/summary.json. Rerunning the same command resumes an interrupted run.")
-    run.add_argument("data", help="the screen, an .h5ad file with raw counts")
-    run.add_argument("--perturbation-key", required=True, help=".obs column holding each cell's perturbation")
+                                     "its control cells. Each cell's perturbation is an .obs column "
+                                     "(--perturbation-key), or is assigned from its guide counts (--guide-modality "
+                                     "with --guide-library). Writes DIR/results.h5ad, DIR/responses.h5ad, "
+                                     "DIR/gene_rankings.csv, DIR/guide_fractions.csv (with guides), DIR/records/, "
+                                     "DIR/figures/ and, last, DIR/summary.json. Rerunning the same command resumes "
+                                     "an interrupted run.")
+    run.add_argument("data", help="the screen: an .h5ad file, an .h5mu file (MuData: --rna-modality and the guide "
+                                  "modality) or a 10x Cell Ranger .h5 (Gene Expression and CRISPR Guide Capture)")
+    run.add_argument("--perturbation-key", default=None,
+                     help=".obs column holding each cell's perturbation (not with --guide-modality: then it is the "
+                          "assigned 'target')")
     run.add_argument("--control", required=True, help="label of the non-targeting control cells in that column")
     run.add_argument("--out", required=True, help="output folder")
     run.add_argument("--perturbations", nargs="+", default=None, help="analyse only these perturbations")
     run.add_argument("--layer", default=None, help="take the counts from this layer instead of .X")
+    guides = run.add_argument_group("guides")
+    guides.add_argument("--guide-modality", default=None, metavar="NAME",
+                        help="the guide-capture counts: a modality of the .h5mu (often gdo), or gdo for a 10x .h5")
+    guides.add_argument("--guide-library", default=None, metavar="CSV",
+                        help="CSV with columns guide,target (control guides carry the --control label as target)")
+    guides.add_argument("--guide-method", default="mixture", choices=["mixture", "umi", "max"],
+                        help="how guides are called: a background/signal mixture per guide (default), a UMI "
+                             "threshold, or the guide with the most UMIs")
+    guides.add_argument("--guide-threshold", type=positive_int, default=5,
+                        help="UMIs of a called guide for --guide-method umi or max (default 5)")
+    guides.add_argument("--rna-modality", default="rna", help="the gene-expression modality of an .h5mu (default rna)")
     _add_model_options(run)
     _add_parallel_options(run)
     _add_output_options(run)

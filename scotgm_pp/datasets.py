@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._simulate_guides import draw_guides, guide_counts
 from ._validation import InputError, validate_screen
 
 __all__ = ["simulate", "write_simulated", "read", "papalexi_path"]
@@ -35,6 +36,9 @@ def simulate(
     batch_effect: float = 0.3,
     program_shift: float = 0.0,
     library_size_sd: float = 0.35,
+    guides_per_target: int = 0,
+    guide_escape_spread: float = 0.25,
+    guide_multiplet_rate: float = 0.03,
 ) -> ad.AnnData:
     """Simulate a pooled CRISPR knock-down screen read out by single-cell RNA-seq.
 
@@ -72,6 +76,15 @@ def simulate(
         Length of each perturbation's shift of the program activities (0: none).
     library_size_sd
         Log-scale standard deviation of the library sizes.
+    guides_per_target
+        With a positive number, guide capture is simulated too: that many guides per
+        perturbation and for the controls, each cell carrying one of its label's guides at
+        random; each targeting guide has its own escape probability, uniform on
+        ``escape_fraction +- guide_escape_spread`` (within [0, 0.95]), in place of
+        ``escape_fraction``; a share ``guide_multiplet_rate`` of the cells also carries a random
+        second guide (its expression is its first guide's). Guide UMIs: each carried guide
+        ``1 + NB(mean 60, size 1.5)``, plus ambient UMIs over every guide (Poisson, 2 plus 4% of
+        the cell's own guide UMIs). ``0`` (default) leaves the screen exactly as without guides.
 
     Returns
     -------
@@ -85,7 +98,12 @@ def simulate(
         ``"n_moved"`` (perturbation -> number of genes in ``de_genes``), the true effects
         ``"log_fold_change"`` (``perturbations`` x genes, natural log) with ``"perturbations"``
         naming its rows, each gene's basal log share of the library ``"base_log_share"``,
-        ``"control"`` and the settings.
+        ``"control"`` and the settings. With ``guides_per_target``: ``.obsm["guide_counts"]``
+        (cells x guides, CSR int32) with the names in ``.uns["guide_names"]``;
+        ``.obs["true_guide"]`` and ``.obs["true_n_guides"]``;
+        ``.uns["simulation"]["guide_library"]`` (guide -> target, a dict for
+        :func:`scotgm_pp.pp.assign_guides`) and ``["guide_escape"]`` (guide -> its escape
+        probability).
     """
     de_max = min(n_de_genes) if isinstance(n_de_genes, (tuple, list)) else n_de_genes
     if n_perturbations < 1 or n_genes < n_perturbations + de_max + 1:
@@ -113,7 +131,16 @@ def simulate(
         pert_index += [p] * n_cells_per_perturbation
     pert_index = np.array(pert_index)
     n = len(labels)
-    escaped = (pert_index >= 0) & (rng.random(n) < escape_fraction)
+    draw = rng.random(n)
+    guides = None
+    if guides_per_target:
+        if int(guides_per_target) != guides_per_target or guides_per_target < 1:
+            raise ValueError(f"guides_per_target must be a non-negative integer, got {guides_per_target}.")
+        # the guides' own generator: the expression draws stay those of the screen without guides
+        guide_rng = rng.spawn(1)[0]
+        guides = draw_guides(guide_rng, np.asarray(labels), control_label, int(guides_per_target), escape_fraction,
+                             guide_escape_spread, guide_multiplet_rate)
+    escaped = (pert_index >= 0) & (draw < (escape_fraction if guides is None else guides.escape_of_cells()))
 
     counts, log_s, batch = _draw_cells(rng, design, pert_index, pert_index >= 0, escaped, library_size=library_size,
                                        dispersion=dispersion, dropout=dropout, n_batches=n_batches,
@@ -131,6 +158,11 @@ def simulate(
     if batch is not None:
         obs["batch"] = pd.Categorical([f"b{b}" for b in batch])
     adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int64)), obs=obs, var=pd.DataFrame(index=genes))
+    if guides is not None:
+        adata.obsm["guide_counts"] = guide_counts(guide_rng, guides)
+        adata.uns["guide_names"] = guides.names
+        adata.obs["true_guide"] = pd.Categorical(guides.names[guides.guide])
+        adata.obs["true_n_guides"] = 1 + (guides.second >= 0).astype(np.int64)
     adata.uns["simulation"] = {
         "target_gene": target_gene,
         "de_genes": de_genes,
@@ -153,8 +185,12 @@ def simulate(
             "dispersion": dispersion,
             "dropout": dropout,
             "library_size": library_size,
+            "guides_per_target": int(guides_per_target),
         },
     }
+    if guides is not None:
+        adata.uns["simulation"]["guide_library"] = guides.library
+        adata.uns["simulation"]["guide_escape"] = guides.escape
     return adata
 
 

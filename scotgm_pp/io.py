@@ -10,6 +10,9 @@ Layout of ``DIR`` after ``scotgm run ... --out DIR``:
     Perturbation x gene AnnData (:func:`scotgm_pp.tl.get_responses`).
 ``gene_rankings.csv``
     The best-ranked genes of each perturbation (all genes on request).
+``guide_fractions.csv``
+    With guides assigned from guide counts: each guide's perturbed fraction
+    (:func:`scotgm_pp.tl.guide_fractions`).
 ``records/``
     One file per perturbation with its full record (:func:`scotgm_pp.tl.get_record`).
 ``figures/``
@@ -43,15 +46,17 @@ import pandas as pd
 from anndata import AnnData
 
 from ._fingerprint import canonical, describe_changes
+from ._readers import read_screen
 from ._validation import InputError
 
 __all__ = ["RunFolder", "FolderLock", "OUTPUT_FILES", "run_summary", "write_rankings", "write_csv", "spreadsheet_safe",
-           "write_h5ad", "write_bytes", "atomic_write_text"]
+           "write_h5ad", "write_bytes", "atomic_write_text", "read_results", "read_screen"]
 
 WORK = ".scotgm-run"
 LOCK = ".scotgm-lock"
 MARKER = "summary.json"
-OUTPUT_FILES = ("results.h5ad", "responses.h5ad", "gene_rankings.csv", "records", "figures", MARKER)
+OUTPUT_FILES = ("results.h5ad", "responses.h5ad", "gene_rankings.csv", "guide_fractions.csv", "records", "figures",
+                MARKER)
 TOP_GENES = 50
 """Genes per perturbation in ``gene_rankings.csv`` by default."""
 
@@ -392,3 +397,45 @@ def run_summary(adata: AnnData, key: str = "scotgm") -> dict:
         "skipped": {str(p): str(r) for p, r in zip(skipped["perturbation"], skipped["reason"])},
         "cells": {str(k): int(v) for k, v in adata.obs[f"{key}_class"].value_counts().items()},
     }
+
+
+def read_results(out: str | os.PathLike, key: str = "scotgm") -> AnnData:
+    """Read a finished ``scotgm run`` (or ``scotgm demo``) back as the analysed screen.
+
+    Parameters
+    ----------
+    out
+        The run's output folder (``--out``).
+    key
+        ``key_added`` of the run (``scotgm`` for the command line).
+
+    Returns
+    -------
+    anndata.AnnData
+        ``DIR/results.h5ad`` with the responses (``DIR/responses.h5ad``) back in
+        ``.uns[key]["responses"]`` and the record store pointed at ``DIR/records`` (wherever the
+        folder now lives), so every getter of :mod:`scotgm_pp.tl` works on it:
+        ``get_responses``, ``get_rankings``, ``get_record``, ``get_model``, ``call_hits``,
+        ``guide_fractions``, ``to_rank_genes_groups``. It holds no counts (the input file has
+        them).
+    """
+    import anndata as ad
+
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"{out} is not a folder; give the --out folder of a finished scotgm run.")
+    if not (out / MARKER).exists():
+        state = "an unfinished run (rerun the same command to finish it)" if (out / WORK).exists() else "no run"
+        raise InputError(f"{out} holds {state}: {MARKER}, written last by scotgm run, is missing.")
+    missing = [name for name in ("results.h5ad", "responses.h5ad", "records") if not (out / name).exists()]
+    if missing:
+        raise InputError(f"{out} lacks {missing} of a finished run; rerun scotgm run with --overwrite.")
+    results = ad.read_h5ad(out / "results.h5ad")
+    if key not in results.uns or "summary" not in results.uns[key]:
+        raise InputError(f"{out / 'results.h5ad'} has no results under .uns[{key!r}]; its keys: {list(results.uns)}.")
+    responses = ad.read_h5ad(out / "responses.h5ad")
+    store = str((out / "records").resolve())
+    results.uns[key]["params"]["store"] = store
+    responses.uns["params"]["store"] = store
+    results.uns[key]["responses"] = responses
+    return results

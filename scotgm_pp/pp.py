@@ -27,9 +27,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from ._guide_assign import assign_guides, read_guide_library
 from ._validation import InputError, check_counts
 
 __all__ = [
+    "assign_guides",
+    "read_guide_library",
     "PreprocessParams",
     "PCAResult",
     "PreparedPair",
@@ -275,7 +278,7 @@ that can be kept."""
 
 
 def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator,
-                 exact_max: int = EXACT_PCA_MAX) -> tuple[np.ndarray, np.ndarray]:
+                 exact_max: int = EXACT_PCA_MAX, power_iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` leading right singular vectors of ``Z`` (genes x k) and their squared singular values.
 
     Exact when the smaller side of ``Z`` is at most ``exact_max``; otherwise a randomized
@@ -301,7 +304,7 @@ def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator,
     Zs = Z.astype(np.float32)  # single precision: twice the speed, and the leading PCs to ~1e-5
     Y = Zs @ rng.standard_normal((g, width)).astype(np.float32)
     Q, _ = np.linalg.qr(Y)
-    for _ in range(3):  # power iterations, re-orthonormalised each time
+    for _ in range(power_iterations):  # re-orthonormalised each time
         Q, _ = np.linalg.qr(Zs.T @ Q)
         Q, _ = np.linalg.qr(Zs @ Q)
     _, s, Vt = np.linalg.svd((Q.T @ Zs).astype(np.float64), full_matrices=False)

@@ -27,6 +27,7 @@ from .hit_and_run import (
     truncated_exponential,
 )
 from .joint_em import JointEMResult, any_effect_llr, conditional_full_m_step, fit_joint_em, joint_log_density
+from .normal_means import NormalMeansFit, normal_means
 from .ot import coupling_cost, gaussian_w2, ot_cross_covariance, perturbation_covariance, psd_sqrt
 from .paper import PaperResult, paper_cross_covariance
 
@@ -54,6 +55,8 @@ __all__ = [
     "conditional_full_m_step",
     "fit_joint_em",
     "joint_log_density",
+    "NormalMeansFit",
+    "normal_means",
     "GibbsResult",
     "sample_gibbs",
     "CouplingResult",

@@ -34,6 +34,10 @@ _WHERE = {
     "get_responses": "_response",
     "perturbation_response": "_response",
     "sample_cells": "_synthetic",
+    "to_mixscape_classes": "_export",
+    "to_rank_genes_groups": "_export",
+    "guide_fractions": "_guides",
+    "guide_model": "_guides",
 }
 """Public name -> the submodule that defines it. Each is imported on first access, so that a
 screen run (and each of its workers) loads only the modules it uses: the posterior predictive
@@ -82,5 +86,9 @@ __all__ = [
     "predict_response",
     "sample_cells",
     "state_shift",
+    "to_mixscape_classes",
+    "to_rank_genes_groups",
+    "guide_fractions",
+    "guide_model",
     "universal_threshold",
 ]

@@ -77,7 +77,7 @@ PRIOR_ITERATIONS = 300
 """EM iterations of the empirical-Bayes prior fitted on all cells (its optimum is flat: the
 posterior means settle long before the weights do)."""
 
-FOLD_PRIOR_ITERATIONS = 100
+FOLD_PRIOR_ITERATIONS = 30
 """EM iterations of each fold's prior, started from the prior fitted on all cells (the flat
 optimum moves little between folds; the posterior means, not the weights, are used)."""
 
@@ -209,7 +209,8 @@ def basal_factors(Zc: np.ndarray, rank: int = BASAL_RANK, random_state=0) -> tup
     r = int(max(0, min(rank, n - 2, g - 1)))
     if r == 0:
         return np.zeros((g, 0)), np.maximum(Zc.var(axis=0, ddof=1), 1e-3)
-    V, s2 = _leading_pcs(Zc, r, np.random.default_rng(random_state), exact_max=4 * r)
+    # one power iteration: the factor model only discounts the controls' main axes of variation
+    V, s2 = _leading_pcs(Zc, r, np.random.default_rng(random_state), exact_max=4 * r, power_iterations=1)
     L = V * np.sqrt(s2 / (n - 1))[None, :]
     total = np.einsum("ij,ij->j", Zc, Zc, dtype=np.float64) / (n - 1)
     psi = np.maximum(total - (L * L).sum(axis=1), 1e-3)
