@@ -91,6 +91,13 @@ def test_posterior_diagnostics(papalexi):
     ctrl, pert, esc = (_f(r, f"stat1_{k}") for k in ("control", "perturbed", "escaped"))
     assert pert <= ctrl - 1
     assert abs(esc - ctrl) < abs(esc - pert)
+    # the count graph: "the cut EM matches the screen's effects to within 1e-4 on all 20 genes";
+    # "largest R-hat of the effects below 1.05"; STAT1 "within 2 posterior standard deviations of
+    # the joint EM's mode ... and within 3 of the screen's cut estimate"
+    assert _f(r, "count_em_vs_screen_max_abs") <= 1e-4
+    assert _f(r, "count_max_rhat_delta") < 1.05
+    assert _f(r, "count_sds_from_joint_em") <= 2
+    assert _f(r, "count_sds_from_screen") <= 3
     # LOO computed; "all Pareto k below 0.7"; "ahead by less than two standard errors"
     assert _f(r, "elpd_loo_nuts") < 0
     assert _f(r, "max_pareto_k") < 0.7
@@ -125,6 +132,11 @@ def test_extending_the_model():
     # the cloned graph with a shrinkage prior: "every shift gets shorter, none by more than 60%"
     assert _f(r, "min_shift_shrinkage") > 0
     assert _f(r, "max_shift_shrinkage") < 0.6
+    # NUTS on the extension: "largest R-hat below 1.05", "shrunk by less than the MAP shrank them",
+    # replicated means "within 0.1 observed standard deviations"
+    assert _f(r, "max_rhat_extension_nuts") < 1.05
+    assert _f(r, "max_shift_shrinkage_nuts") < _f(r, "min_shift_shrinkage")
+    assert _f(r, "extension_ppc_max_standardised_mean_gap") < 0.1
     # model_config priors: scaled >= 0.75 and weight within 0.1 of the truth; ridge weight > 0.9,
     # accuracy within 0.05 of the share of truly perturbed cells
     assert _f(r, "escape_accuracy_scaled") >= 0.75

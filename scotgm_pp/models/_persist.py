@@ -41,7 +41,9 @@ def digest(idata) -> str:
             else:
                 h.update(np.ascontiguousarray(values).tobytes())
     attrs = {k: v for k, v in idata.attrs.items() if k != DIGEST_ATTR}
-    h.update(json.dumps(attrs, sort_keys=True, default=str).encode())
+    # numbers read back from netCDF are numpy scalars: hash them as the Python numbers written
+    h.update(json.dumps(attrs, sort_keys=True, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+             .encode())
     return h.hexdigest()
 
 

@@ -39,9 +39,11 @@ from typing import Any
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from .._tree import group, has_group, make_tree, set_group
+from ._counts import COUNT_EVIDENCE
 from ._persist import POINT_GROUP
 
 from ..inference.em import (
@@ -72,6 +74,10 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "extra_dof": 2,
     "dirichlet": 1.0,
     "regularization": 0.01,
+    "count_evidence": "cut",
+    "delta_sd": 0.5,
+    "beta_sd": 5.0,
+    "gamma_sd": 1.0,
 }
 """The model's definition. ``prior``: ``"scaled"`` (default; weakly informative on the data's
 scale, :func:`~scotgm_pp.inference.em.scaled_prior`: prior predictive cells within the data's
@@ -80,7 +86,12 @@ pipeline, built so that the MAP covariance carries the paper's ``regularization`
 grows with the number of cells, so its prior predictive is far wider than the data). ``kappa``:
 prior pseudo-count of the state means; ``extra_dof``: Wishart degrees of freedom above the
 dimension (an integer); ``dirichlet``: concentration of the weights; ``covariance``: ``"full"``
-(one per state) or ``"tied"`` (shared)."""
+(one per state) or ``"tied"`` (shared). With counts (:meth:`ScOTGM.fit` ``counts=``):
+``count_evidence`` (``"cut"``: EM infers the states from the scores alone and fits the count
+layer given them, as the screen does; ``"joint"``: EM maximises the joint density, the counts
+informing the states too; NUTS and MAP always sample or maximise the joint density) and the count
+layer's prior standard deviations ``delta_sd`` (state effects), ``beta_sd`` (basal log rates),
+``gamma_sd`` (batch offsets)."""
 
 DEFAULT_SAMPLER_CONFIG: dict[str, Any] = {
     "draws": 1000,
@@ -144,7 +155,9 @@ def _check_model_config(config: dict) -> dict:
         raise ValueError(f"extra_dof must be an integer (pm.Wishart needs integer dof), >= 2 with the scaled prior; "
                          f"got {dof!r}.")
     c["extra_dof"] = int(dof)
-    for key in ("kappa", "regularization"):
+    if c["count_evidence"] not in COUNT_EVIDENCE:
+        raise ValueError(f"count_evidence must be one of {COUNT_EVIDENCE}, got {c['count_evidence']!r}.")
+    for key in ("kappa", "regularization", "delta_sd", "beta_sd", "gamma_sd"):
         if not float(c[key]) > 0:
             raise ValueError(f"{key} must be > 0, got {c[key]!r}.")
         c[key] = float(c[key])
@@ -347,7 +360,8 @@ class ScOTGM:
 
     # ----------------------------------------------------------------- model
     def build_model(self, data, *, fixed_state=None, allowed_states=None, labels=None, control=None,
-                    obsm_key: str = "X_pca"):
+                    obsm_key: str = "X_pca", counts=None, size_factors=None, dispersion=None, batch=None,
+                    genes=None):
         """The PyMC model of ``data`` under this ``model_config`` (also kept as :attr:`model`).
 
         Parameters
@@ -358,14 +372,25 @@ class ScOTGM:
             Which states each cell may take; see :meth:`fit`.
         obsm_key
             Key of the PCA scores in ``adata.obsm``.
+        counts, size_factors, dispersion, batch, genes
+            The count layer (see :meth:`fit`).
 
         Returns
         -------
         pymc.Model
-            Named dims and coords ``state``, ``pc``, ``pc_bis``, ``cell`` (and ``contrast``).
+            Named dims and coords ``state``, ``pc``, ``pc_bis``, ``cell`` (and ``contrast``; with
+            counts ``gene``, ``effect_state``, ``feature``).
         """
         self._data = self._resolve_data(data, fixed_state, allowed_states, labels, control, obsm_key)
         self._data["prior"] = self._prior(self._data["X"])
+        if counts is not None:
+            from ._counts import resolve_counts
+
+            self._data["counts"] = resolve_counts(counts, self._data["X"].shape[0], size_factors=size_factors,
+                                                  dispersion=dispersion, batch=batch, genes=genes,
+                                                  fixed=self._data["fixed"], config=self.model_config)
+        elif any(v is not None for v in (size_factors, dispersion, batch, genes)):
+            raise ValueError("size_factors, dispersion, batch and genes belong to the count layer: pass counts= too.")
         self._model = self._graph(self._data)
         return self._model
 
@@ -375,6 +400,15 @@ class ScOTGM:
         d = data["X"].shape[1]
         coords = {"cell": data["cells"], "pc": [f"PC{j + 1}" for j in range(d)]}
         loadings = data["pca"].get("pca_loadings")
+        counts = data.get("counts")
+        if counts is not None:
+            coords["gene"] = list(counts.genes)
+            return build_model(
+                data["X"], allowed_states=data["mask"], n_states=self.n_states, prior=data["prior"],
+                state_names=self.state_names, coords=coords, covariance=self.model_config["covariance"],
+                counts=counts.Y, size_factors=counts.size_factors, dispersion=counts.dispersion, batch=counts.batch,
+                count_prior=counts.prior,
+            )
         if loadings is not None:
             coords["gene"] = [str(g) for g in data["pca"]["genes"]]
         return build_model(
@@ -390,28 +424,43 @@ class ScOTGM:
         :meth:`load`."""
         if self._model is None:
             if self._data is None and self.idata is not None:
-                self._data = self._data_from_idata(self.idata)
+                self._data = self._data_from_idata(self.idata, self.model_config)
             if self._data is None:
                 raise RuntimeError("no data yet: call .fit(data, ...) or .build_model(data, ...) first.")
             self._model = self._graph(self._data)
         return self._model
 
     @staticmethod
-    def _data_from_idata(idata) -> dict:
+    def _data_from_idata(idata, config: dict | None = None) -> dict:
         cd = group(idata, "constant_data")
         observed = group(idata, "observed_data")
         prior = NormalWishartPrior(
             mean=cd["prior_mean"].values, kappa=float(cd["prior_kappa"].values), dof=float(cd["prior_dof"].values),
             scale_inv=cd["prior_scale_inv"].values, dirichlet=cd["prior_dirichlet"].values,
         )
-        X = observed["X"].values
         allowed = cd["allowed_states"].values
         fixed, mask = validate_allowed_states(allowed, None, *allowed.shape)
         pca = {}
-        if "pca_loadings" in cd:
-            pca = {"pca_loadings": cd["pca_loadings"].values, "genes": np.asarray(cd["gene"].values).astype(str)}
-        return {"X": X, "fixed": fixed, "mask": mask, "cells": [str(c) for c in observed["cell"].values],
-                "pca": pca, "prior": prior}
+        out = {"fixed": fixed, "mask": mask, "cells": [str(c) for c in observed["cell"].values], "prior": prior}
+        if "XY" in observed:  # a fit with the count layer: scores, then counts
+            from ._counts import resolve_counts
+
+            d = cd.sizes["pc"]
+            XY = observed["XY"].values
+            out["X"] = XY[:, :d]
+            labels = np.asarray(cd["batch"].values).astype(str)
+            batch = None if len(labels) == 1 else labels[cd["batch_code"].values]
+            out["counts"] = resolve_counts(XY[:, d:], XY.shape[0], size_factors=cd["size_factors"].values,
+                                           dispersion=cd["dispersion"].values, batch=batch,
+                                           genes=np.asarray(cd["gene"].values).astype(str), fixed=fixed,
+                                           config=config or DEFAULT_MODEL_CONFIG)
+        else:
+            out["X"] = observed["X"].values
+            if "pca_loadings" in cd:
+                pca = {"pca_loadings": cd["pca_loadings"].values,
+                       "genes": np.asarray(cd["gene"].values).astype(str)}
+        out["pca"] = pca
+        return out
 
     # ------------------------------------------------------------------- fit
     def fit(
@@ -426,6 +475,11 @@ class ScOTGM:
         obsm_key: str = "X_pca",
         progressbar: bool = False,
         model=None,
+        counts=None,
+        size_factors=None,
+        dispersion=None,
+        batch=None,
+        genes=None,
         **kwargs,
     ) -> ScOTGM:
         """Fit the model.
@@ -463,9 +517,19 @@ class ScOTGM:
             know only the built graph's variables, so ``"em"`` and ``"mcmc"`` refuse a model with
             others, naming them. The extended model becomes :attr:`model` (a saved fit rebuilds
             the built graph on load).
+        counts, size_factors, dispersion, batch, genes
+            The count observation layer (:mod:`scotgm_pp.models.count_graph`): cells x genes raw
+            counts of the same cells, each cell's total count over all its measured genes (the
+            offset), the NB dispersion per gene (default: the moment estimate over the cells pinned
+            to the basal state), an optional batch label per cell and the genes' names. The graph's
+            observed variable is then ``XY`` (the scores, then the counts, per cell); EM follows
+            ``model_config["count_evidence"]``; :meth:`effects` reads the state effects.
         **kwargs
-            Passed to ``fit_em`` (``"em"``), ``pm.find_MAP`` (``"map"``), ``sample_gibbs``
-            (``"mcmc"``) or ``pm.sample`` (``"nuts"``).
+            ``random_seed`` (PyMC's name) seeds this fit in place of the ``random_state`` setting;
+            the rest go to ``fit_em`` (``"em"``: ``max_iter``, ``tol``, ``n_init``, ``init_responsibilities``),
+            ``pm.find_MAP`` (``"map"``), ``sample_gibbs`` (``"mcmc"``: ``draws``, ``tune``,
+            ``chains``) or ``pm.sample`` (``"nuts"``); a keyword the method does not take is an
+            error naming the ones it does.
 
         Returns
         -------
@@ -476,30 +540,52 @@ class ScOTGM:
         """
         if method not in _METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {method!r}.")
+        seed = kwargs.pop("random_seed", None)
+        _check_method_kwargs(method, kwargs)
         self.build_model(data, fixed_state=fixed_state, allowed_states=allowed_states, labels=labels,
-                         control=control, obsm_key=obsm_key)
+                         control=control, obsm_key=obsm_key, counts=counts, size_factors=size_factors,
+                         dispersion=dispersion, batch=batch, genes=genes)
         if model is not None:
             self._model = self._check_extension(model, method)
         data = self._data
         s, K = self.settings, self.n_states
         X, fixed, mask, prior = data["X"], data["fixed"], data["mask"], data["prior"]
         cov_type = self.model_config["covariance"]
-        rng = np.random.default_rng(s["random_state"])
+        rng = np.random.default_rng(s["random_state"] if seed is None else seed)
+        counts_in = data.get("counts")
+        if method == "mcmc" and np.any(fixed == -2):
+            raise ValueError("method='mcmc' (conjugate Gibbs) needs every cell free or pinned; cells allowed a subset "
+                             "of the states make the weights non-conjugate. Use method='nuts' (or 'em' for the MAP).")
+        if counts_in is not None and (method == "mcmc" or np.any(fixed == -2)):
+            raise ValueError("with counts, fit by method='em', 'map' or 'nuts', with every cell free or pinned (the "
+                             "conjugate Gibbs sampler and restricted state sets know only the Gaussian graph).")
         em_kwargs = dict(
             allowed_states=mask, n_states=K, prior=prior, regularization=s["m_step"], covariance=cov_type,
             max_iter=s["max_iter"], tol=s["tol"], n_init=s["n_init"], random_state=rng,
         )
-        if method == "mcmc" and np.any(fixed == -2):
-            raise ValueError("method='mcmc' (conjugate Gibbs) needs every cell free or pinned; cells allowed a subset "
-                             "of the states make the weights non-conjugate. Use method='nuts' (or 'em' for the MAP).")
-        em = fit_em(X, **{**em_kwargs, **(kwargs if method == "em" else {})})
+        em_kwargs.update(kwargs if method == "em" else {})
+        count_fit = None
+        if counts_in is None:
+            em = fit_em(X, **em_kwargs)
+        else:
+            from ..inference.joint_em import fit_joint_em
+
+            evidence = {"cut": "gaussian", "joint": "joint"}[self.model_config["count_evidence"]]
+            count_fit = fit_joint_em(X, counts_in.Y, size_factors=counts_in.size_factors,
+                                     dispersion=counts_in.dispersion, fixed_state=fixed, n_states=K,
+                                     batch=counts_in.batch, prior=prior, count_prior=counts_in.prior,
+                                     covariance=cov_type, evidence=evidence, regularization=s["m_step"],
+                                     max_iter=em_kwargs["max_iter"], tol=em_kwargs["tol"])
+            em = count_fit.gaussian
         groups: dict[str, Any] = {}
         match method:
             case "em":
-                groups[POINT_GROUP] = self._point_dataset(em.weights, em.means, em.covariances, em.logp)
+                lp = em.logp if count_fit is None else self._graph_logp(em, count_fit.counts)
+                groups[POINT_GROUP] = self._point_dataset(em.weights, em.means, em.covariances, lp,
+                                                          counts=None if count_fit is None else count_fit.counts)
             case "map":
-                weights, means, covs, lp = self._find_map(em, progressbar, kwargs)
-                groups[POINT_GROUP] = self._point_dataset(weights, means, covs, lp, lp_gain_over_em=lp - em.logp)
+                point, lp = self._find_map(em, progressbar, kwargs, None if count_fit is None else count_fit.counts)
+                groups[POINT_GROUP] = point
             case "mcmc":
                 from ..inference.gibbs import sample_gibbs
 
@@ -511,17 +597,29 @@ class ScOTGM:
                 groups["sample_stats"] = xr.Dataset({"lp": (("chain", "draw"), g.lp),
                                                      "relabelled": (("chain", "draw"), g.relabelled)})
             case "nuts":
-                groups.update(self._sample_nuts(em, rng, progressbar, kwargs))
-        groups["em"] = xr.Dataset({
+                groups.update(self._sample_nuts(em, rng, progressbar, kwargs,
+                                                None if count_fit is None else count_fit.counts))
+        em_group = {
             "logp_trace": (("em_iteration",), em.logp_trace),
             "n_iter": ((), int(em.n_iter)),
             "converged": ((), np.int8(em.converged)),
-        })
+            "responsibilities": (("cell", "state"), em.responsibilities),
+        }
+        if count_fit is not None:
+            em_group["effect_se"] = (("effect_state", "gene"), count_fit.effect_se[1:])
+        groups["em"] = xr.Dataset(em_group, coords={"cell": data["cells"], "state": self.state_names,
+                                                    **({} if count_fit is None else {
+                                                        "gene": counts_in.genes,
+                                                        "effect_state": self.state_names[1:]})})
         self.idata = self._assemble(method, groups)
         if method == "mcmc":
             set_group(self.idata, "log_likelihood", self._log_likelihood(group(self.idata, "posterior")))
         if method in ("mcmc", "nuts"):
             check_convergence(self.idata, f"ScOTGM.fit(method={method!r})")
+        if not np.any(fixed < 0):
+            warnings.warn("no cell is free to take more than one state: the weights are their Dirichlet prior "
+                          "(result attrs 'weights_from_prior_only'), not an estimate from these cells.",
+                          UserWarning, stacklevel=2)
         return self
 
     def _check_extension(self, model, method: str):
@@ -531,20 +629,28 @@ class ScOTGM:
 
         if not isinstance(model, pm.Model):
             raise TypeError(f"model must be a pymc.Model (an extension of ScOTGM.model), got {type(model).__name__}.")
-        if "X" not in model.named_vars or model.named_vars["X"] not in model.observed_RVs:
-            raise ValueError("model has no observed variable 'X'; extend the graph of ScOTGM.model "
+        name = self._observed_name
+        if name not in model.named_vars or model.named_vars[name] not in model.observed_RVs:
+            raise ValueError(f"model has no observed variable {name!r}; extend the graph of ScOTGM.model "
                              "(pm.model.fgraph.clone_model(fit.model)) so that it observes the same cells.")
-        observed = model.rvs_to_values[model.named_vars["X"]]
+        observed = model.rvs_to_values[model.named_vars[name]]
         shape = tuple(np.shape(observed.data if hasattr(observed, "data") else observed.eval()))
-        if shape != self._data["X"].shape:
-            raise ValueError(f"model observes X of shape {shape} but the data has {self._data['X'].shape}.")
-        unknown = sorted(v.name for v in model.free_RVs if v.name not in known_free_variables(self.n_states))
+        counts = self._data.get("counts")
+        expected = self._data["X"].shape if counts is None else (self._data["X"].shape[0],
+                                                                  self._data["X"].shape[1] + counts.Y.shape[1])
+        if shape != expected:
+            raise ValueError(f"model observes {name} of shape {shape} but the data has {expected}.")
+        unknown = sorted(v.name for v in model.free_RVs
+                         if v.name not in known_free_variables(self.n_states) | _COUNT_VARIABLES)
         if unknown and method in ("em", "mcmc"):
             raise ValueError(f"method={method!r} knows only the variables build_model declares; the model adds "
                              f"{unknown}. Fit it with method='nuts' (or 'map').")
         return model
 
-    def _find_map(self, em, progressbar, kwargs):
+    def _find_map(self, em, progressbar, kwargs, counts=None):
+        """``pm.find_MAP`` on :attr:`model` from the EM point: every variable of the model's MAP
+        (an extension's too) in the point group, with ``lp`` (the graph's log density) and, for
+        the built graph only, ``lp_gain_over_em`` (a gain is only meaningful within one model)."""
         import pymc as pm
 
         from .graph import model_point
@@ -553,15 +659,57 @@ class ScOTGM:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Support point not defined", category=UserWarning)
             initial = model.initial_point(random_seed=0)
-        start = initial | model_point(model, em.weights, em.means, np.linalg.inv(em.covariances),
-                                                    unknown="skip")
+        start = initial | model_point(model, em.weights, em.means, np.linalg.inv(em.covariances), counts,
+                                      unknown="skip")
         opts = {"jitter": False, **kwargs}
         out = pm.find_MAP(initvals=start, model=model, progressbar=progressbar, return_inferencedata=True, **opts)
-        point = group(out, "posterior").isel(chain=0, draw=0)
+        point = group(out, "posterior").isel(chain=0, draw=0, drop=True)
         lp = -float(group(out, "optimizer_result")["fun"])
-        return (point["weights"].values, point["means"].values, point["covariances"].values, lp)
+        ds = self._point_dataset(point["weights"].values, point["means"].values, point["covariances"].values, lp,
+                                 counts=None if counts is None else _counts_of(point, self.n_states))
+        extra = [v for v in point.data_vars if v not in ds]
+        ds = ds.assign({v: point[v] for v in extra})
+        if not self._extended():
+            em_lp = em.logp if counts is None else self._graph_logp(em, counts)
+            ds["lp_gain_over_em"] = ((), lp - em_lp)
+        return ds, lp
 
-    def _sample_nuts(self, em, rng, progressbar, kwargs) -> dict:
+    def _extended(self) -> bool:
+        """Whether :attr:`model` has variables the built graph does not declare (an extension)."""
+        from .graph import known_free_variables
+
+        model = self._model
+        return model is not None and any(v.name not in known_free_variables(self.n_states) | _COUNT_VARIABLES
+                                         for v in model.free_RVs)
+
+    def _graph_logp(self, em, counts) -> float:
+        """The joint graph's log density (untransformed space) at a point with counts."""
+        from ..inference.joint_em import joint_log_density
+
+        data = self._data
+        c = data["counts"]
+        return float(joint_log_density(data["X"], c.Y, size_factors=c.size_factors, dispersion=c.dispersion,
+                                       weights=em.weights, means=em.means, covariances=em.covariances, params=counts,
+                                       prior=data["prior"], count_prior=c.prior, fixed_state=data["fixed"],
+                                       batch=c.batch, covariance=self.model_config["covariance"]))
+
+    def _dispersed_starts(self, em, rng, chains: int) -> list:
+        """Chain 0 starts at the EM solution; every other chain at the EM solution reached from
+        random state assignments of the free cells, so chains that settle in different modes
+        disagree (R-hat sees it) instead of all leaving from one."""
+        data = self._data
+        starts = [em]
+        X, fixed, mask = data["X"], data["fixed"], data["mask"]
+        for _ in range(1, chains):
+            R0 = rng.dirichlet(np.ones(self.n_states), size=X.shape[0]) * mask
+            R0 /= R0.sum(axis=1, keepdims=True)
+            starts.append(fit_em(X, allowed_states=mask, n_states=self.n_states, prior=data["prior"],
+                                 regularization=self.settings["m_step"], covariance=self.model_config["covariance"],
+                                 max_iter=self.settings["max_iter"], tol=self.settings["tol"],
+                                 init_responsibilities=R0))
+        return starts
+
+    def _sample_nuts(self, em, rng, progressbar, kwargs, counts=None) -> dict:
         import pymc as pm
         from threadpoolctl import threadpool_limits
 
@@ -570,7 +718,10 @@ class ScOTGM:
         model = self.model
         cfg = {**self.sampler_config, **kwargs}
         chains = int(cfg.pop("chains"))
-        initvals = initial_values(model, em.weights, em.means, np.linalg.inv(em.covariances), unknown="skip")
+        starts = self._dispersed_starts(em, rng, chains) if "initvals" not in cfg else None
+        initvals = cfg.pop("initvals", None) or [
+            initial_values(model, e.weights, e.means, np.linalg.inv(e.covariances), counts, unknown="skip")
+            for e in starts]
         seed = int(rng.integers(2**31))
         idata_kwargs = cfg.pop("idata_kwargs", {})
         # One BLAS thread: numpy's and scipy's OpenBLAS pools otherwise spin against each other
@@ -584,14 +735,20 @@ class ScOTGM:
         groups["log_likelihood"] = self._log_likelihood(groups["posterior"])
         return groups
 
+    @property
+    def _observed_name(self) -> str:
+        return "X" if (self._data or {}).get("counts") is None else "XY"
+
     def _log_likelihood(self, posterior) -> xr.Dataset:
-        """Per-cell log-likelihood of ``X`` at every draw, by the graph's own compiled logp."""
+        """Per-cell log-likelihood of the observed variable (``X``, or ``XY`` with counts) at every
+        draw, by the graph's own compiled logp."""
         import pymc as pm
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             ll = pm.compute_log_likelihood(make_tree({"posterior": posterior}), model=self.model,
-                                           var_names=["X"], extend_inferencedata=False, progressbar=False)
+                                           var_names=[self._observed_name], extend_inferencedata=False,
+                                           progressbar=False)
         return ll.to_dataset() if isinstance(ll, xr.DataTree) else ll
 
     # ------------------------------------------------------------ result tree
@@ -636,10 +793,21 @@ class ScOTGM:
         pairs = default_contrasts(self.n_states)
         if pairs:
             coords["contrast"] = [f"{names[i]} - {names[j]}" for i, j in pairs]
+        counts = (self._data or {}).get("counts")
+        if counts is not None:
+            coords["gene"] = list(counts.genes)
+            coords["effect_state"] = names[1:]
+            labels = counts.batch_labels
+            if len(labels) > 1:
+                coords["batch_offset"] = labels[1:]
         return coords
 
-    def _point_dataset(self, weights, means, covs, lp, **extra) -> xr.Dataset:
+    def _point_dataset(self, weights, means, covs, lp, counts=None, **extra) -> xr.Dataset:
+        from ._counts import count_variables
+
         variables = self._named_parameters(np.asarray(weights), np.asarray(means), np.asarray(covs))
+        if counts is not None:
+            variables.update(count_variables(counts))
         variables["lp"] = ((), float(lp))
         for key, value in extra.items():
             variables[key] = ((), float(value))
@@ -656,7 +824,12 @@ class ScOTGM:
         d = X.shape[1]
         names = self.state_names
         pcs = [f"PC{j + 1}" for j in range(d)]
-        observed = xr.Dataset({"X": (("cell", "pc"), X)}, coords={"cell": cells, "pc": pcs})
+        counts = data.get("counts")
+        if counts is None:
+            observed = xr.Dataset({"X": (("cell", "pc"), X)}, coords={"cell": cells, "pc": pcs})
+        else:
+            observed = xr.Dataset({"XY": (("cell", "feature"), np.hstack([X, counts.Y]))},
+                                  coords={"cell": cells, "feature": pcs + list(counts.genes)})
         const = {
             "allowed_states": (("cell", "state"), mask.astype(np.int8)),
             "prior_mean": (("pc",), np.asarray(prior.mean, float)),
@@ -672,6 +845,14 @@ class ScOTGM:
         for key in ("pca_variance", "pca_variance_ratio"):
             if key in pca:
                 const[key] = (("pc",), pca[key])
+        if counts is not None:
+            from ..inference.count_layer import batch_codes
+
+            const["size_factors"] = (("cell",), counts.size_factors)
+            const["dispersion"] = (("gene",), counts.dispersion)
+            const["batch_code"] = (("cell",), batch_codes(counts.batch, len(cells))[0].astype(np.int64))
+            const_coords["gene"] = list(counts.genes)
+            const_coords["batch"] = counts.batch_labels
         groups["observed_data"] = observed
         groups["constant_data"] = xr.Dataset(const, coords=const_coords)
         attrs = {
@@ -681,7 +862,14 @@ class ScOTGM:
             "method": method,
             "model": "scotgm_pp.models.ScOTGM",
             "format_version": str(_FORMAT_VERSION),
+            "weights_from_prior_only": int(not np.any(data["fixed"] < 0)),
         }
+        if self._extended():
+            from .graph import known_free_variables
+
+            attrs["extension_variables"] = json.dumps(sorted(
+                v.name for v in self.model.free_RVs if v.name not in known_free_variables(self.n_states)
+                | _COUNT_VARIABLES))
         # "map_estimate" and "em" are groups of this package beside ArviZ's standard ones
         return make_tree(groups, attrs)
 
@@ -704,6 +892,14 @@ class ScOTGM:
         point = group(idata, POINT_GROUP)
         names = [v for v in point.data_vars if v not in ("lp", "lp_gain_over_em")]
         return point[names].expand_dims(chain=[0], draw=[0])
+
+    def point_as_posterior(self) -> xr.DataTree:
+        """The fit as a trace PyMC's functions take (``pm.sample_posterior_predictive(
+        fit.point_as_posterior(), model=fit.model)``): a sampler's ``posterior``, or the EM / MAP
+        point estimate as a one-draw ``posterior`` (kept out of :attr:`idata`, whose
+        ``posterior`` group holds draws only)."""
+        return make_tree({"posterior": self._parameter_draws(),
+                          "observed_data": group(self._require_fit(), "observed_data")})
 
     def _draws(self):
         post = self._parameter_draws()
@@ -735,6 +931,8 @@ class ScOTGM:
         numpy.ndarray
             ``(n, K)``; averaged over the posterior draws (a single draw for EM and MAP).
         """
+        self._refuse_extension("predict_proba", "pm.sample_posterior_predictive or pm.compute_log_likelihood on "
+                               "fit.model")
         if hasattr(X, "obsm"):
             if obsm_key not in X.obsm:
                 raise KeyError(f"obsm_key {obsm_key!r} not in adata.obsm (keys: {list(X.obsm.keys())}).")
@@ -751,19 +949,91 @@ class ScOTGM:
     @property
     def responsibilities(self) -> np.ndarray:
         """State probabilities of the training cells ``(n, K)`` given the states each may take
-        (pinned cells are one-hot), averaged over the posterior draws."""
+        (pinned cells are one-hot), averaged over the posterior draws.
+
+        The evidence is the graph's: the scores, and with counts their count log-likelihood too
+        (the joint density NUTS samples); an EM fit with ``count_evidence="cut"`` reports its own
+        states, which came from the scores alone. An extended graph is refused (its
+        responsibilities depend on variables these formulas do not know)."""
         from ..inference.em import _log_gaussians, _mixture_terms
 
-        idata = self._require_fit()
-        X = group(idata, "observed_data")["X"].values
+        self._require_fit()
+        self._refuse_extension("responsibilities", "pm.compute_log_likelihood on fit.model")
+        data = self._ensure_data()
+        X, fixed, mask, counts = data["X"], data["fixed"], data["mask"], data.get("counts")
+        if counts is not None and self.method == "em" and self.model_config["count_evidence"] == "cut":
+            return group(self.idata, "em")["responsibilities"].values
         K = self.n_states
-        fixed, mask = validate_allowed_states(group(idata, "constant_data")["allowed_states"].values, None,
-                                              X.shape[0], K)
         w, m, c = self._draws()
+        post = self._parameter_draws() if counts is not None else None
         out = np.zeros((X.shape[0], K))
         for s in range(len(w)):
-            out += _mixture_terms(_log_gaussians(X, m[s], c[s]), w[s], fixed == -1, fixed, mask)[1]
+            logN = _log_gaussians(X, m[s], c[s])
+            if counts is not None:
+                from ._counts import joint_state_log_density
+
+                rate = post["state_log_rate"].values.reshape(-1, K, len(counts.genes))[s]
+                G = len(counts.genes)
+                gamma = np.zeros((len(counts.batch_labels), G))
+                if "gamma" in post:
+                    gamma[1:] = post["gamma"].values.reshape(-1, len(counts.batch_labels) - 1, G)[s]
+                logN = logN + np.nan_to_num(joint_state_log_density(counts, rate, gamma), nan=-np.inf)
+            out += _mixture_terms(logN, w[s], fixed == -1, fixed, mask)[1]
         return out / len(w)
+
+    def _ensure_data(self) -> dict:
+        if self._data is None:
+            self._data = self._data_from_idata(self._require_fit(), self.model_config)
+        return self._data
+
+    def _refuse_extension(self, what: str, instead: str) -> None:
+        """An extended graph's answers come from PyMC on the graph, not from this class's formulas."""
+        extension = json.loads(self.idata.attrs.get("extension_variables", "[]")) if self.idata is not None else []
+        if self._extended() or extension:
+            names = extension or sorted(v.name for v in self.model.free_RVs)
+            raise ValueError(f"{what} knows only the built graph, and this fit's graph is extended ({names}); "
+                             f"use {instead} instead.")
+
+    # ------------------------------------------------------------ count layer
+    def effects(self, *, ci: float = 0.9) -> pd.DataFrame:
+        """The count layer's state effects of every gene, with the screen's columns.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per non-basal state and gene: ``effect`` (natural-log fold change against the
+            basal state: the point estimate of EM / MAP, the posterior mean of a sampled fit),
+            ``effect_se`` (EM: the screen's standard error, imputation-corrected for the cut,
+            Louis' for the joint fit; MAP and samplers: the posterior standard deviation of
+            the draws, or, for MAP, of the normal approximation at EM), ``effect_z``,
+            ``effect_bound``, ``effect_pvalue`` and a ``ci`` interval ``lower`` / ``upper``.
+        """
+        from ._counts import effects_frame
+
+        idata = self._require_fit()
+        counts = self._ensure_data().get("counts")
+        if counts is None:
+            raise ValueError("this fit has no count layer; fit with counts=... (or sg.tl.get_model(..., counts=True)).")
+        K = self.n_states
+        if has_group(idata, "posterior"):
+            d = group(idata, "posterior")["delta"].values.reshape(-1, K - 1, len(counts.genes))
+            draws = np.concatenate([np.zeros((d.shape[0], 1, d.shape[2])), d], axis=1)
+            return effects_frame(counts.genes, self.state_names, draws.mean(axis=0), draws.std(axis=0, ddof=1),
+                                 draws=draws, ci=ci)
+        point = group(idata, POINT_GROUP)
+        delta = np.vstack([np.zeros((1, len(counts.genes))), point["delta"].values])
+        se = np.vstack([np.full((1, len(counts.genes)), np.nan), group(idata, "em")["effect_se"].values])
+        return effects_frame(counts.genes, self.state_names, delta, se, ci=ci)
+
+    def effect(self, gene: str, state: int | str = 1) -> pd.Series:
+        """One gene's row of :meth:`effects` in ``state`` (default the first perturbed state)."""
+        table = self.effects()
+        name = self.state_names[self._state_index(state)]
+        row = table[(table["gene"] == str(gene)) & (table["state"] == name)]
+        if row.empty:
+            genes = list(table["gene"].unique())
+            raise KeyError(f"gene {gene!r} is not in the count layer (genes: {genes[:10]}{' ...' if len(genes) > 10 else ''}).")
+        return row.iloc[0]
 
     def perturbation(self, state: int | str = 1, reference: int | str = 0) -> PerturbationDistribution:
         """Distribution of ``Z = mu_state - mu_reference`` under the independent coupling.
@@ -805,6 +1075,7 @@ class ScOTGM:
         *,
         random_state: int | np.random.Generator | None = None,
         extend_inferencedata: bool = True,
+        random_seed: int | np.random.Generator | None = None,
     ) -> xr.DataTree:
         """Draws of the parameters from the prior and of the cells from them, by
         ``pm.sample_prior_predictive`` on :attr:`model`.
@@ -813,8 +1084,9 @@ class ScOTGM:
         ----------
         draws
             Number of prior draws.
-        random_state
-            Seed or Generator; defaults to the model's ``random_state`` setting.
+        random_state, random_seed
+            Seed or Generator (``random_seed`` is PyMC's name for it; give one of the two);
+            defaults to the model's ``random_state`` setting.
         extend_inferencedata
             Also add the ``prior`` and ``prior_predictive`` groups to ``self.idata`` (replacing
             ones that are there); an unfitted model with built data gets an ``idata`` holding them.
@@ -829,6 +1101,7 @@ class ScOTGM:
 
         if isinstance(draws, bool) or int(draws) != draws or draws < 1:
             raise ValueError(f"draws must be a positive integer, got {draws!r}.")
+        random_state = _one_seed(random_state, random_seed)
         rng = np.random.default_rng(self.settings["random_state"] if random_state is None else random_state)
         model = self.model
         with warnings.catch_warnings():
@@ -850,6 +1123,7 @@ class ScOTGM:
         draws: int | None = None,
         random_state: int | np.random.Generator | None = None,
         extend_inferencedata: bool = False,
+        random_seed: int | np.random.Generator | None = None,
     ) -> xr.DataTree:
         """Posterior predictive draws of the state model's cells (PCA scores), as a DataTree.
 
@@ -889,7 +1163,14 @@ class ScOTGM:
             raise ValueError(f"n must be a positive integer or None (replicate the observed cells), got {n!r}.")
         if state is not None and n is None:
             raise ValueError("state= applies to new cells; pass n= as well (replicated cells keep their own states).")
+        random_state = _one_seed(random_state, random_seed)
         rng = np.random.default_rng(self.settings["random_state"] if random_state is None else random_state)
+        data = self._ensure_data()
+        if data.get("counts") is not None or self._extended():
+            if n is not None:
+                raise ValueError("new cells (n=...) come from the Gaussian state graph only; with counts or an extended "
+                                 "graph, replicate the observed cells (n=None) through PyMC.")
+            return self._pymc_posterior_predictive(draws, rng, extend_inferencedata)
         post = self._parameter_draws(draws)
         C, D = post.sizes["chain"], post.sizes["draw"]
         K = self.n_states
@@ -927,6 +1208,25 @@ class ScOTGM:
             set_group(idata, "posterior_predictive", pp)
         return out
 
+    def _pymc_posterior_predictive(self, draws, rng, extend: bool) -> xr.DataTree:
+        """``pm.sample_posterior_predictive`` of the observed variable on :attr:`model` (the graph with
+        counts, or an extension): the draws of the fit (a point estimate as one draw) as its trace."""
+        import pymc as pm
+
+        post = self._parameter_draws(draws)
+        name = self._observed_name
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            out = pm.sample_posterior_predictive(make_tree({"posterior": post}), model=self.model, var_names=[name],
+                                                 random_seed=rng, progressbar=False)
+        pp = group(out, "posterior_predictive")
+        tree = make_tree({"posterior": post, "posterior_predictive": pp,
+                          "observed_data": group(self.idata, "observed_data")},
+                         attrs={"model": "scotgm_pp.models.ScOTGM", "method": self.method})
+        if extend:
+            set_group(self.idata, "posterior_predictive", pp)
+        return tree
+
     # ---------------------------------------------------------------- io
     def save(self, path: str | Path) -> Path:
         """Write ``.idata`` (with the configs and a digest of the contents in its attrs) to a
@@ -956,7 +1256,9 @@ class ScOTGM:
         The file is verified first (:func:`scotgm_pp.models._persist.verify`): a file that is not
         a saved model, or whose contents or settings were altered after saving, is refused. The
         loaded model has the saved ``model_config`` and ``sampler_config``; its :attr:`model` is
-        rebuilt from the saved data and prior.
+        rebuilt from the saved data and prior (with the count layer when the fit had one). A fit
+        of an extended graph (``fit(model=...)``) loads with a warning naming the extension's
+        variables: the graph rebuilt on load is the built one, so rebuild the extension to refit.
 
         Parameters
         ----------
@@ -983,6 +1285,12 @@ class ScOTGM:
         model = cls(model_config=config["model_config"], sampler_config=config["sampler_config"],
                     **config["settings"])
         model.idata = idata
+        extension = json.loads(idata.attrs.get("extension_variables", "[]"))
+        if extension:
+            warnings.warn(f"{path.name} was fitted on an extended graph (extra variables {extension}); the file keeps "
+                          "its draws, but the loaded .model is the built graph without them. Rebuild the extension "
+                          "on the loaded .model (pm.model.fgraph.clone_model) and refit to use it; helpers that "
+                          "need the graph refuse this fit.", UserWarning, stacklevel=2)
         return model
 
     def copy(self) -> ScOTGM:
@@ -995,6 +1303,36 @@ class ScOTGM:
         status = f"fitted by {self.method!r}" if fitted else "unfitted"
         c = self.model_config
         return f"ScOTGM(n_states={c['n_states']}, covariance={c['covariance']!r}, prior={c['prior']!r}, {status})"
+
+
+_COUNT_VARIABLES = {"beta", "delta", "gamma"}
+
+_METHOD_KWARGS = {"em": {"max_iter", "tol", "n_init", "init_responsibilities"}, "mcmc": {"draws", "tune", "chains"}}
+
+
+def _one_seed(random_state, random_seed):
+    """``random_seed`` (PyMC's name) and ``random_state`` (scikit-learn's) are one setting."""
+    if random_state is not None and random_seed is not None:
+        raise TypeError("give random_seed or random_state, not both (they are the same setting).")
+    return random_state if random_seed is None else random_seed
+
+
+def _check_method_kwargs(method: str, kwargs: dict) -> None:
+    """EM and Gibbs take only their own keywords (``map`` and ``nuts`` pass theirs to PyMC)."""
+    allowed = _METHOD_KWARGS.get(method)
+    if allowed is None:
+        return
+    bad = sorted(set(kwargs) - allowed)
+    if bad:
+        hint = " (sampler settings: use method='nuts' or 'mcmc')" if {"draws", "tune", "chains"} & set(bad) else ""
+        raise TypeError(f"method={method!r} takes {', '.join(sorted(allowed))} (and random_seed); got "
+                        f"{', '.join(map(repr, bad))}{hint}.")
+
+
+def _counts_of(ds, K: int):
+    from ._counts import count_params_from
+
+    return count_params_from(ds, K)
 
 
 def check_convergence(idata, what: str, var_names=("weights", "means", "covariances")) -> dict:

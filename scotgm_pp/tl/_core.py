@@ -238,6 +238,8 @@ def states_from_signature(
     direction half of the cells cannot estimate well. (When ``2 p_any`` alone is below the level,
     the split-half test is not run: its p-value is NaN and ``escape_test_pvalue = 2 p_any``.)
     """
+    from ._signature import signature_prior
+
     is_control = np.asarray(is_control, bool)
     n_guide = int((~is_control).sum())
     features = np.asarray(signature.scores, float)
@@ -256,7 +258,7 @@ def states_from_signature(
         info["escape_model"] = FALLBACK_TOO_SMALL
     if info["escape_model"] != "on":
         em = fit_em(features, fixed_state=np.where(is_control, BASAL, PERTURBED).astype(int), n_states=2,
-                    prior=default_prior(features, 2, regularization=regularization), covariance="tied",
+                    prior=signature_prior(features), covariance="tied",
                     regularization=em_regularization, max_iter=max_iter, tol=tol)
         info["state_model"] = "pinned"
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from ._response import get_record
@@ -15,7 +16,8 @@ STATE_TOL = 1e-10
 
 
 def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str = "scotgm",
-              store=None, random_state: int | None = 0, sampler_config: dict | None = None, **kwargs):
+              store=None, random_state: int | None = 0, sampler_config: dict | None = None, counts: bool = False,
+              genes=None, n_genes: int = 20, layer: str | None = None, count_evidence: str = "cut", **kwargs):
     """The state model of one perturbation of a screen, fitted again as a :class:`ScOTGM`.
 
     The screen's record of the perturbation holds the state model's features of its cells
@@ -44,6 +46,22 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
         Seed of the refit.
     sampler_config
         ``pm.sample`` settings for ``"nuts"`` (e.g. ``{"draws": 300, "tune": 300}``).
+    counts
+        Also the count observation layer (:mod:`scotgm_pp.models.count_graph`) for ``genes``:
+        the joint graph of the states and every chosen gene's negative-binomial counts, with the
+        screen's library sizes (each cell's total count), dispersions (as data), batches and
+        count priors. With ``method="em"`` and ``count_evidence="cut"`` (the screen's rule: the
+        states from the state model's score, the counts given them) its effects are the screen's
+        ``effect`` of those genes; NUTS and MAP work on the joint density. ``adata`` must hold the
+        screen's raw counts (in ``.X`` or ``layer``).
+    genes, n_genes
+        The genes of the count layer: a list, or by default the perturbation's target (when its
+        label names a measured gene) and the genes the screen ranked highest by ``|effect_bound|``
+        (then ``|effect_z|``), ``n_genes`` in all.
+    layer
+        The layer holding the raw counts (default ``.X``).
+    count_evidence
+        ``"cut"`` or ``"joint"`` (see :data:`~scotgm_pp.models.DEFAULT_MODEL_CONFIG`).
     **kwargs
         Passed to :meth:`ScOTGM.fit` (e.g. ``draws=``, ``tune=``, ``chains=`` for ``"nuts"``).
 
@@ -55,7 +73,6 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
         dims ``gene, pc``).
     """
     import anndata as ad
-    import pandas as pd
 
     from ..models import ScOTGM
 
@@ -68,16 +85,22 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
     covariance = str(record["state_covariance"])
     d = scores.shape[1]
     model = ScOTGM(
-        model_config={"n_states": 2, "covariance": covariance, "prior": "ridge",
-                      "regularization": float(record["state_prior_regularization"]), "kappa": 0.01, "extra_dof": 2,
-                      "dirichlet": 1.0},
+        model_config=_state_prior_config(record, covariance),
         sampler_config=sampler_config,
         m_step=str(record["state_em_regularization"]),
         max_iter=STATE_MAX_ITER,
         tol=STATE_TOL,
         random_state=random_state,
     )
+    if counts:
+        model.model_config.update(count_evidence=count_evidence, delta_sd=float(record["delta_prior_sd"]),
+                                  beta_sd=float(record["beta_prior_sd"]), gamma_sd=float(record["gamma_prior_sd"]))
     cells = pd.Index(np.asarray(record["state_cell_names"]).astype(str), dtype=object)
+    if counts:
+        view = ad.AnnData(X=np.zeros((scores.shape[0], 0), np.float32), obs=pd.DataFrame(index=cells))
+        view.obsm["X_pca"] = scores
+        layer_kw = _count_layer(adata, perturbation, record, cells, key, genes, n_genes, layer)
+        return model.fit(view, fixed_state=fixed, method=method, **layer_kw, **kwargs)
     if str(record.get("state_space", "pca")) == "pca":
         # the PCA state model: the graph carries the loadings (perturbation_gene_mean is the mu layer)
         genes = np.asarray(record["genes"]).astype(str)
@@ -88,3 +111,61 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
         view = ad.AnnData(X=np.zeros((scores.shape[0], 0), np.float32), obs=pd.DataFrame(index=cells))
     view.obsm["X_pca"] = scores
     return model.fit(view, fixed_state=fixed, method=method, **kwargs)
+
+
+def _count_layer(adata: AnnData, perturbation: str, record: dict, cells, key: str, genes, n_genes: int,
+                 layer: str | None) -> dict:
+    """The count layer's inputs for :func:`get_model`: counts of the chosen genes, the screen's
+    library sizes, dispersions and batches for the experiment's cells."""
+    import scipy.sparse as sp
+
+    from .._validation import InputError
+    from ._response import get_responses
+
+    kept = np.asarray(record["genes"]).astype(str)
+    if genes is None:
+        if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
+            raise InputError(f"n_genes must be a positive integer, got {n_genes!r}.")
+        row = get_responses(adata, key)[str(perturbation)]
+        stats = pd.DataFrame({"bound": row.to_df(layer="effect_bound").iloc[0],
+                              "z": row.to_df(layer="effect_z").iloc[0]}).loc[kept]
+        order = stats.assign(b=stats["bound"].abs(), z=stats["z"].abs()).sort_values(["b", "z"], ascending=False)
+        chosen = [str(perturbation)] if str(perturbation) in set(kept) else []
+        chosen += [g for g in order.index if g not in chosen][: int(n_genes) - len(chosen)]
+    else:
+        chosen = [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
+        missing = [g for g in chosen if g not in set(kept)]
+        if missing or not chosen:
+            raise InputError(f"genes {missing[:5] or chosen} are not genes the screen kept for {perturbation!r} "
+                             f"(e.g. {list(kept[:5])}).")
+    missing = [c for c in cells if c not in adata.obs_names]
+    if missing:
+        raise InputError(f"counts=True needs the screen's cells: {len(missing)} of the experiment's cells (e.g. "
+                         f"{missing[0]!r}) are not in adata; pass the AnnData the screen was run on.")
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"layer {layer!r} not in adata.layers; layers are: {list(adata.layers)}.")
+    sub = adata[cells]
+    X = sub.X if layer is None else sub.layers[layer]
+    if X is None:
+        raise InputError("adata holds no counts (read_results gives the annotations only): pass the AnnData of the "
+                         "screen's raw counts.")
+    size_factors = np.asarray(X.sum(axis=1), float).ravel()
+    cols = adata.var_names.get_indexer(chosen)
+    Y = X[:, cols]
+    Y = Y.toarray() if sp.issparse(Y) else np.asarray(Y)
+    position = {g: i for i, g in enumerate(kept)}
+    dispersion = np.asarray(record["count_dispersion"], float)[[position[g] for g in chosen]]
+    params = adata.uns[key]["params"]
+    batch = None
+    if params.get("batch_key"):
+        batch = sub.obs[params["batch_key"]].astype(str).to_numpy()
+    return {"counts": Y, "size_factors": size_factors, "dispersion": dispersion, "batch": batch, "genes": chosen}
+
+
+def _state_prior_config(record: dict, covariance: str) -> dict:
+    """The screen's state-model prior as a ``model_config``: the signature's weakly informative
+    prior on the score's scale, or the PCA state model's ridge prior."""
+    base = {"n_states": 2, "covariance": covariance, "extra_dof": 2, "dirichlet": 1.0}
+    if str(record.get("state_prior", "ridge")) == "scaled":
+        return {**base, "prior": "scaled", "kappa": 0.1}
+    return {**base, "prior": "ridge", "regularization": float(record["state_prior_regularization"]), "kappa": 0.01}

@@ -272,6 +272,7 @@ def _state_model_data(pair, fit, regularization: float, em_regularization: str) 
         "state_cell_names": np.asarray(pair.obs_names).astype(str),
         "state_fixed_state": np.asarray(em.fixed_state, np.int8),
         "state_covariance": str(em.covariance),
+        "state_prior": "scaled" if fit.state_info.get("state_space") == "signature" else "ridge",
         "state_prior_regularization": float(regularization),
         "state_em_regularization": str(em_regularization),
     }

@@ -42,7 +42,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from ..inference.count_layer import control_dispersion
-from ..inference.em import EMResult, default_prior, fit_em
+from ..inference.em import EMResult, fit_em, scaled_prior
 from ..inference.normal_means import normal_means
 from ..pp import _leading_pcs
 
@@ -306,11 +306,19 @@ def split_half_test(Z: np.ndarray, is_control: np.ndarray, *, rank: int = BASAL_
     return max(stats_), float(min(1.0, 2.0 * min(pvals)))
 
 
+def signature_prior(X: np.ndarray):
+    """The state model's prior on the signature score: weakly informative on the score's own scale
+    (:func:`~scotgm_pp.inference.em.scaled_prior`; its prior predictive stays within the data's
+    range). ``regularization`` (the paper's ridge, which acts on PCA covariances) plays no part in
+    one dimension with hundreds of cells."""
+    return scaled_prior(X, 2)
+
+
 def _state_model(s: np.ndarray, is_control: np.ndarray, regularization: float, em_regularization: str,
                  max_iter: int, tol: float) -> EMResult:
     X = s[:, None]
     return fit_em(X, fixed_state=np.where(is_control, 0, -1).astype(int), n_states=2,
-                  prior=default_prior(X, 2, regularization=regularization), covariance="tied",
+                  prior=signature_prior(X), covariance="tied",
                   regularization=em_regularization, max_iter=max_iter, tol=tol)
 
 
