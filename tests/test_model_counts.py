@@ -120,8 +120,12 @@ def test_count_graph_nuts_agrees_with_the_screen(screen, count_nuts):
     assert abs(row["effect"] - joint) <= 2 * row["effect_se"]
     # the screen's cut estimate lies on the same side, no further from the truth's direction
     assert row["effect"] <= screen_effect < 0
-    # every chain but the first starts from EM run from random states of the free cells
     assert idata.attrs["weights_from_prior_only"] == 0
+    # the cells' states given scores and counts, averaged over the draws: controls stay basal
+    R = fit.responsibilities
+    controls = idata.constant_data["allowed_states"].values.sum(axis=1) == 1
+    np.testing.assert_allclose(R.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(R[controls, 0], 1.0)
 
 
 def test_no_group_of_a_fit_is_named_like_a_tree_or_dataset_attribute(screen, count_nuts):

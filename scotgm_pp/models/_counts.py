@@ -21,13 +21,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
-from scipy.special import gammaln
 
-from ..inference import count_fit
 from ..inference import count_layer as cl
 
 __all__ = ["CountInputs", "resolve_counts", "count_variables", "count_params_from", "effects_frame",
-           "joint_state_log_density", "COUNT_EVIDENCE"]
+           "COUNT_EVIDENCE"]
 
 COUNT_EVIDENCE = ("cut", "joint")
 
@@ -143,28 +141,3 @@ def effects_frame(genes, state_names, delta: np.ndarray, se: np.ndarray, *, draw
             "effect_pvalue": 2.0 * stats.norm.sf(np.abs(zval)), "lower": lower, "upper": upper,
         }))
     return pd.concat(rows, ignore_index=True)
-
-
-def point_effect_se(inputs: CountInputs, params: cl.CountParams, responsibilities: np.ndarray, fixed: np.ndarray,
-                    K: int, evidence: str) -> np.ndarray:
-    """Standard errors of ``delta`` at a point fit: the screen's imputation correction for a cut
-    fit, Louis' observed information for a joint one (:func:`~scotgm_pp.inference.count_fit.effect_standard_errors`)."""
-    data = cl.CountData(inputs.Y, inputs.size_factors, inputs.dispersion, fixed, K, inputs.batch)
-    cp = count_fit.evaluate(data, params)
-    return count_fit.effect_standard_errors(data, cp, responsibilities, inputs.prior,
-                                            correction="imputation" if evidence == "cut" else "louis")
-
-
-def joint_state_log_density(inputs: CountInputs, state_log_rate: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-    """``(n, K)``: every cell's count log-likelihood under each state (the graph's NB terms,
-    summed over genes)."""
-    codes, _ = cl.batch_codes(inputs.batch, inputs.Y.shape[0])
-    offset = np.log(inputs.size_factors)[:, None] + gamma[codes]  # (n, G)
-    alpha = 1.0 / np.maximum(inputs.dispersion, cl.PHI_MIN)
-    Y = inputs.Y
-    const = gammaln(Y + alpha) - gammaln(alpha) - gammaln(Y + 1.0) + alpha * np.log(alpha)
-    out = np.empty((Y.shape[0], state_log_rate.shape[0]))
-    for k in range(state_log_rate.shape[0]):
-        mu = np.exp(offset + state_log_rate[k])
-        out[:, k] = (const + Y * np.log(mu) - (Y + alpha) * np.log(mu + alpha)).sum(axis=1)
-    return out

@@ -653,6 +653,7 @@ class ScOTGM:
         the built graph only, ``lp_gain_over_em`` (a gain is only meaningful within one model)."""
         import pymc as pm
 
+        from ._counts import count_params_from
         from .graph import model_point
 
         model = self.model
@@ -666,7 +667,7 @@ class ScOTGM:
         point = group(out, "posterior").isel(chain=0, draw=0, drop=True)
         lp = -float(group(out, "optimizer_result")["fun"])
         ds = self._point_dataset(point["weights"].values, point["means"].values, point["covariances"].values, lp,
-                                 counts=None if counts is None else _counts_of(point, self.n_states))
+                                 counts=None if counts is None else count_params_from(point, self.n_states))
         extra = [v for v in point.data_vars if v not in ds]
         ds = ds.assign({v: point[v] for v in extra})
         if not self._extended():
@@ -965,19 +966,20 @@ class ScOTGM:
             return group(self.idata, "em")["responsibilities"].values
         K = self.n_states
         w, m, c = self._draws()
-        post = self._parameter_draws() if counts is not None else None
+        if counts is not None:
+            from ..inference import count_fit
+            from ..inference.count_layer import CountData
+            from ._counts import count_params_from
+
+            cdata = CountData(counts.Y, counts.size_factors, counts.dispersion, fixed, K, counts.batch)
+            post = self._parameter_draws().stack(sample=("chain", "draw"))
         out = np.zeros((X.shape[0], K))
         for s in range(len(w)):
             logN = _log_gaussians(X, m[s], c[s])
             if counts is not None:
-                from ._counts import joint_state_log_density
-
-                rate = post["state_log_rate"].values.reshape(-1, K, len(counts.genes))[s]
-                G = len(counts.genes)
-                gamma = np.zeros((len(counts.batch_labels), G))
-                if "gamma" in post:
-                    gamma[1:] = post["gamma"].values.reshape(-1, len(counts.batch_labels) - 1, G)[s]
-                logN = logN + np.nan_to_num(joint_state_log_density(counts, rate, gamma), nan=-np.inf)
+                # the graph's NB terms of every cell under each state (NaN: a pinned cell's other states)
+                rows = count_fit.evaluate(cdata, count_params_from(post.isel(sample=s), K)).row_loglik
+                logN = logN + np.nan_to_num(rows, nan=-np.inf)
             out += _mixture_terms(logN, w[s], fixed == -1, fixed, mask)[1]
         return out / len(w)
 
@@ -1327,12 +1329,6 @@ def _check_method_kwargs(method: str, kwargs: dict) -> None:
         hint = " (sampler settings: use method='nuts' or 'mcmc')" if {"draws", "tune", "chains"} & set(bad) else ""
         raise TypeError(f"method={method!r} takes {', '.join(sorted(allowed))} (and random_seed); got "
                         f"{', '.join(map(repr, bad))}{hint}.")
-
-
-def _counts_of(ds, K: int):
-    from ._counts import count_params_from
-
-    return count_params_from(ds, K)
 
 
 def check_convergence(idata, what: str, var_names=("weights", "means", "covariances")) -> dict:
