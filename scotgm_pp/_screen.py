@@ -17,9 +17,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._fingerprint import ContentDigest
+from .inference.count_layer import PHI_MIN
+from .inference.dispersion import shrink_dispersion
 from ._validation import InputError, check_count_dtype, check_counts, check_csr_structure
 
-__all__ = ["MemoryRows", "H5adRows", "CountScan", "scan_counts", "rows_of", "Screen", "screen_from_anndata",
+__all__ = ["MemoryRows", "H5adRows", "CountScan", "scan_counts", "cap_counts", "rows_of", "Screen", "screen_from_anndata",
            "screen_from_h5ad"]
 
 BLOCK_ROWS = 20_000
@@ -177,6 +179,13 @@ def rows_of(source) -> MemoryRows | H5adRows:
     return source if isinstance(source, (MemoryRows, H5adRows)) else MemoryRows(source)
 
 
+CAP_RANK = 3
+CAP_FACTOR = 4.0
+CAP_MIN = 10.0
+"""A count above ``max(CAP_FACTOR * y3, y3 + CAP_MIN)``, with ``y3`` the gene's third-largest count in
+the whole screen, is capped there (see :func:`scan_counts`)."""
+
+
 @dataclass
 class CountScan:
     """What one pass over every cell tells the driver.
@@ -184,45 +193,116 @@ class CountScan:
     Attributes
     ----------
     library_size
-        Total counts of each cell over every gene (the count layer's offset and the
-        normalisation's divisor).
+        Total counts of each cell over every gene, after capping (the count layer's offset and
+        the normalisation's divisor).
     n_detected
         Genes with a non-zero count in each cell (for the ``min_genes`` filter).
     dispersion
-        Method-of-moments negative-binomial dispersion of each gene among the control cells,
-        each batch with its own rate (None when no control mask was given).
+        Negative-binomial dispersion of each gene among the control cells, each batch with its
+        own rate: the moment estimates shrunk toward their mean-dispersion trend
+        (:func:`scotgm_pp.inference.dispersion.shrink_dispersion`; None when no control mask was
+        given).
+    dispersion_fit
+        The shrinkage's record (raw moment estimates, trend, weights), or None.
+    count_cap
+        ``(G,)`` the largest count of each gene every later step reads (:func:`cap_counts`).
+    capped
+        ``(row, gene, count)`` of every count above its gene's cap (at most two per gene).
     """
 
     library_size: np.ndarray
     n_detected: np.ndarray
     dispersion: np.ndarray | None
+    dispersion_fit: object = None
+    count_cap: np.ndarray | None = None
+    capped: tuple = ((), (), ())
+
+
+def cap_counts(X: sp.csr_matrix, count_cap: np.ndarray | None) -> sp.csr_matrix:
+    """``X`` with every count above its gene's cap set to the cap (a copy when anything changes)."""
+    if count_cap is None or X.nnz == 0:
+        return X
+    cap = np.asarray(count_cap)[X.indices]
+    over = X.data > cap
+    if not over.any():
+        return X
+    X = X.copy()
+    X.data = np.where(over, cap, X.data).astype(X.data.dtype)
+    return X
+
+
+class _TopCounts:
+    """The ``k`` largest counts of every gene seen so far, with their rows (a running merge)."""
+
+    def __init__(self, n_genes: int, k: int = CAP_RANK):
+        self.k = k
+        self.value = np.zeros((k, n_genes))
+        self.row = np.full((k, n_genes), -1, dtype=np.int64)
+
+    def update(self, X: sp.csr_matrix, start: int) -> None:
+        cols = X.indices
+        keep = X.data > self.value[-1][cols]
+        if not keep.any():
+            return
+        rows = np.repeat(np.arange(X.shape[0], dtype=np.int64), np.diff(X.indptr))[keep] + start
+        cols, vals = cols[keep], X.data[keep]
+        genes = np.unique(cols)
+        old_cols = np.repeat(genes[None, :], self.k, axis=0).ravel()
+        cols = np.concatenate([cols, old_cols])
+        vals = np.concatenate([vals, self.value[:, genes].ravel()])
+        rows = np.concatenate([rows, self.row[:, genes].ravel()])
+        order = np.lexsort((rows, -vals, cols))
+        cols, vals, rows = cols[order], vals[order], rows[order]
+        first = np.searchsorted(cols, genes)
+        rank = np.arange(cols.size) - np.repeat(first, np.diff(np.append(first, cols.size)))
+        top = rank < self.k
+        self.value[rank[top], cols[top]] = vals[top]
+        self.row[rank[top], cols[top]] = rows[top]
+
+    def caps(self) -> np.ndarray:
+        y3 = self.value[-1]
+        return np.maximum(CAP_FACTOR * y3, y3 + CAP_MIN)
+
+
+def _moment_sums(Y: sp.csr_matrix, li: np.ndarray) -> tuple:
+    """A set of control cells' contributions to the dispersion's sufficient statistics."""
+    return (np.asarray(Y.sum(axis=0)).ravel(), np.asarray(Y.multiply(Y).sum(axis=0)).ravel(),
+            np.asarray(Y.T @ li).ravel(), li.sum(), (li**2).sum())
 
 
 def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray | None = None,
-                *, what: str = "adata.X", block: int = BLOCK_ROWS, digest: ContentDigest | None = None) -> CountScan:
+                *, what: str = "adata.X", block: int = BLOCK_ROWS, digest: ContentDigest | None = None,
+                cap: bool = True) -> CountScan:
     """One pass over the screen, block by block: check every stored value is a raw count, and
-    collect per-cell totals and the controls' per-gene moments (and, given a ``digest``, feed
-    it every block: the fingerprint of the counts, at the cost of hashing what is read anyway).
+    collect per-cell totals, each gene's largest counts and the controls' per-gene moments (and,
+    given a ``digest``, feed it every block: the fingerprint of the counts, at the cost of hashing
+    what is read anyway).
 
-    The dispersion is ``phi_g = sum_b [sum (y - mu)^2 - mu] / sum_b sum mu^2`` over control cells,
-    with ``mu_i = lib_i * rate_bg`` and ``rate_bg`` the batch's summed counts over its summed
-    library sizes, floored at 0: :func:`scotgm_pp.tl.nb_dispersion` on the controls, from
-    sufficient statistics (so every control cell counts, at no per-perturbation cost).
+    **Caps.** With ``cap`` (default) a count above ``max(4 y3, y3 + 10)``, ``y3`` the gene's
+    third-largest count over every cell of the screen, is read as that value by every later
+    step (library sizes, dispersions, the tasks' counts: :func:`cap_counts`). One absurd count
+    (a corrupt entry, a doublet's burst) then cannot inflate a cell's library size or dominate
+    a gene's resamples; a gene that responds in three or more cells keeps its counts. The cells
+    holding capped counts are read a second time to correct the totals and moments.
+
+    The moment estimate of the dispersion is ``phi_g = sum_b [sum (y - mu)^2 - mu] / sum_b sum mu^2``
+    over control cells, with ``mu_i = lib_i * rate_bg`` and ``rate_bg`` the batch's summed counts
+    over its summed library sizes (:func:`scotgm_pp.tl.nb_dispersion` on the controls, from
+    sufficient statistics, so every control cell counts at no per-perturbation cost); it is then
+    shrunk toward the genes' mean-dispersion trend (:mod:`scotgm_pp.inference.dispersion`).
     """
     src = rows_of(rows)
     n, g = src.shape
     lib = np.zeros(n)
     det = np.zeros(n, dtype=np.int64)
+    top = _TopCounts(g) if cap else None
     strata = None
     if control_mask is not None:
         labels = np.zeros(n, dtype=np.int64) if batch is None else np.unique(np.asarray(batch), return_inverse=True)[1]
         strata = np.where(np.asarray(control_mask, bool), labels, -1)
         n_strata = int(labels.max()) + 1 if n else 1
-        s_y = np.zeros((n_strata, g))
-        s_y2 = np.zeros((n_strata, g))
-        s_ly = np.zeros((n_strata, g))
-        s_l = np.zeros(n_strata)
-        s_l2 = np.zeros(n_strata)
+        sums = [np.zeros((n_strata, g)), np.zeros((n_strata, g)), np.zeros((n_strata, g)), np.zeros(n_strata),
+                np.zeros(n_strata)]
     for start, X in src.blocks(block):
         check_counts(X, what, offset=start)
         stop = start + X.shape[0]
@@ -232,25 +312,49 @@ def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray 
             digest.update(X)
         lib[start:stop] = np.asarray(X.sum(axis=1)).ravel()
         det[start:stop] = np.diff(X.indptr)
+        if top is not None:
+            top.update(X, start)
         if strata is None:
             continue
         st = strata[start:stop]
         for s in np.unique(st[st >= 0]):
             m = st == s
-            Y = X[m]
-            li = lib[start:stop][m]
-            s_y[s] += np.asarray(Y.sum(axis=0)).ravel()
-            s_y2[s] += np.asarray(Y.multiply(Y).sum(axis=0)).ravel()
-            s_ly[s] += np.asarray(Y.T @ li).ravel()
-            s_l[s] += li.sum()
-            s_l2[s] += (li**2).sum()
-    dispersion = None
+            for acc, part in zip(sums, _moment_sums(X[m], lib[start:stop][m])):
+                acc[s] += part
+    count_cap = None
+    capped = ((), (), ())
+    if top is not None:
+        count_cap = top.caps()
+        over = (top.value > count_cap[None, :]) & (top.row >= 0)
+        c_rows, c_genes = top.row[over], np.nonzero(over)[1]
+        capped = (c_rows, c_genes, top.value[over])
+        if c_rows.size:
+            fix_rows = np.unique(c_rows)
+            old_lib = lib[fix_rows].copy()
+            np.subtract.at(lib, c_rows, top.value[over] - count_cap[c_genes])
+            if strata is not None and (strata[fix_rows] >= 0).any():
+                ctrl_rows = fix_rows[strata[fix_rows] >= 0]
+                Y = src.read(ctrl_rows).astype(np.float64)
+                Y.eliminate_zeros()
+                Yc = cap_counts(Y, count_cap)
+                old = old_lib[np.isin(fix_rows, ctrl_rows)]
+                for s in np.unique(strata[ctrl_rows]):
+                    m = strata[ctrl_rows] == s
+                    for acc, before, after in zip(sums, _moment_sums(Y[m], old[m]), _moment_sums(Yc[m], lib[ctrl_rows][m])):
+                        acc[s] += after - before
+    dispersion = fit = None
     if strata is not None:
+        s_y, s_y2, s_ly, s_l, s_l2 = sums
         rate = s_y / np.maximum(s_l, 1e-12)[:, None]
         num = (s_y2 - 2.0 * rate * s_ly + rate**2 * s_l2[:, None] - rate * s_l[:, None]).sum(axis=0)
         den = (rate**2 * s_l2[:, None]).sum(axis=0)
-        dispersion = np.maximum(num / np.maximum(den, 1e-300), 0.0)
-    return CountScan(library_size=lib, n_detected=det, dispersion=dispersion)
+        n_ctrl = int((strata >= 0).sum())
+        n_levels = int((s_l > 0).sum())
+        fit = shrink_dispersion(num / np.maximum(den, 1e-300), s_y.sum(axis=0) / max(n_ctrl, 1),
+                                max(n_ctrl - n_levels, 2), floor=PHI_MIN)
+        dispersion = fit.dispersion
+    return CountScan(library_size=lib, n_detected=det, dispersion=dispersion, dispersion_fit=fit,
+                     count_cap=count_cap, capped=capped)
 
 
 @dataclass

@@ -60,10 +60,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-space", default="signature", choices=["signature", "pca"],
                    help="where the escape model looks for perturbed cells: the cross-fitted perturbation "
                         "signature of all genes (default) or the experiment's PCA scores (the paper's)")
-    g.add_argument("--rank-by", default="effect_bound",
-                   choices=["effect_bound", "lfc_all_guides_bound", "shift", "score"],
-                   help="rank genes by the model's perturbed-state effect, bounded by its standard error "
-                        "(effect_bound, default); the model-free negative-binomial test of every guide cell "
+    g.add_argument("--rank-by", default="effect_shrunk",
+                   choices=["effect_shrunk", "effect_bound", "lfc_all_guides_bound", "shift", "score"],
+                   help="rank genes by the model's perturbed-state effect shrunk by empirical Bayes across genes "
+                        "(effect_shrunk, default); that effect bounded by its standard error (effect_bound); "
+                        "the model-free negative-binomial test of every guide cell "
                         "(lfc_all_guides_bound); the perturbed state's gene-space shift (shift); or the paper's "
                         "mu/sigma (score)")
     g.add_argument("--batch-key", default=None,

@@ -96,7 +96,7 @@ def sim_result(tmp_path_factory):
 def test_end_to_end_on_simulated_screen(sim_result):
     adata, res, out = sim_result
     topk = pd.read_csv(out / "topk.csv")
-    assert DEFAULT_SCOTGM == "scotgm-ot:effect_bound"
+    assert DEFAULT_SCOTGM == "scotgm-ot:effect_shrunk"
     methods = [DEFAULT_SCOTGM, "scotgm-ot", "t-test", "wilcoxon", "logfc"]
     assert list(topk["method"]) == methods
     assert {"method", "top1", "top3", "top5", "top10", "top50", "n", "default"} <= set(topk.columns)

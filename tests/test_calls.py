@@ -12,10 +12,20 @@ from scipy import stats
 
 import scotgm_pp as sg
 from scotgm_pp._validation import InputError
-from scotgm_pp.tl._calls import _permuted_sets, _skewnorm_two_sided, _strata_z, bh_qvalues, resampling_test
+from scotgm_pp.tl._calls import (
+    _detection_pvalues,
+    _permuted_sets,
+    _score_z,
+    _skewnorm_two_sided,
+    _strata_z,
+    _tail_fit_ok,
+    bh_qvalues,
+    resampling_test,
+)
 
 
-def test_empirical_p_values_match_the_exact_permutation_test():
+@pytest.mark.parametrize("statistic", ["score", "wald"])
+def test_empirical_p_values_match_the_exact_permutation_test(statistic):
     rng = np.random.default_rng(0)
     n, k = 10, 4
     Y = rng.negative_binomial(5, 0.3, size=(n, 6)).astype(float)
@@ -25,10 +35,12 @@ def test_empirical_p_values_match_the_exact_permutation_test():
     phi = np.full(6, 0.2)
     strata = np.zeros(n, int)
     every = np.array([np.isin(np.arange(n), c) for c in itertools.combinations(range(n), k)])
-    z_all = _strata_z(Y, every, lib, phi, strata)[0]
-    z_obs = _strata_z(Y, is_guide[None], lib, phi, strata)[0][0]
+    stat = _score_z if statistic == "score" else (lambda *a: _strata_z(*a)[0])
+    z_all = stat(Y, every, lib, phi, strata)
+    z_obs = stat(Y, is_guide[None], lib, phi, strata)[0]
     exact = (np.abs(z_all) >= np.abs(z_obs) - 1e-12).mean(axis=0)
-    test = resampling_test(Y, ~is_guide, library_size=lib, dispersion=phi, n_resamples=4000, random_state=1)
+    test = resampling_test(Y, ~is_guide, library_size=lib, dispersion=phi, n_resamples=4000, random_state=1,
+                           statistic=statistic, sparse_nonzero=0)
     np.testing.assert_allclose(test.z, z_obs)
     ok = test.exceedances >= 5
     assert ok.all()
@@ -41,11 +53,74 @@ def test_observed_statistic_is_count_shift_s():
     ctrl = rng.random(90) > 0.3
     batch = rng.integers(2, size=90)
     phi = np.full(15, 0.3)
-    test = resampling_test(Y, ctrl, dispersion=phi, batch=batch, n_resamples=20)
     want = sg.tl.count_shift(Y, ctrl, batch=batch, dispersion=phi)
-    np.testing.assert_allclose(test.lfc, want["lfc"], rtol=1e-9)
-    np.testing.assert_allclose(test.lfc_se, want["lfc_se"], rtol=1e-9)
-    np.testing.assert_allclose(test.z, want["lfc_z"], rtol=1e-9)
+    for statistic in ("score", "wald"):
+        test = resampling_test(Y, ctrl, dispersion=phi, batch=batch, n_resamples=20, statistic=statistic)
+        np.testing.assert_allclose(test.lfc, want["lfc"], rtol=1e-9)
+        np.testing.assert_allclose(test.lfc_se, want["lfc_se"], rtol=1e-9)
+    wald = resampling_test(Y, ctrl, dispersion=phi, batch=batch, n_resamples=20, statistic="wald")
+    np.testing.assert_allclose(wald.z, want["lfc_z"], rtol=1e-9)
+
+
+def test_score_statistic_against_its_formula():
+    rng = np.random.default_rng(4)
+    Y = rng.negative_binomial(3, 0.2, size=(70, 5)).astype(float)
+    ctrl = rng.random(70) > 0.3
+    batch = rng.integers(2, size=70)
+    lib = Y.sum(1) + 30.0
+    phi = np.array([0.0, 0.1, 0.3, 1.0, 2.0])
+    test = resampling_test(Y, ctrl, library_size=lib, dispersion=phi, batch=batch, n_resamples=20)
+    num = np.zeros(5)
+    var = np.zeros(5)
+    for b in (0, 1):
+        m = batch == b
+        mu = lib[m, None] * Y[m].sum(0) / lib[m].sum()
+        r = (Y[m] - mu) / (1 + phi * mu)
+        g = ~ctrl[m]
+        n_b, k_b = m.sum(), g.sum()
+        num += r[g].sum(0) - k_b * r.mean(0)
+        var += k_b * (n_b - k_b) / (n_b * (n_b - 1)) * ((r - r.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(test.z, num / np.sqrt(var), rtol=1e-10)
+
+
+def test_sparse_gene_gets_the_exact_hypergeometric_p():
+    # the case: 8 counts, all in guide cells (60 of 360); resampling alone reported 2e-3
+    n, k = 360, 60
+    Y = np.zeros((n, 3))
+    guide = np.zeros(n, bool)
+    guide[:k] = True
+    Y[:8, 0] = 1
+    rng = np.random.default_rng(0)
+    Y[:, 1:] = rng.poisson(3.0, size=(n, 2))
+    test = resampling_test(Y, ~guide, dispersion=0.1, random_state=0)
+    exact = stats.hypergeom.pmf(8, n, k, 8)  # two-sided mid-p: 2 * (0 + P(X = 8) / 2)
+    assert test.pval[0] == pytest.approx(exact, rel=1e-9)
+    assert test.pval[0] < 1e-5
+    assert test.pval_source[0] == 3 and (test.pval_source[1:] != 3).all()
+    # stratified: the convolution of two hypergeometric laws
+    strata = np.repeat([0, 1], 180)
+    nz = np.zeros((n, 1), bool)
+    nz[[0, 1, 2, 200, 201], 0] = True
+    g = np.zeros(n, bool)
+    g[:30] = True
+    g[180:210] = True
+    law = np.convolve(stats.hypergeom.pmf(np.arange(4), 180, 30, 3), stats.hypergeom.pmf(np.arange(3), 180, 30, 2))
+    assert _detection_pvalues(nz, g, strata)[0] == pytest.approx(min(1, 2 * (0.5 * law[5])), rel=1e-9)
+    # 2 of the 5 non-zero cells in guide cells (each stratum keeps 30 guide cells): mid-p tails
+    g2 = np.zeros(n, bool)
+    g2[[0, 1] + list(range(3, 31)) + [202 + i for i in range(30)]] = True
+    lower = law[:2].sum() + 0.5 * law[2]
+    upper = law[3:].sum() + 0.5 * law[2]
+    assert _detection_pvalues(nz, g2, strata)[0] == pytest.approx(min(1, 2 * min(lower, upper)), rel=1e-9)
+
+
+def test_tail_check_accepts_normal_and_rejects_heavy_tails():
+    rng = np.random.default_rng(5)
+    normal = rng.standard_normal((500, 200))
+    heavy = rng.standard_t(1.5, size=(500, 200))
+    observed = np.full(200, 6.0)
+    assert _tail_fit_ok(normal, observed).mean() >= 0.95
+    assert _tail_fit_ok(heavy, observed).mean() <= 0.2
 
 
 def test_resamples_keep_each_stratum_s_guide_count():

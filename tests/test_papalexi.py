@@ -43,7 +43,7 @@ def test_default_ranking_is_not_below_scanpy_wilcoxon_on_the_small_sample_protoc
         res = run_benchmark(papalexi, "target", "non-targeting", seeds=5, methods=[DEFAULT_SCOTGM, "wilcoxon"],
                             deg=False, batch_key="bio_rep")
     top = res.topk.set_index("method")
-    assert DEFAULT_SCOTGM == "scotgm-ot:effect_bound"  # the model's perturbed-state effect
+    assert DEFAULT_SCOTGM == "scotgm-ot:effect_shrunk"  # the model's perturbed-state effect, EB-shrunk
     assert top.loc[DEFAULT_SCOTGM, "n"] == 45  # 9 measured targets x 5 seeds
     assert top.loc[DEFAULT_SCOTGM, "top1"] >= 0.66  # measured 0.689 (31 of 45)
     assert top.loc["wilcoxon", "top1"] == pytest.approx(31 / 45)  # scanpy's Wilcoxon: measured 0.689

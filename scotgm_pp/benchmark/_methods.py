@@ -38,18 +38,19 @@ __all__ = [
     "SCOTGM_SCORES",
 ]
 
-DEFAULT_SCOTGM = "scotgm-ot:effect_bound"
+DEFAULT_SCOTGM = "scotgm-ot:effect_shrunk"
 """The row of the package's default configuration (``analyse_pair`` defaults: ot coupling,
-escape model, genes ranked by the count layer's perturbed-state effect, ``rank_by="effect_bound"``)."""
+escape model, genes ranked by the count layer's perturbed-state effect shrunk by empirical Bayes,
+``rank_by="effect_shrunk"``)."""
 
-DEFAULT_METHODS = ("scotgm-ot:effect_bound", "nb-all-guides", "scotgm-ot:mu_sigma", "scotgm-independent:mu_sigma",
+DEFAULT_METHODS = ("scotgm-ot:effect_shrunk", "scotgm-ot:effect_bound", "nb-all-guides", "scotgm-ot:mu_sigma", "scotgm-independent:mu_sigma",
                    "scotgm-ot:state_shift", "t-test", "wilcoxon", "van-elteren", "logfc")
 """Fast methods run by default; ``scotgm-hit_and_run`` and ``scotgm-paper`` are opt-in (slow)."""
 
-SCOTGM_SCORES = ("effect_bound", "mu_sigma", "state_t", "state_shift")
+SCOTGM_SCORES = ("effect_bound", "effect_shrunk", "mu_sigma", "state_t", "state_shift")
 """What a ``scotgm-<coupling>:<score>`` row ranks by: the count layer's perturbed-state effect
-bound, the paper's ``mu / sigma`` (also the bare ``scotgm-<coupling>``), and two gene-space
-statistics of the fitted states."""
+bound, its empirical-Bayes posterior mean, the paper's ``mu / sigma`` (also the bare
+``scotgm-<coupling>``), and two gene-space statistics of the fitted states."""
 
 _RENAMED = {
     "lfc_bound": "the model-free NB test of all guide cells is now the row 'nb-all-guides' (it does not use "
@@ -158,7 +159,7 @@ def _tie_sum(col: np.ndarray) -> float:
 
 
 def _effect_bound(genes: pd.DataFrame) -> pd.Series:
-    """The default ranking (``rank_by="effect_bound"``) as one sortable number per gene."""
+    """The ranking ``rank_by="effect_bound"`` as one sortable number per gene."""
     return pd.Series(bound_order_score(genes["effect_bound"], genes["effect_z"]),
                      index=genes["gene"].astype(str).to_numpy())
 
@@ -224,7 +225,7 @@ def scotgm_method(
     escape_model: bool = True,
     params: PreprocessParams | None = None,
     regularization: float = 0.01,
-    score: str = "effect_bound",
+    score: str = "effect_shrunk",
     coupling_kwargs: dict | None = None,
     state_space: str = DEFAULT_STATE_SPACE,
 ) -> Callable[[Pair], pd.Series]:
@@ -237,9 +238,11 @@ def scotgm_method(
     params
         Preprocessing; the pair's (benchmark-wide) params when None.
     score
-        ``"effect_bound"``: the package default, the count layer's perturbed-state effect bounded
+        ``"effect_bound"``: the count layer's perturbed-state effect bounded
         at ``sqrt(2 ln G)`` standard errors (``genes["effect_bound"]``, ties by ``effect_z``;
         batch offsets from ``pair.batch`` when given).
+        ``"effect_shrunk"``: the package default, the empirical-Bayes posterior mean of that
+        effect (no ties; :func:`scotgm_pp.tl.effect_table`).
         ``"mu_sigma"``: the paper's standardised shift ``mu / sigma`` (``genes["score"]``).
         ``"state_shift"``: the gene-space mean shift of the fitted perturbed state from the basal
         state, in log-normalised units (see ``_state_shift``).
@@ -266,6 +269,8 @@ def scotgm_method(
         _, genes, p = pair.cache[key]
         if score == "effect_bound":
             return _effect_bound(genes)
+        if score == "effect_shrunk":
+            return pd.Series(genes["effect_shrunk"].to_numpy(float), index=genes["gene"].astype(str).to_numpy())
         if score == "state_t":
             return _state_t(pair, p)
         if score == "state_shift":

@@ -18,6 +18,7 @@ from .em import (
     validate_fixed_state,
 )
 from .count_layer import CountData, CountParams, CountPrior, control_dispersion, default_count_prior
+from .dispersion import DispersionFit, shrink_dispersion
 from .gibbs import GibbsResult, sample_gibbs
 from .hit_and_run import (
     CouplingResult,
@@ -50,6 +51,8 @@ __all__ = [
     "CountPrior",
     "control_dispersion",
     "default_count_prior",
+    "DispersionFit",
+    "shrink_dispersion",
     "JointEMResult",
     "any_effect_llr",
     "conditional_full_m_step",

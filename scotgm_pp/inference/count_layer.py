@@ -8,8 +8,9 @@ with ``s_i`` the cell's library size (its total count, an offset), ``delta_0g = 
 state is the reference) and ``gamma_0g = 0`` (batch 0, the most frequent, is the reference).
 Priors: ``beta_g ~ N(m_g, beta_sd)`` centred on the gene's pooled log rate,
 ``delta_kg ~ N(0, delta_sd)`` and ``gamma_bg ~ N(0, gamma_sd)``. The dispersion ``phi_g`` is a
-plug-in constant (data, not a parameter): the moment estimate over the control cells
-(:func:`control_dispersion`), floored at :data:`PHI_MIN`.
+plug-in constant (data, not a parameter): the moment estimate over the control cells shrunk
+toward the screen's mean-dispersion trend (:func:`control_dispersion`,
+:mod:`scotgm_pp.inference.dispersion`), floored at :data:`PHI_MIN`.
 
 This module holds the layer's parameters, priors and prepared data; its fit (a Newton iteration
 vectorised over genes) and standard errors are in :mod:`scotgm_pp.inference.count_fit`; the
@@ -24,6 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.special import gammaln
+
+from .dispersion import shrink_dispersion
 
 __all__ = [
     "PHI_MIN",
@@ -52,11 +55,16 @@ def _dense(counts) -> np.ndarray:
     return np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=float)
 
 
-def control_dispersion(counts, size_factors: np.ndarray, is_control: np.ndarray, batch=None) -> np.ndarray:
-    """Moment estimate of the NB dispersion ``phi_g`` from the control cells, floored at :data:`PHI_MIN`.
+def control_dispersion(counts, size_factors: np.ndarray, is_control: np.ndarray, batch=None, *,
+                       shrink: bool = True) -> np.ndarray:
+    """NB dispersion ``phi_g`` from the control cells: moment estimates shrunk toward their trend, floored at :data:`PHI_MIN`.
 
     Within every batch the expected count of a control cell is ``s_i * rate`` (``rate`` the
-    batch's summed counts over summed library sizes); ``phi = sum((y - mu)^2 - mu) / sum(mu^2)``.
+    batch's summed counts over summed library sizes); the moment estimate is
+    ``phi_hat = sum((y - mu)^2 - mu) / sum(mu^2)``. With ``shrink`` (default) the estimates are
+    shrunk toward the genes' mean-dispersion trend (:func:`scotgm_pp.inference.dispersion.shrink_dispersion`,
+    with each gene's mean count per control cell and ``n`` controls less one per batch);
+    ``shrink=False`` gives the moment estimates.
 
     Parameters
     ----------
@@ -80,13 +88,19 @@ def control_dispersion(counts, size_factors: np.ndarray, is_control: np.ndarray,
     groups = np.zeros(len(s), int) if batch is None else pd.factorize(np.asarray(batch)[ctrl])[0]
     num = np.zeros(y.shape[1])
     den = np.zeros(y.shape[1])
-    for g in np.unique(groups):
+    total = np.zeros(y.shape[1])
+    levels = np.unique(groups)
+    for g in levels:
         m = groups == g
         rate = y[m].sum(axis=0) / max(s[m].sum(), 1e-300)
         mu = s[m, None] * rate[None, :]
         num += ((y[m] - mu) ** 2 - mu).sum(axis=0)
         den += (mu**2).sum(axis=0)
-    return np.maximum(num / np.maximum(den, 1e-300), PHI_MIN)
+        total += mu.sum(axis=0)
+    raw = num / np.maximum(den, 1e-300)
+    if not shrink or len(s) < 3:
+        return np.maximum(raw, PHI_MIN)
+    return shrink_dispersion(raw, total / max(len(s), 1), len(s) - len(levels), floor=PHI_MIN).dispersion
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,8 @@ def calibration_check(
     payloads = _Payloads(screen, batch, pool, scan.n_detected)
     ctx = _NullContext(screen=payloads.context(ScreenContext(settings=run_settings,
                                                              var_names=screen.var_names.to_numpy(),
-                                                             dispersion=scan.dispersion)),
+                                                             dispersion=scan.dispersion,
+                                                             count_cap=scan.count_cap)),
                        preprocess=run_settings.preprocess, baselines=tuple(baselines))
     outs: list[dict] = []
     map_tasks(todo, payloads, ctx, outs.append, fn=_null_task, n_jobs=n_jobs, client=client,

@@ -1,10 +1,11 @@
 """Calibrated calls: resampling p-values for every gene and for "any effect" of a perturbation.
 
 The test of gene ``g`` asks whether the guide cells' counts differ from the controls' beyond what
-exchanging the labels produces. Its statistic is the negative-binomial Wald z of the log rate
-ratio of the guide cells against the controls (each cell's total count as offset, a fixed
-dispersion per gene, one baseline per batch stratum, strata combined by inverse variance: the
-statistic of :func:`scotgm_pp.tl.count_shift`). Its null distribution comes from ``B`` random
+exchanging the labels produces. Its statistic is the negative-binomial score statistic of the
+guide label: per batch stratum, each cell's residual ``(y - mu) / (1 + phi mu)`` against the
+stratum's pooled rate (``mu`` = the cell's total count x that rate, ``phi`` the gene's dispersion),
+summed over the guide cells, centred and divided by its exact standard deviation under
+reassignment of the labels (:func:`_score_z`). Its null distribution comes from ``B`` random
 reassignments of the guide label among the experiment's cells, within each batch stratum
 (conditional resampling, as in sceptre; Barry et al. 2021): under the null hypothesis that the
 perturbation leaves gene ``g`` alone, the labels are exchangeable, so the resampled statistics
@@ -15,7 +16,15 @@ valid without trusting the negative-binomial model.
 * Beyond the resamples (fewer than :data:`MIN_EXCEEDANCES` of them as extreme), a skew-normal
   distribution fitted to the ``B`` resampled statistics by its moments gives the tail (never
   above the empirical bound), so that p-values small enough for thousands of genes can be
-  reached with a few hundred resamples.
+  reached with a few hundred resamples. The fit is checked against the resamples' own tail on
+  the observed side (:func:`_tail_fit_ok`); a gene whose fit fails gets
+  :data:`EXTRA_RESAMPLES` more resamples and the check again, and keeps the empirical p-value if
+  it still fails. (sceptre fits its skew-normal by maximum likelihood on thousands of resamples;
+  this is a moment fit on 500, with that check.)
+* A sparse gene (at most :data:`SPARSE_NONZERO` cells with a count) beyond its resamples gets an
+  exact test instead of the fitted tail (its resampled statistics are too lumpy for a smooth
+  fit): the number of guide cells among its non-zero cells against its hypergeometric law
+  (mid-p). Within the resamples its p-value stays the empirical one.
 
 "Any effect" uses the same resamples: its statistic is the largest ``|z|`` over genes, its null
 the resampled maxima, with a Gumbel tail fitted by moments beyond them.
@@ -40,6 +49,22 @@ experiments, at about half the cost (``benchmarks/README.md``)."""
 MIN_EXCEEDANCES = 5
 """Below this many resampled statistics as extreme as the observed one, the fitted tail is used."""
 
+TAIL_CHECK_COUNT = 10
+TAIL_CHECK_FACTOR = 2.0
+"""The fitted tail is trusted for a gene when, at its 10th most extreme resample on the observed
+side, it is within a factor 2 of the resamples' own tail probability (:func:`_tail_fit_ok`)."""
+
+EXTRA_RESAMPLES = 4500
+"""Genes in the fitted tail whose fit fails the check get this many more resamples (their own
+genes only), and the check is made again on all of them; a gene that still fails keeps the
+empirical p-value ``(1 + exceedances) / (B + 1)``, which is valid."""
+
+SPARSE_NONZERO = 20
+"""A gene with at most this many cells holding a count in the experiment, and fewer than
+:data:`MIN_EXCEEDANCES` resamples as extreme as observed, is tested exactly: the number of guide
+cells among its non-zero cells against its hypergeometric law under random labels (stratified by
+batch; :func:`_detection_pvalues`)."""
+
 PSEUDOCOUNT = 0.5
 
 
@@ -62,6 +87,9 @@ class ResamplingTest:
         Largest ``|z|`` over genes and its resampling p-value.
     n_resamples
         ``B``.
+    pval_source
+        How each gene's p-value was made: 0 the resamples' share, 1 the checked skew-normal tail,
+        2 after :data:`EXTRA_RESAMPLES` more resamples, 3 the exact test of a sparse gene.
     """
 
     z: np.ndarray
@@ -72,6 +100,7 @@ class ResamplingTest:
     any_statistic: float
     pval_any: float
     n_resamples: int
+    pval_source: np.ndarray | None = None
 
 
 GENE_BLOCK = 2048
@@ -127,6 +156,44 @@ def _strata_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strat
     return out, lfc0, se0
 
 
+def _score_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strata: np.ndarray) -> np.ndarray:
+    """Negative-binomial score statistic of the guide label for every row of ``guide_sets``, ``(R, G)``.
+
+    Per stratum, ``mu_i = lib_i * rate`` (the stratum's pooled rate: the null) and the score
+    residual ``r_i = (y_i - mu_i) / (1 + phi mu_i)`` (the derivative of the NB log-likelihood in
+    the log rate: cells whose counts are dominated by overdispersion weigh less). The statistic
+    is the guide cells' summed residual, centred and scaled by its exact variance under
+    reassignment of the labels within the stratum (``k (n - k) / (n (n - 1)) sum (r - rbar)^2``
+    for ``k`` guide cells among ``n``); strata add up.
+    """
+    R, G = guide_sets.shape[0], Y.shape[1]
+    out = np.zeros((R, G))
+    levels = np.unique(strata)
+    for g0 in range(0, G, GENE_BLOCK):
+        g1 = min(G, g0 + GENE_BLOCK)
+        block = Y[:, g0:g1]
+        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+        ph = phi[g0:g1][None, :]
+        num = np.zeros((R, g1 - g0))
+        var = np.zeros(g1 - g0)
+        for s in levels:
+            m = strata == s
+            n_s = int(m.sum())
+            k = float(guide_sets[0, m].sum())
+            if n_s < 2 or k == 0 or k == n_s:
+                continue
+            ls = lib[m]
+            ys = block[m]
+            mu = ls[:, None] * (ys.sum(axis=0) / max(ls.sum(), 1e-300))[None, :]
+            r = (ys - mu) / (1.0 + ph * mu)
+            rbar = r.mean(axis=0)
+            num += guide_sets[:, m].astype(np.float64) @ r - k * rbar[None, :]
+            var += k * (n_s - k) / (n_s * (n_s - 1.0)) * ((r - rbar) ** 2).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, g0:g1] = np.where(var > 0, num / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
+    return out
+
+
 def _permuted_sets(is_guide: np.ndarray, strata: np.ndarray, B: int, rng: np.random.Generator) -> np.ndarray:
     """``(B + 1, n)`` guide indicators: the observed one first, then ``B`` reassignments of the
     guide label among the cells of each stratum (as many guide cells per stratum as observed)."""
@@ -145,9 +212,8 @@ def _permuted_sets(is_guide: np.ndarray, strata: np.ndarray, B: int, rng: np.ran
     return out
 
 
-def _skewnorm_two_sided(null: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """Two-sided tail probability of ``observed`` under a skew-normal fitted to each column of
-    ``null`` by the method of moments."""
+def _skewnorm_fit(null: np.ndarray):
+    """Skew-normal ``(alpha, xi, omega)`` fitted to each column of ``null`` by the method of moments."""
     mean = null.mean(axis=0)
     sd = null.std(axis=0, ddof=1)
     sd = np.where(sd > 0, sd, 1.0)
@@ -161,9 +227,33 @@ def _skewnorm_two_sided(null: np.ndarray, observed: np.ndarray) -> np.ndarray:
     alpha = delta / np.sqrt(1.0 - delta**2)
     omega = sd / np.sqrt(1.0 - 2.0 * delta**2 / np.pi)
     xi = mean - omega * delta * np.sqrt(2.0 / np.pi)
+    return alpha, xi, omega
+
+
+def _skewnorm_two_sided(null: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Two-sided tail probability of ``observed`` under a skew-normal fitted to each column of
+    ``null`` by the method of moments."""
+    alpha, xi, omega = _skewnorm_fit(null)
     lower = stats.skewnorm.cdf(observed, alpha, loc=xi, scale=omega)
     upper = stats.skewnorm.sf(observed, alpha, loc=xi, scale=omega)
     return np.clip(2.0 * np.minimum(lower, upper), 0.0, 1.0)
+
+
+def _tail_fit_ok(null: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Does the fitted skew-normal agree with the resamples' own tail on the observed side? At the
+    :data:`TAIL_CHECK_COUNT`-th most extreme resample on that side, its tail probability must lie
+    within a factor :data:`TAIL_CHECK_FACTOR` of the empirical ``TAIL_CHECK_COUNT / B``."""
+    B = null.shape[0]
+    alpha, xi, omega = _skewnorm_fit(null)
+    upper_side = observed >= np.median(null, axis=0)
+    srt = np.sort(null, axis=0)
+    k = min(TAIL_CHECK_COUNT, B)
+    at = np.where(upper_side, srt[B - k], srt[k - 1])
+    fitted = np.where(upper_side, stats.skewnorm.sf(at, alpha, loc=xi, scale=omega),
+                      stats.skewnorm.cdf(at, alpha, loc=xi, scale=omega))
+    # the k-th most extreme of B resamples has tail probability about (k - 0.5) / B
+    empirical = (k - 0.5) / B
+    return (fitted <= TAIL_CHECK_FACTOR * empirical) & (fitted >= empirical / TAIL_CHECK_FACTOR)
 
 
 def _gumbel_upper(null: np.ndarray, observed: float) -> float:
@@ -176,6 +266,40 @@ def _gumbel_upper(null: np.ndarray, observed: float) -> float:
     return float(stats.gumbel_r.sf(observed, loc=mu, scale=beta))
 
 
+def _detection_pvalues(nonzero: np.ndarray, is_guide: np.ndarray, strata: np.ndarray) -> np.ndarray:
+    """Exact two-sided p-values of the count of guide cells among each gene's non-zero cells.
+
+    ``nonzero`` is ``(n, g)`` boolean. Under random reassignment of the labels within strata,
+    the number of guide cells among a stratum's ``m`` non-zero cells is hypergeometric (``n_s``
+    cells, ``k_s`` guide cells, ``m`` draws); strata add up by convolution. The p-value doubles
+    the smaller one-sided mid-p tail (the outcomes beyond the observed one, plus half of the
+    observed one's probability; at most 1): a discrete law's plain tail would put far fewer
+    than 5% of null p-values below 0.05.
+    """
+    G = nonzero.shape[1]
+    law = np.ones((G, 1))
+    observed = np.zeros(G, dtype=np.int64)
+    for s in np.unique(strata):
+        m = strata == s
+        nz = nonzero[m]
+        draws = nz.sum(axis=0)
+        n_s, k_s = int(m.sum()), int(is_guide[m].sum())
+        top = int(draws.max(initial=0))
+        support = np.arange(top + 1)
+        pmf = stats.hypergeom.pmf(support[None, :], n_s, k_s, draws[:, None])
+        pmf = np.where(support[None, :] <= draws[:, None], np.nan_to_num(pmf), 0.0)
+        conv = np.zeros((G, law.shape[1] + top))
+        for j in range(top + 1):  # row-wise convolution of the laws so far with this stratum's
+            conv[:, j:j + law.shape[1]] += law * pmf[:, [j]]
+        law = conv
+        observed += (nz & is_guide[m][:, None]).sum(axis=0)
+    idx = np.arange(law.shape[1])[None, :]
+    at = np.where(idx == observed[:, None], law, 0.0).sum(axis=1)
+    lower = np.where(idx < observed[:, None], law, 0.0).sum(axis=1) + 0.5 * at
+    upper = np.where(idx > observed[:, None], law, 0.0).sum(axis=1) + 0.5 * at
+    return np.minimum(1.0, 2.0 * np.minimum(lower, upper))
+
+
 def resampling_test(
     counts,
     is_control: np.ndarray,
@@ -185,6 +309,9 @@ def resampling_test(
     batch: np.ndarray | None = None,
     n_resamples: int = N_RESAMPLES,
     random_state: int | np.random.Generator | None = 0,
+    statistic: str = "score",
+    extra_resamples: int = EXTRA_RESAMPLES,
+    sparse_nonzero: int = SPARSE_NONZERO,
 ) -> ResamplingTest:
     """Resampling p-values of one experiment (see the module's description).
 
@@ -206,6 +333,13 @@ def resampling_test(
         ``B``.
     random_state
         Seed or Generator of the reassignments.
+    statistic
+        ``"score"`` (default): the NB score statistic of :func:`_score_z`; ``"wald"``: the NB
+        Wald z of :func:`count_shift` (the statistic before issue 25).
+    extra_resamples
+        More resamples for the genes whose fitted tail fails its check (0: none).
+    sparse_nonzero
+        Genes with at most this many non-zero cells get the exact detection test (0: none).
     """
     ctrl = np.asarray(is_control, bool)
     Y = sp.csr_matrix(counts, dtype=np.float32) if sp.issparse(counts) else np.asarray(counts, np.float32)
@@ -220,14 +354,44 @@ def resampling_test(
     rng = np.random.default_rng(random_state)
     B = int(n_resamples)
     sets = _permuted_sets(~ctrl, strata, B, rng)
-    Z, lfc, lfc_se = _strata_z(Y, sets, lib, phi, strata)
+    if statistic == "score":
+        Z = _score_z(Y, sets, lib, phi, strata)
+        _, lfc, lfc_se = _strata_z(Y, sets[:1], lib, phi, strata)
+    elif statistic == "wald":
+        Z, lfc, lfc_se = _strata_z(Y, sets, lib, phi, strata)
+    else:
+        raise ValueError(f"statistic must be 'score' or 'wald', got {statistic!r}.")
     z, null = Z[0], Z[1:]
     exceed = (np.abs(null) >= np.abs(z)[None, :] - 1e-12).sum(axis=0)
     p_emp = (1.0 + exceed) / (B + 1.0)
     p = p_emp.copy()
-    tail = exceed < MIN_EXCEEDANCES
-    if tail.any():
-        p[tail] = np.minimum(_skewnorm_two_sided(null[:, tail], z[tail]), p_emp[tail])
+    source = np.zeros(G, dtype=np.int8)  # 0 empirical, 1 fitted tail, 2 extended resamples, 3 exact
+    tail = np.flatnonzero(exceed < MIN_EXCEEDANCES)
+    if tail.size:
+        ok = _tail_fit_ok(null[:, tail], z[tail])
+        good, bad = tail[ok], tail[~ok]
+        p[good] = np.minimum(_skewnorm_two_sided(null[:, good], z[good]), p_emp[good])
+        source[good] = 1
+        if bad.size and extra_resamples > 0:
+            more = _permuted_sets(~ctrl, strata, int(extra_resamples), rng)[1:]
+            Yb = Y[:, bad]
+            extra = (_score_z(Yb, more, lib, phi[bad], strata) if statistic == "score"
+                     else _strata_z(Yb, more, lib, phi[bad], strata)[0])
+            both = np.vstack([null[:, bad], extra])
+            exc = (np.abs(both) >= np.abs(z[bad])[None, :] - 1e-12).sum(axis=0)
+            pe = (1.0 + exc) / (both.shape[0] + 1.0)
+            fit_ok = (exc < MIN_EXCEEDANCES) & _tail_fit_ok(both, z[bad])
+            fitted = _skewnorm_two_sided(both, z[bad])
+            p[bad] = np.where(fit_ok, np.minimum(fitted, pe), pe)
+            source[bad] = 2
+    nonzero = (Y > 0) if sp.issparse(Y) else sp.csr_matrix(Y > 0)
+    n_nonzero = np.asarray(nonzero.sum(axis=0)).ravel()
+    # a sparse gene beyond its resamples: the exact test instead of a tail fitted to a lumpy null
+    sparse_genes = np.flatnonzero((n_nonzero > 0) & (n_nonzero <= int(sparse_nonzero)) & (exceed < MIN_EXCEEDANCES))
+    if sparse_genes.size:
+        nz = nonzero[:, sparse_genes]
+        p[sparse_genes] = _detection_pvalues(np.asarray(nz.toarray(), bool), ~ctrl, strata)
+        source[sparse_genes] = 3
     max_obs = float(np.max(np.abs(z))) if G else 0.0
     max_null = np.abs(null).max(axis=1) if G else np.zeros(B)
     exceed_any = int((max_null >= max_obs - 1e-12).sum())
@@ -235,7 +399,7 @@ def resampling_test(
     if exceed_any < MIN_EXCEEDANCES:
         p_any = min(_gumbel_upper(max_null, max_obs), p_any)
     return ResamplingTest(z=z, lfc=lfc, lfc_se=lfc_se, pval=p, exceedances=exceed, any_statistic=max_obs, pval_any=float(p_any),
-                          n_resamples=B)
+                          n_resamples=B, pval_source=source)
 
 
 def bh_qvalues(pvals: np.ndarray) -> np.ndarray:

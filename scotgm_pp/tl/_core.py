@@ -35,12 +35,12 @@ __all__ = [
     "resolve_rank_by",
 ]
 
-RANK_BY = ("effect_bound", "lfc_all_guides_bound", "shift", "score", "lfc_bound")
-"""Gene rankings: the model's perturbed-state effect (default), the model-free NB test of all
-guide cells, the gene-space state shift, the paper's ``mu / sigma``; ``"lfc_bound"`` is the
-former name of ``"lfc_all_guides_bound"``, still accepted."""
+RANK_BY = ("effect_bound", "effect_shrunk", "lfc_all_guides_bound", "shift", "score", "lfc_bound")
+"""Gene rankings: the model's perturbed-state effect bound, its empirical-Bayes posterior mean
+(the default since issue 25: no ties), the model-free NB test of all guide cells, the gene-space state shift, the paper's
+``mu / sigma``; ``"lfc_bound"`` is the former name of ``"lfc_all_guides_bound"``, still accepted."""
 
-DEFAULT_RANK_BY = "effect_bound"
+DEFAULT_RANK_BY = "effect_shrunk"
 
 _RANK_ALIASES = {"lfc_bound": "lfc_all_guides_bound"}
 """Former names still accepted."""
@@ -387,6 +387,8 @@ def gene_statistics(
 
     * ``"effect_bound"``: the count layer's perturbed-state effect, bounded at
       ``sqrt(2 ln G)`` standard errors (``effect_bound``), ties (bound 0) by ``effect_z``;
+    * ``"effect_shrunk"``: the empirical-Bayes posterior mean of that effect
+      (:func:`~scotgm_pp.tl.effect_table`), continuous, so no mass of ties;
     * ``"lfc_all_guides_bound"`` (alias ``"lfc_bound"``, its former name): the model-free NB
       fold change of every guide cell against the controls (:func:`~scotgm_pp.tl.count_shift`),
       bounded the same way, ties by ``lfc_all_guides_z``;
@@ -420,6 +422,8 @@ def gene_statistics(
             raise ValueError(f"rank_by={rank_by!r} needs the columns {rank_by!r} and {bounds[rank_by]!r} in counts.")
         key = pd.Series(bound_order_score(df[rank_by], df[bounds[rank_by]]), index=df.index)
     else:
+        if rank_by not in df:
+            raise ValueError(f"rank_by={rank_by!r} needs the column {rank_by!r} in counts.")
         key = df[rank_by]
     df["rank"] = key.rank(method="first", ascending=True).astype(int)
     df["abs_rank"] = (-key.abs()).rank(method="first").astype(int)

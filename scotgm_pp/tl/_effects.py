@@ -17,6 +17,7 @@ from scipy import stats
 
 from ..inference import count_fit
 from ..inference import count_layer as cl
+from ..inference.normal_means import normal_means
 from ._counts import universal_threshold
 
 __all__ = ["CountFit", "fit_count_layer", "effect_table", "library_sizes"]
@@ -141,12 +142,27 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     support after clearing the largest ``|z|`` expected among ``G`` null genes),
     ``effect_pvalue`` (two-sided Wald), ``effect_qvalue`` (Benjamini-Hochberg over the genes),
     ``log_rate_basal`` (``beta``) and ``dispersion``.
+
+    Empirical Bayes across the experiment's genes (:func:`scotgm_pp.inference.normal_means`):
+    each ``effect`` with its ``effect_se`` is read as ``N(theta_g, se_g^2)`` and ``theta_g`` gets
+    a prior learned from all genes (a point mass at 0 and zero-centred normals, ash-like), giving
+    ``effect_shrunk`` (posterior mean; ``rank_by="effect_shrunk"`` ranks by it, with no ties),
+    ``effect_shrunk_sd`` and ``effect_lfsr`` (local false sign rate: the posterior probability
+    that the effect is 0 or of the other sign). ``effect`` itself is the count layer's MAP under
+    its fixed ``N(0, delta_sd)`` prior; the learned prior comes on top of it.
     """
     d = fit.params.delta[state]
     se = fit.effect_se[state]
     z = d / se
     lam = universal_threshold(len(d)) if threshold is None else float(threshold)
     p = 2.0 * stats.norm.sf(np.abs(z))
+    eb_mean = np.full(d.shape, np.nan)
+    eb_sd = np.full(d.shape, np.nan)
+    lfsr = np.full(d.shape, np.nan)
+    ok = np.isfinite(d) & np.isfinite(se) & (se > 0)
+    if ok.sum() >= 2:
+        eb = normal_means(d[ok], se[ok])
+        eb_mean[ok], eb_sd[ok], lfsr[ok] = eb.mean, eb.sd, eb.lfsr
     return pd.DataFrame({
         "effect": d,
         "effect_se": se,
@@ -154,6 +170,9 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
         "effect_bound": np.sign(d) * np.maximum(np.abs(d) - lam * se, 0.0),
         "effect_pvalue": p,
         "effect_qvalue": stats.false_discovery_control(p),
+        "effect_shrunk": eb_mean,
+        "effect_shrunk_sd": eb_sd,
+        "effect_lfsr": lfsr,
         "log_rate_basal": fit.params.beta,
         "dispersion": fit.dispersion,
     })

@@ -24,6 +24,7 @@ from anndata import AnnData
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from .._screen import cap_counts
 from .._validation import InputError
 from .._workers import LocalWorkers, local_cluster
 from ._core import resolve_rank_by
@@ -41,7 +42,8 @@ class ScreenContext:
     worker writes its own result file there (workers that share the run's filesystem). With
     ``rows`` (the screen's file, for workers that share the run's filesystem) each worker reads
     its tasks' cells itself, and the tasks carry only their row numbers. ``store_fingerprint``
-    is stamped on the result files (:class:`~scotgm_pp.tl._store.RecordStore`)."""
+    is stamped on the result files (:class:`~scotgm_pp.tl._store.RecordStore`). ``count_cap``
+    (per gene, from :func:`~scotgm_pp._screen.scan_counts`) caps every count a task reads."""
 
     settings: RunSettings
     var_names: np.ndarray
@@ -51,6 +53,7 @@ class ScreenContext:
     store_path: str | None = None
     store_fingerprint: str | None = None
     rows: object | None = None
+    count_cap: np.ndarray | None = None
 
 
 @dataclass
@@ -88,10 +91,12 @@ def read_counts(task: Task, rows, pool: sp.csr_matrix | None = None, pool_pos: n
 
 
 def assemble_counts(payload: TaskPayload, context: ScreenContext) -> sp.csr_matrix:
-    """The task's counts in screen order: its guide rows, and its control rows from the pool."""
+    """The task's counts in screen order: its guide rows, and its control rows from the pool, each
+    count capped at its gene's ``context.count_cap``."""
     if payload.counts is not None:
-        return payload.counts
-    return read_counts(payload.task, context.rows, context.control_pool, context.pool_pos, payload.guide_counts)
+        return cap_counts(payload.counts, context.count_cap)
+    return cap_counts(read_counts(payload.task, context.rows, context.control_pool, context.pool_pos,
+                                  payload.guide_counts), context.count_cap)
 
 
 @dataclass

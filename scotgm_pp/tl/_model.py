@@ -115,10 +115,12 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
 
 def _count_layer(adata: AnnData, perturbation: str, record: dict, cells, key: str, genes, n_genes: int,
                  layer: str | None) -> dict:
-    """The count layer's inputs for :func:`get_model`: counts of the chosen genes, the screen's
-    library sizes, dispersions and batches for the experiment's cells."""
+    """The count layer's inputs for :func:`get_model`: counts of the chosen genes (capped as the
+    screen capped them), the screen's library sizes, dispersions and batches for the experiment's
+    cells."""
     import scipy.sparse as sp
 
+    from .._screen import cap_counts
     from .._validation import InputError
     from ._response import get_responses
 
@@ -149,10 +151,14 @@ def _count_layer(adata: AnnData, perturbation: str, record: dict, cells, key: st
     if X is None:
         raise InputError("adata holds no counts (read_results gives the annotations only): pass the AnnData of the "
                          "screen's raw counts.")
+    X = sp.csr_matrix(X, dtype=np.float64)
+    responses_var = get_responses(adata, key).var
+    if "count_cap" in responses_var:  # the screen's caps (scotgm_pp._screen.scan_counts), on its genes
+        cap = responses_var["count_cap"].reindex(adata.var_names).to_numpy(float)
+        X = cap_counts(X, np.where(np.isfinite(cap), cap, np.inf))
     size_factors = np.asarray(X.sum(axis=1), float).ravel()
     cols = adata.var_names.get_indexer(chosen)
-    Y = X[:, cols]
-    Y = Y.toarray() if sp.issparse(Y) else np.asarray(Y)
+    Y = X[:, cols].toarray()
     position = {g: i for i, g in enumerate(kept)}
     dispersion = np.asarray(record["count_dispersion"], float)[[position[g] for g in chosen]]
     params = adata.uns[key]["params"]

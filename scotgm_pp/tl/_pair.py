@@ -67,8 +67,8 @@ def analyse_pair(
     3. :func:`~scotgm_pp.tl.fit_count_layer`: the negative-binomial count layer given those
        state posteriors, with each cell's total count (over all genes of ``counts``) as offset;
        ``effect`` is the perturbed state's log fold change of every gene, with ``effect_se``.
-    4. Genes are ranked by ``rank_by`` (default ``"effect_bound"``, the model's effect bounded at
-       ``sqrt(2 ln G)`` standard errors; see :func:`~scotgm_pp.tl.gene_statistics`).
+    4. Genes are ranked by ``rank_by`` (default ``"effect_shrunk"``, the empirical-Bayes posterior
+       mean of the model's effect; see :func:`~scotgm_pp.tl.gene_statistics`).
 
     Parameters
     ----------
@@ -212,8 +212,10 @@ def analyse_pair(
         "ks": pair.ks,
     }
     if test is not None:
+        src = test.pval_source
         record.update(pval_any=float(test.pval_any), any_statistic=float(test.any_statistic),
-                      n_resamples=int(test.n_resamples))
+                      n_resamples=int(test.n_resamples), n_pval_fitted_tail=int((src == 1).sum()),
+                      n_pval_extra_resamples=int((src == 2).sum()), n_pval_exact_sparse=int((src == 3).sum()))
     p = pd.Series(fit.p_perturbed, index=pair.obs_names)
     return record, genes, p
 

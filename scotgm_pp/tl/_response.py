@@ -72,6 +72,8 @@ class ScreenRun:
     collector: Collector
     store: RecordStore | None
     n_control_total: int
+    count_cap: np.ndarray | None = None
+    dispersion: np.ndarray | None = None
 
     def params(self) -> dict:
         out = self.settings.to_dict()
@@ -155,6 +157,7 @@ class ScreenPlan:
     n_control_total: int
     n_detected: np.ndarray | None = None
     content: dict | None = None
+    count_cap: np.ndarray | None = None
 
     def fingerprint(self) -> dict:
         """What every record of this plan depends on: the settings, the layer, the package
@@ -188,7 +191,7 @@ def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> Sc
     tasks = make_tasks(labels, chosen, settings, usable, batch)
     return ScreenPlan(screen=screen, settings=settings, perturbations=chosen, labels=labels, batch=batch,
                       tasks=tasks, dispersion=scan.dispersion, n_control_total=n_control_total,
-                      n_detected=scan.n_detected, content=content)
+                      n_detected=scan.n_detected, content=content, count_cap=scan.count_cap)
 
 
 def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, store: RecordStore | None = None,
@@ -229,12 +232,12 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
         own_files = store is not None and local_files
         payloads = _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected, in_workers=local_files)
         context = payloads.context(ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
-                                                 dispersion=plan.dispersion,
+                                                 dispersion=plan.dispersion, count_cap=plan.count_cap,
                                                  store_path=str(store.path) if own_files else None,
                                                  store_fingerprint=store.fingerprint if own_files else None))
         map_tasks(todo, payloads, context, collector.add, n_jobs=n_workers, client=client, progress=progress)
     return ScreenRun(settings=plan.settings, perturbations=plan.perturbations, collector=collector, store=store,
-                     n_control_total=plan.n_control_total)
+                     n_control_total=plan.n_control_total, count_cap=plan.count_cap, dispersion=plan.dispersion)
 
 
 AUTO_PARALLEL_WORK = 2e8
@@ -298,6 +301,10 @@ def annotate(target: AnnData, run: ScreenRun, key_added: str) -> None:
     col.finalize(run.settings.effect_fdr)
     params = run.params()
     responses = col.responses(params)
+    if run.count_cap is not None:
+        responses.var["count_cap"] = np.asarray(run.count_cap, float)
+    if run.dispersion is not None:
+        responses.var["dispersion_screen"] = np.asarray(run.dispersion, float)
     target.obs[f"{key_added}_p_perturbed"] = col.p_perturbed
     target.obs[f"{key_added}_class"] = col.cell_classes()
     uns = {
@@ -399,11 +406,14 @@ def perturbation_response(
         holds under 10% of them, every guide cell is treated as perturbed; the summary's
         ``escape_model`` says which and why.
     rank_by
-        ``"effect_bound"`` (default): the model's answer. The count layer of the state model
+        ``"effect_shrunk"`` (default): the model's answer. The count layer of the state model
         gives each gene's natural-log effect ``effect`` in the perturbed state (guide cells
-        weighted by their posterior of being perturbed) with its standard error; genes are
-        ranked by ``sign * max(|effect| - sqrt(2 ln G) * effect_se, 0)``, ties (bound 0) by
-        ``effect_z`` (see :func:`~scotgm_pp.tl.analyse_pair`). ``"lfc_all_guides_bound"``: the
+        weighted by their posterior of being perturbed) with its standard error; a prior learned
+        across the experiment's genes (a point mass at 0 and zero-centred normals) shrinks them,
+        and genes are ranked by the posterior mean ``effect_shrunk`` (no ties;
+        :func:`~scotgm_pp.tl.effect_table`). ``"effect_bound"``: ``sign * max(|effect| -
+        sqrt(2 ln G) * effect_se, 0)``, ties (bound 0) by ``effect_z`` (the default before issue
+        25). ``"lfc_all_guides_bound"``: the
         same bound on a model-free negative-binomial test of every guide cell against the
         controls (:func:`~scotgm_pp.tl.count_shift`, the default before the count layer joined
         the model). ``"shift"``: the gene-space mean shift of the perturbed state in
@@ -463,9 +473,11 @@ def perturbation_response(
         Perturbation x gene AnnData (:func:`get_responses`): ``obs`` one row per analysed
         perturbation (cells, PCs, which state model produced the states and its convergence,
         fraction perturbed, target rank, ``pval_any``, ``qval_any``, ``effect_detected``, ...),
-        ``var`` the screen's genes, one layer per gene statistic (NaN for genes an experiment
+        ``var`` the screen's genes (with ``count_cap``, the largest count of each gene the run
+        read, and ``dispersion_screen``, the controls' shrunk dispersion), one layer per gene statistic (NaN for genes an experiment
         did not keep): the model's ``effect``, ``effect_se``, ``effect_z``, ``effect_bound``,
-        ``effect_pvalue``, ``effect_qvalue`` (Wald), ``log_rate_basal``, ``dispersion``; the
+        ``effect_pvalue``, ``effect_qvalue`` (Wald), ``effect_shrunk``, ``effect_shrunk_sd``,
+        ``effect_lfsr`` (empirical Bayes across the genes), ``log_rate_basal``, ``dispersion``; the
         model-free ``lfc_all_guides``, ``_se``, ``_z``, ``_bound``; the paper's ``mu``,
         ``sigma``, ``score``; ``shift``; ``rank``, ``abs_rank``; and the calls' resampling
         ``pval`` with Benjamini-Hochberg ``qval`` (within the perturbation) and ``qval_screen``
