@@ -10,6 +10,9 @@ cell ``i`` in state ``z_i`` and batch ``b_i``::
   the basal one (``delta`` of state 0 is 0); deterministic ``state_log_rate`` (``state, gene``);
 * ``gamma ~ Normal(0, gamma_sd)`` (dims ``batch_offset, gene``) when there are batches: the
   offset of every batch but the reference (the most frequent) one;
+* ``design_count_coef ~ Normal(0, design_count_sd)`` (dims ``covariate, gene``) when the graph
+  has a per-cell design matrix ``design`` (``cell, covariate``): ``design_i @ design_count_coef``
+  is added to cell ``i``'s log rate of every gene, whatever its state;
 * ``size_factors`` (``cell``), ``dispersion`` (``gene``) and ``batch_code`` (``cell``) are
   ``pm.Data``: the library size is an offset and the dispersion a plug-in constant (the
   moment estimate over the control cells, :func:`scotgm_pp.inference.count_layer.control_dispersion`).
@@ -51,7 +54,7 @@ from pytensor.tensor.type_other import NoneTypeT
 
 from ..inference.count_layer import PHI_MIN, CountPrior, batch_codes
 
-__all__ = ["count_coords", "add_count_layer", "cells_joint"]
+__all__ = ["count_coords", "add_count_layer", "cells_joint", "joint_state_terms"]
 
 
 def count_coords(n: int, batch, state_names: list[str], genes: list[str], pcs: list[str]) -> dict:
@@ -78,11 +81,14 @@ def add_count_layer(
     count_prior: CountPrior,
     state_names: list[str],
     genes: list[str],
+    design=None,
+    design_count_sd: float = 1.0,
 ) -> dict:
     """Declare the count layer's parameters and data in the current model context.
 
     Returns the tensors the observed variables need: ``state_log_rate`` ``(K, G)``,
-    ``cell_offset`` ``(n, G)`` (``log s_i + gamma[b_i]``) and ``alpha`` ``(G,)``.
+    ``cell_offset`` ``(n, G)`` (``log s_i + gamma[b_i]``, plus ``design_i @ design_count_coef``
+    when ``design``, the model's ``(n, q)`` design data, is given) and ``alpha`` ``(G,)``.
     """
     n, G = counts.shape
     K = len(state_names)
@@ -105,43 +111,86 @@ def add_count_layer(
         gamma = pm.Normal("gamma", mu=0.0, sigma=count_prior.gamma_sd, shape=(len(labels) - 1, G),
                           dims=("batch_offset", "gene"))
         offset = offset + pt.concatenate([pt.zeros((1, G)), gamma], axis=0)[code]
+    if design is not None:
+        q = int(design.type.shape[1]) if design.type.shape[1] is not None else int(design.shape[1].eval())
+        coef = pm.Normal("design_count_coef", mu=0.0, sigma=float(design_count_sd), shape=(q, G),
+                         dims=("covariate", "gene"))
+        offset = offset + design @ coef
     return {"state_log_rate": state_log_rate, "cell_offset": offset, "alpha": 1.0 / phi}
 
 
-def _joint_logp(d: int, n_states: int):
-    def logp(value, means, precisions, log_w, log_rate, offset, alpha):
-        from .graph import gaussian_log_densities
+def joint_state_terms(value, means, precisions, log_w, log_rate, offset, alpha, *, d: int, n_states: int,
+                      cell_shift=None):
+    """``(n, K)``: a cell's log prior state probability plus the log density of its scores (the
+    first ``d`` features) and counts in each state; their ``logsumexp`` is the cell's marginal
+    (``cell_shift``: the ``(n, d)`` design offsets of the cells' means, or ``None``)."""
+    from .graph import gaussian_log_densities
 
-        x = value[..., :d]
-        y = value[..., d:]
-        lx = gaussian_log_densities(x, means, precisions, n_states)
-        comps = []
-        for k in range(n_states):
-            mu = pt.exp(offset + log_rate[k])
-            comps.append(pm.logp(pm.NegativeBinomial.dist(mu=mu, alpha=alpha), y).sum(axis=-1))
-        return pt.logsumexp(lx + pt.stack(comps, axis=-1) + log_w, axis=-1)
+    x = value[..., :d]
+    y = value[..., d:]
+    lx = gaussian_log_densities(x if cell_shift is None else x - cell_shift, means, precisions, n_states)
+    comps = []
+    for k in range(n_states):
+        mu = pt.exp(offset + log_rate[k])
+        comps.append(pm.logp(pm.NegativeBinomial.dist(mu=mu, alpha=alpha), y).sum(axis=-1))
+    return lx + pt.stack(comps, axis=-1) + log_w
+
+
+def _joint_logp(d: int, n_states: int, shifted: bool = False):
+    if shifted:
+        def logp_shifted(value, means, precisions, log_w, log_rate, offset, alpha, cell_shift):
+            return pt.logsumexp(joint_state_terms(value, means, precisions, log_w, log_rate, offset, alpha, d=d,
+                                                  n_states=n_states, cell_shift=cell_shift), axis=-1)
+
+        return logp_shifted
+
+    def logp(value, means, precisions, log_w, log_rate, offset, alpha):
+        return pt.logsumexp(joint_state_terms(value, means, precisions, log_w, log_rate, offset, alpha, d=d,
+                                              n_states=n_states), axis=-1)
 
     return logp
 
 
-def _joint_dist(d: int):
-    def dist(means, precisions, log_w, log_rate, offset, alpha, size):
+def _joint_dist(d: int, shifted: bool = False):
+    def draw(means, precisions, log_w, log_rate, offset, alpha, cell_shift, size):
         n = offset.shape[0] if size is None or isinstance(size.type, NoneTypeT) else size[0]
         z = pm.Categorical.dist(logit_p=log_w, shape=(n,))
         chol = pt.linalg.cholesky(pt.linalg.inv(precisions))  # (K, d, d), Sigma_k = L L^T
         eps = pm.Normal.dist(0.0, 1.0, shape=(n, d))
         x = means[z] + (chol[z] @ eps[..., None])[..., 0]
+        if cell_shift is not None:
+            x = x + cell_shift
         y = pm.NegativeBinomial.dist(mu=pt.exp(offset + log_rate[z]), alpha=alpha)
         return pt.concatenate([x, pt.cast(y, "float64")], axis=-1)
+
+    if shifted:
+        def dist_shifted(means, precisions, log_w, log_rate, offset, alpha, cell_shift, size):
+            return draw(means, precisions, log_w, log_rate, offset, alpha, cell_shift, size)
+
+        return dist_shifted
+
+    def dist(means, precisions, log_w, log_rate, offset, alpha, size):
+        return draw(means, precisions, log_w, log_rate, offset, alpha, None, size)
 
     return dist
 
 
 def cells_joint(name: str, *, means, precisions, log_weights, layer: dict, observed: np.ndarray, d: int,
-                n_states: int, dims) -> pt.TensorVariable:
+                n_states: int, dims, cell_shift=None) -> pt.TensorVariable:
     """Every cell's PCA scores and counts under one marginalised state (see the module docstring);
     ``log_weights`` is the ``(n, K)`` log prior state probability of each cell (``-inf`` for a
-    state the cell may not take)."""
+    state the cell may not take); ``cell_shift`` the ``(n, d)`` design offsets of the cells'
+    state means (a graph with a design), else ``None``."""
+    if cell_shift is not None:
+        return pm.CustomDist(
+            name, means, precisions, log_weights, layer["state_log_rate"], layer["cell_offset"], layer["alpha"],
+            cell_shift,
+            logp=_joint_logp(d, int(n_states), shifted=True),
+            dist=_joint_dist(d, shifted=True),
+            signature="(k,d),(k,d,d),(k),(k,g),(g),(g),(d)->(c)",
+            observed=observed,
+            dims=dims,
+        )
     return pm.CustomDist(
         name,
         means,

@@ -27,6 +27,20 @@ every cell's counts are negative binomial with a state-specific log rate and sha
 state with its PCA scores; the observed variable is then ``XY`` (dims ``cell, feature``: the
 PCs, then the genes), with the same marginal over the allowed states.
 
+Two options change the graph (the default, ``mean_parametrization="state"`` without a design, is
+the one above):
+
+* ``mean_parametrization="shift"``: the reference state's mean is ``mean_0`` as above, and every
+  other state's mean is ``mean_0 + shift_k`` with ``shift_k ~ Normal(0, shift_sd)`` (dims ``pc``,
+  independent of the precisions); ``mean_{k}`` (k >= 1) is then a deterministic. A prior on the
+  perturbation itself, seen by ``pm.sample_prior_predictive``.
+* ``design`` (cells x covariates, dims ``cell, covariate``): ``design_coef ~ Normal(0, design_sd)``
+  (dims ``covariate, pc``) moves every cell's mean, whatever its state: cell ``i`` in state ``k``
+  has mean ``means[k] + design_i @ design_coef``; with counts also
+  ``design_count_coef ~ Normal(0, design_count_sd)`` (dims ``covariate, gene``) is added to every
+  cell's log rate. The state means are those of a cell whose covariates are all 0 (the reference
+  levels of one-hot columns, the mean of centred ones).
+
 No variable carries an ``initval``: starting points go to ``pm.sample(initvals=...)`` or
 ``pm.find_MAP(initvals=...)`` (:func:`initial_values`, :func:`model_point`), so
 ``pm.model.fgraph.clone_model`` and ``pm.compute_log_likelihood`` work on the model.
@@ -50,6 +64,7 @@ Notes on :class:`pymc.Wishart` in PyMC 5.28
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -65,13 +80,22 @@ from .count_graph import add_count_layer, cells_joint, count_coords
 
 __all__ = [
     "LogCholeskyTransform",
+    "MEAN_PARAMETRIZATIONS",
     "build_model",
+    "check_design",
+    "data_scale_sd",
+    "state_log_terms_function",
     "initial_values",
     "known_free_variables",
     "default_contrasts",
     "default_state_names",
     "model_point",
 ]
+
+
+MEAN_PARAMETRIZATIONS = ("state", "shift")
+"""``"state"``: a Normal-Wishart mean per state (the default graph); ``"shift"``: ``mean_0`` and a
+shift ``shift_k`` per other state, ``mean_k = mean_0 + shift_k``."""
 
 
 class LogCholeskyTransform(Transform):
@@ -159,6 +183,51 @@ def _check_prior(prior: NormalWishartPrior, d: int, n_states: int) -> None:
         )
 
 
+def data_scale_sd(X: np.ndarray) -> np.ndarray:
+    """The standard deviation of the scores along every PC over all cells, ``(d,)``: the default
+    prior SD of the shifts and of the design coefficients (a PC without spread gets the mean SD
+    of the others, or 1)."""
+    X = np.asarray(X, float)
+    sd = X.std(axis=0) if X.shape[0] > 1 else np.ones(X.shape[1])
+    fallback = float(np.mean(sd[sd > 0])) if np.any(sd > 0) else 1.0
+    return np.where(sd > 0, sd, fallback)
+
+
+def _prior_sd(value, d: int, name: str, X: np.ndarray) -> np.ndarray:
+    """A positive SD per PC from ``None`` (:func:`data_scale_sd`), a number or ``d`` numbers."""
+    if value is None:
+        return data_scale_sd(X)
+    sd = np.broadcast_to(np.asarray(value, float), (d,)) if np.ndim(value) == 0 else np.asarray(value, float)
+    if sd.shape != (d,) or not np.all(np.isfinite(sd)) or not np.all(sd > 0):
+        raise ValueError(f"{name} must be None (the scores' SD per PC), a positive number or {d} positive numbers "
+                         f"(one per PC), got {value!r}.")
+    return np.array(sd, float)
+
+
+def check_design(design, n: int) -> np.ndarray:
+    """A per-cell design matrix as a float ``(n, q)`` array, checked: finite, one row per cell, no
+    constant column and no column that the others and a constant reproduce (the state means carry
+    the intercept, so an intercept column, or every level of a one-hot factor, would leave the
+    coefficients to the prior alone)."""
+    D = np.asarray(design, dtype=float)
+    if D.ndim == 1:
+        D = D[:, None]
+    if D.ndim != 2 or D.shape[0] != n or D.shape[1] < 1:
+        raise ValueError(f"design must be a cells x covariates matrix with one row per cell ({n}), got shape "
+                         f"{np.shape(design)}.")
+    if not np.all(np.isfinite(D)):
+        raise ValueError("design contains non-finite values; impute or drop those cells first.")
+    constant = np.flatnonzero(np.ptp(D, axis=0) == 0)
+    if constant.size:
+        raise ValueError(f"design column(s) {constant.tolist()} are constant: the state means carry the intercept, so "
+                         "drop intercept columns (and columns of a level no cell has).")
+    with_intercept = np.column_stack([np.ones(n), D])
+    if np.linalg.matrix_rank(with_intercept) < D.shape[1] + 1:
+        raise ValueError("design columns are collinear with each other or with an intercept (e.g. every level of a "
+                         "one-hot factor): drop the reference level of each factor and any redundant column.")
+    return D
+
+
 def build_model(
     X: np.ndarray,
     *,
@@ -176,6 +245,11 @@ def build_model(
     batch: np.ndarray | None = None,
     count_prior: CountPrior | None = None,
     loadings: np.ndarray | None = None,
+    mean_parametrization: str = "state",
+    shift_sd=None,
+    design=None,
+    design_sd=None,
+    design_count_sd: float = 1.0,
 ) -> pm.Model:
     """Declare the sc-OTGM mixture as a PyMC model, optionally with the count observation layer.
 
@@ -217,6 +291,27 @@ def build_model(
         adds the data ``loadings`` (dims ``gene, pc``) and the deterministic
         ``perturbation_gene_mean`` (``contrast, gene``) ``= V (mean_a - mean_b)``, the paper's
         gene-level mean shift. ``coords["gene"]`` names the genes.
+    mean_parametrization
+        ``"state"`` (default): ``mean_k | precision_k ~ N(m0, (kappa0 precision_k)^{-1})`` for every
+        state. ``"shift"``: that prior for ``mean_0`` only, and ``shift_k ~ Normal(0, shift_sd)``
+        (dims ``pc``) for ``k >= 1`` with the deterministic ``mean_k = mean_0 + shift_k``.
+    shift_sd
+        Prior SD of every shift coordinate with ``"shift"``: ``None`` (default) for the scores'
+        SD along each PC over all cells (:func:`data_scale_sd`), a number, or one per PC.
+    design
+        Optional cells x covariates floats (e.g. one-hot batches without the reference level, or
+        centred covariates), checked by :func:`check_design`; ``coords["covariate"]`` names the
+        columns. Adds the data ``design`` (``cell, covariate``) and ``design_coef ~ Normal(0,
+        design_sd)`` (``covariate, pc``): cell ``i`` in state ``k`` has scores
+        ``N(means[k] + design_i @ design_coef, Sigma_k)``. With counts also
+        ``design_count_coef ~ Normal(0, design_count_sd)`` (``covariate, gene``) on every cell's
+        log rate.
+    design_sd
+        Prior SD of ``design_coef``: ``None`` (default) for :func:`data_scale_sd` per PC (a unit
+        change of a covariate moves the mean by about one SD of the scores a priori), a number,
+        or one per PC.
+    design_count_sd
+        Prior SD of ``design_count_coef`` (natural-log rate per unit of a covariate).
 
     Returns
     -------
@@ -230,7 +325,9 @@ def build_model(
         (the independent coupling). With counts, also ``beta`` (``gene``), ``delta``
         (``effect_state, gene``), ``gamma`` (``batch_offset, gene``, with batches),
         ``state_log_rate`` (``state, gene``), and the observed ``XY`` (``cell, feature``: the
-        PCs, then the genes) in place of ``X``.
+        PCs, then the genes) in place of ``X``. With ``"shift"``: ``shift_{k}`` (``pc``) free
+        and ``mean_{k}`` deterministic for ``k >= 1``. With a design: data ``design``, free
+        ``design_coef`` (and ``design_count_coef`` with counts).
     """
     X = validate_scores(X)
     n, d = X.shape
@@ -239,6 +336,13 @@ def build_model(
     n_states = int(n_states)
     if covariance not in ("full", "tied"):
         raise ValueError(f"covariance must be 'full' or 'tied', got {covariance!r}.")
+    if mean_parametrization not in MEAN_PARAMETRIZATIONS:
+        raise ValueError(f"mean_parametrization must be one of {MEAN_PARAMETRIZATIONS}, got {mean_parametrization!r}.")
+    shift_prior_sd = _prior_sd(shift_sd, d, "shift_sd", X) if mean_parametrization == "shift" else None
+    D = None if design is None else check_design(design, n)
+    design_prior_sd = None if D is None else _prior_sd(design_sd, d, "design_sd", X)
+    if D is not None and not float(design_count_sd) > 0:
+        raise ValueError(f"design_count_sd must be > 0, got {design_count_sd!r}.")
     _, mask = validate_allowed_states(allowed_states, fixed_state, n, n_states)
     prior = default_prior(X, n_states) if prior is None else prior
     _check_prior(prior, d, n_states)
@@ -256,10 +360,19 @@ def build_model(
     genes = coords.pop("gene", None)
     cells = [str(c) for c in coords.pop("cell", [f"cell_{i}" for i in range(n)])]
     pcs = [str(c) for c in coords.pop("pc", [f"PC{j + 1}" for j in range(d)])]
+    covariates = coords.pop("covariate", None)
     if len(cells) != n or len(pcs) != d:
         raise ValueError(f"coords['cell'] needs {n} labels and coords['pc'] {d}; got {len(cells)}, {len(pcs)}.")
+    if covariates is not None and D is None:
+        raise ValueError("coords['covariate'] names the columns of design; pass design= too.")
+    if D is not None:
+        covariates = [str(c) for c in (covariates if covariates is not None else
+                                        [f"covariate_{j}" for j in range(D.shape[1])])]
+        if len(covariates) != D.shape[1] or len(set(covariates)) != D.shape[1]:
+            raise ValueError(f"coords['covariate'] needs {D.shape[1]} distinct labels (the columns of design), got "
+                             f"{covariates!r}.")
     if coords:
-        raise ValueError(f"coords may only set 'cell', 'pc' and 'gene'; unexpected keys {sorted(coords)}.")
+        raise ValueError(f"coords may only set 'cell', 'pc', 'gene' and 'covariate'; unexpected keys {sorted(coords)}.")
     Y = _check_counts(counts, n, size_factors, dispersion)
     pca_loadings = None
     if loadings is not None:
@@ -286,6 +399,8 @@ def build_model(
         model_coords.update(count_coords(n, batch, names, genes, pcs))
     if pca_loadings is not None:
         model_coords["gene"] = genes
+    if D is not None:
+        model_coords["covariate"] = covariates
     m0 = np.asarray(prior.mean, float)
     V = prior.scale
     V = 0.5 * (V + V.T)
@@ -306,7 +421,11 @@ def build_model(
         shared = wishart("precision") if covariance == "tied" else None
         for k in range(n_states):
             lam = shared if shared is not None else wishart(f"precision_{k}")
-            means.append(pm.MvNormal(f"mean_{k}", mu=m0, tau=kappa * lam, dims="pc"))
+            if mean_parametrization == "shift" and k > 0:
+                shift = pm.Normal(f"shift_{k}", mu=0.0, sigma=shift_prior_sd, shape=(d,), dims="pc")
+                means.append(pm.Deterministic(f"mean_{k}", means[0] + shift, dims="pc"))
+            else:
+                means.append(pm.MvNormal(f"mean_{k}", mu=m0, tau=kappa * lam, dims="pc"))
             precisions.append(lam)
         means_t = pm.Deterministic("means", pt.stack(means), dims=("state", "pc"))
         precisions_t = pm.Deterministic("precisions", pt.stack(precisions), dims=("state", "pc", "pc_bis"))
@@ -324,17 +443,31 @@ def build_model(
                 pm.Deterministic("perturbation_gene_mean", (means_t[a_idx] - means_t[b_idx]) @ V_t.T,
                                  dims=("contrast", "gene"))
         log_w = cell_log_weights(weights, allowed)
-        if Y is None:
+        design_t = cell_shift = None
+        if D is not None:
+            design_t = pm.Data("design", D, dims=("cell", "covariate"))
+            coef = pm.Normal("design_coef", mu=0.0, sigma=np.broadcast_to(design_prior_sd, (D.shape[1], d)),
+                             shape=(D.shape[1], d), dims=("covariate", "pc"))
+            cell_shift = design_t @ coef  # (n, d): every cell's offset of its state mean
+        if Y is None and cell_shift is None:
             pm.CustomDist(
                 "X", means_t, precisions_t, log_w,
                 logp=_gaussian_logp(n_states), dist=_gaussian_dist(d),
                 signature="(k,d),(k,d,d),(k)->(d)", observed=X, dims=("cell", "pc"),
             )
+        elif Y is None:
+            pm.CustomDist(
+                "X", means_t, precisions_t, log_w, cell_shift,
+                logp=_gaussian_logp(n_states, shifted=True), dist=_gaussian_dist(d, shifted=True),
+                signature="(k,d),(k,d,d),(k),(d)->(d)", observed=X, dims=("cell", "pc"),
+            )
         else:
             layer = add_count_layer(Y, size_factors=size_factors, dispersion=dispersion, batch=batch,
-                                    count_prior=count_prior, state_names=names, genes=genes)
+                                    count_prior=count_prior, state_names=names, genes=genes, design=design_t,
+                                    design_count_sd=float(design_count_sd))
             cells_joint("XY", means=means_t, precisions=precisions_t, log_weights=log_w, layer=layer,
-                        observed=np.hstack([X, Y]), d=d, n_states=n_states, dims=("cell", "feature"))
+                        observed=np.hstack([X, Y]), d=d, n_states=n_states, dims=("cell", "feature"),
+                        cell_shift=cell_shift)
     return model
 
 
@@ -360,14 +493,28 @@ def gaussian_log_densities(x, means, precisions, n_states: int):
     return pt.stack(comps, axis=-1)
 
 
-def _gaussian_logp(n_states: int):
+def gaussian_state_terms(value, means, precisions, log_w, n_states: int, cell_shift=None):
+    """``(n, K)``: ``log N(x_i | mean_k + shift_i, precision_k^{-1}) + log_w[i, k]``, the terms whose
+    ``logsumexp`` over the states is a cell's marginal log density (``cell_shift``: the ``(n, d)``
+    design offsets of the cells' means, or ``None``)."""
+    x = value if cell_shift is None else value - cell_shift
+    return gaussian_log_densities(x, means, precisions, n_states) + log_w
+
+
+def _gaussian_logp(n_states: int, shifted: bool = False):
+    if shifted:
+        def logp_shifted(value, means, precisions, log_w, cell_shift):
+            return pt.logsumexp(gaussian_state_terms(value, means, precisions, log_w, n_states, cell_shift), axis=-1)
+
+        return logp_shifted
+
     def logp(value, means, precisions, log_w):
         return pt.logsumexp(gaussian_log_densities(value, means, precisions, n_states) + log_w, axis=-1)
 
     return logp
 
 
-def _gaussian_dist(d: int):
+def _gaussian_dist(d: int, shifted: bool = False):
     def dist(means, precisions, log_w, size):
         n = log_w.shape[0] if size is None or isinstance(size.type, NoneTypeT) else size[0]
         z = pm.Categorical.dist(logit_p=log_w, shape=(n,))
@@ -375,20 +522,63 @@ def _gaussian_dist(d: int):
         eps = pm.Normal.dist(0.0, 1.0, shape=(n, d))
         return means[z] + (chol[z] @ eps[..., None])[..., 0]
 
+    if shifted:
+        def dist_shifted(means, precisions, log_w, cell_shift, size):
+            return dist(means, precisions, log_w, size) + cell_shift
+
+        return dist_shifted
     return dist
+
+
+def state_log_terms_function(model: pm.Model):
+    """A NumPy function of the free variables' values (untransformed, keyed by name) returning the
+    ``(n, K)`` per-state log terms of the model's observed cells (``X`` or ``XY``): the prior
+    state probability plus the cell's log density in that state, read from the observed
+    variable's own inputs (the design offsets and the count layer included), so that a softmax
+    over the states gives the cells' state probabilities under the graph."""
+    import pytensor
+    from pytensor.graph.replace import clone_replace
+
+    from .count_graph import joint_state_terms
+
+    name = "XY" if "XY" in model.named_vars else "X"
+    rv = model[name]
+    params = rv.owner.op.dist_params(rv.owner)
+    observed = model.rvs_to_values[rv]
+    K = len(model.coords["state"])
+    if name == "X":
+        shift = params[3] if len(params) > 3 else None
+        terms = gaussian_state_terms(observed, params[0], params[1], params[2], K, shift)
+    else:
+        d = len(model.coords["pc"])
+        shift = params[6] if len(params) > 6 else None
+        terms = joint_state_terms(observed, *params[:6], d=d, n_states=K, cell_shift=shift)
+    free = list(model.free_RVs)
+    inputs = [rv.type(name=rv.name) for rv in free]
+    terms = clone_replace(terms, replace=dict(zip(free, inputs)))
+    fn = pytensor.function(inputs, terms, on_unused_input="ignore")
+    names = [rv.name for rv in free]
+
+    def evaluate(values: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(fn(*[np.asarray(values[v], dtype=rv.dtype) for v, rv in zip(names, free)]))
+
+    return evaluate
 
 
 def known_free_variables(n_states: int) -> set[str]:
     """Names of the free variables :func:`build_model` may declare for ``n_states`` states (the
     ones EM, Gibbs and :func:`initial_values` know)."""
-    names = {"weights", "precision", "beta", "delta", "gamma"}
+    names = {"weights", "precision", "beta", "delta", "gamma", "design_coef", "design_count_coef"}
     for k in range(n_states):
         names |= {f"mean_{k}", f"precision_{k}"}
+        if k > 0:
+            names.add(f"shift_{k}")
     return names
 
 
 def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, precisions: np.ndarray,
-                   counts=None, unknown: str = "raise") -> dict[str, np.ndarray]:
+                   counts=None, unknown: str = "raise", design_coefs: Mapping[str, np.ndarray] | None = None
+                   ) -> dict[str, np.ndarray]:
     """Starting values of :func:`build_model`'s free variables, keyed by variable name, in
     the constrained space: what ``pm.sample(initvals=...)`` takes.
 
@@ -404,6 +594,9 @@ def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, prec
     unknown
         ``"raise"``: a free variable :func:`build_model` does not declare is an error naming it;
         ``"skip"``: it is left out (PyMC then uses its own initial point).
+    design_coefs
+        Starting ``design_coef`` and ``design_count_coef`` (for a model with a design); a missing
+        one starts at zero. A ``shift_{k}`` starts at ``means[k] - means[0]``.
     """
     weights = np.asarray(weights, float)
     means = np.asarray(means, float)
@@ -415,6 +608,11 @@ def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, prec
             out[name] = weights
         elif name.startswith("mean_"):
             out[name] = means[int(name.split("_")[1])]
+        elif re.fullmatch(r"shift_[1-9][0-9]*", name) and int(name[6:]) < len(means):
+            out[name] = means[int(name[6:])] - means[0]
+        elif name in ("design_coef", "design_count_coef"):
+            value = (design_coefs or {}).get(name)
+            out[name] = np.zeros(_static_shape(model, rv)) if value is None else np.asarray(value, float)
         elif name.startswith("precision_"):
             lam = precisions[int(name.split("_")[1])]
             out[name] = 0.5 * (lam + lam.T)
@@ -432,6 +630,13 @@ def initial_values(model: pm.Model, weights: np.ndarray, means: np.ndarray, prec
                 "(pm.sample(initvals={...})) or pass unknown='skip' to let PyMC choose one."
             )
     return out
+
+
+def _static_shape(model: pm.Model, rv) -> tuple[int, ...]:
+    shape = rv.type.shape
+    if all(s is not None for s in shape):
+        return tuple(int(s) for s in shape)
+    return tuple(int(s) for s in rv.shape.eval())
 
 
 def _check_counts(counts, n: int, size_factors, dispersion) -> np.ndarray | None:
@@ -463,6 +668,7 @@ def model_point(
     precisions: np.ndarray,
     counts=None,
     unknown: str = "raise",
+    design_coefs: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The value-variable point of :func:`build_model`'s model at given parameters.
 
@@ -477,6 +683,8 @@ def model_point(
         built with counts).
     unknown
         As in :func:`initial_values` (``"skip"`` leaves other variables out of the point).
+    design_coefs
+        As in :func:`initial_values`.
 
     Returns
     -------
@@ -484,7 +692,7 @@ def model_point(
         ``{value variable name: value in the transformed space}``, ready for
         ``model.compile_logp(jacobian=False)``, ``compile_dlogp`` or ``pm.find_MAP(initvals=...)``.
     """
-    raw_values = initial_values(model, weights, means, precisions, counts, unknown)
+    raw_values = initial_values(model, weights, means, precisions, counts, unknown, design_coefs)
     point: dict[str, np.ndarray] = {}
     for rv in model.free_RVs:
         if rv.name not in raw_values:

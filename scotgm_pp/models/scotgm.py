@@ -13,7 +13,12 @@ Every parameter in ``.idata`` carries the name of a variable of ``.model`` (``we
 ``mean_{k}``, ``precision_{k}`` or the tied ``precision``, and the deterministics ``means``,
 ``precisions``, ``covariances``, ``perturbation_mean``, ``perturbation_cov_independent``), and
 the observed cells are ``X`` (dims ``cell, pc``) in ``observed_data``, ``log_likelihood``,
-``prior_predictive`` and ``posterior_predictive`` alike, whatever the options.
+``prior_predictive`` and ``posterior_predictive`` alike, whatever the options. With
+``model_config["mean_parametrization"] = "shift"`` the graph's free ``shift_{k}`` stand in for the
+free ``mean_{k}`` of the states after the first (``mean_{k}`` is then a deterministic of the same
+name); with ``fit(..., design=...)`` the graph adds ``design_coef`` (and, with counts,
+``design_count_coef``). EM and Gibbs fit only the default graph; these are fitted by ``"map"`` or
+``"nuts"``.
 
 Where results go
 ----------------
@@ -54,7 +59,7 @@ from ..inference.em import (
     scaled_prior,
     validate_allowed_states,
 )
-from .graph import default_contrasts, default_state_names
+from .graph import MEAN_PARAMETRIZATIONS, default_contrasts, default_state_names
 
 __all__ = ["ScOTGM", "PerturbationDistribution", "ConvergenceWarning", "DEFAULT_MODEL_CONFIG",
            "DEFAULT_SAMPLER_CONFIG", "check_convergence"]
@@ -78,6 +83,10 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "delta_sd": 0.5,
     "beta_sd": 5.0,
     "gamma_sd": 1.0,
+    "mean_parametrization": "state",
+    "shift_sd": None,
+    "design_sd": None,
+    "design_count_sd": 1.0,
 }
 """The model's definition. ``prior``: ``"scaled"`` (default; weakly informative on the data's
 scale, :func:`~scotgm_pp.inference.em.scaled_prior`: prior predictive cells within the data's
@@ -91,7 +100,17 @@ dimension (an integer); ``dirichlet``: concentration of the weights; ``covarianc
 layer given them, as the screen does; ``"joint"``: EM maximises the joint density, the counts
 informing the states too; NUTS and MAP always sample or maximise the joint density) and the count
 layer's prior standard deviations ``delta_sd`` (state effects), ``beta_sd`` (basal log rates),
-``gamma_sd`` (batch offsets)."""
+``gamma_sd`` (batch offsets).
+
+``mean_parametrization``: ``"state"`` (default: a Normal-Wishart mean per state, the graph EM fits)
+or ``"shift"`` (``mean_0`` as before, ``shift_k ~ Normal(0, shift_sd)`` per PC for every other
+state and ``mean_k = mean_0 + shift_k``: a prior on the perturbation itself). ``shift_sd``:
+``None`` (default) for the SD of the scores along each PC over all the fit's cells, a positive
+number, or one per PC. With a design (:meth:`ScOTGM.fit` ``design=``): ``design_sd``, the prior SD
+of ``design_coef`` (PC offset per unit of a covariate; ``None``: the scores' SD per PC, as
+``shift_sd``), and ``design_count_sd``, that of ``design_count_coef`` (natural-log rate per unit of
+a covariate). EM fits only the default graph (``"state"``, no design): the others are fitted with
+``method="map"`` or ``"nuts"``."""
 
 DEFAULT_SAMPLER_CONFIG: dict[str, Any] = {
     "draws": 1000,
@@ -161,10 +180,29 @@ def _check_model_config(config: dict) -> dict:
         if not float(c[key]) > 0:
             raise ValueError(f"{key} must be > 0, got {c[key]!r}.")
         c[key] = float(c[key])
+    if c["mean_parametrization"] not in MEAN_PARAMETRIZATIONS:
+        raise ValueError(f"mean_parametrization must be one of {MEAN_PARAMETRIZATIONS}, got "
+                         f"{c['mean_parametrization']!r}.")
+    for key in ("shift_sd", "design_sd"):
+        c[key] = _check_sd_setting(key, c[key])
+    if not float(c["design_count_sd"]) > 0:
+        raise ValueError(f"design_count_sd must be > 0, got {c['design_count_sd']!r}.")
+    c["design_count_sd"] = float(c["design_count_sd"])
     if not float(c["dirichlet"]) >= 1:
         raise ValueError(f"dirichlet must be >= 1 (the MAP needs it), got {c['dirichlet']!r}.")
     c["dirichlet"] = float(c["dirichlet"])
     return c
+
+
+def _check_sd_setting(key: str, value):
+    """``None``, a positive number, or a list of positive numbers (one per PC, checked at build)."""
+    if value is None:
+        return None
+    values = np.asarray(value, float)
+    if values.ndim > 1 or values.size == 0 or not np.all(np.isfinite(values)) or not np.all(values > 0):
+        raise ValueError(f"{key} must be None (the scores' SD per PC), a positive number or a list of positive "
+                         f"numbers (one per PC), got {value!r}.")
+    return float(values) if values.ndim == 0 else [float(v) for v in values]
 
 
 class ScOTGM:
@@ -180,7 +218,7 @@ class ScOTGM:
         ``"tied"``) and the priors. Stored in the result tree's attrs.
     sampler_config
         ``pm.sample`` settings (see :data:`DEFAULT_SAMPLER_CONFIG`).
-    covariance, state_names, prior, regularization, kappa, extra_dof, dirichlet
+    covariance, state_names, prior, regularization, kappa, extra_dof, dirichlet, mean_parametrization, shift_sd
         Shorthands for the ``model_config`` keys of the same names (they override it).
     m_step
         ``"map"`` (exact MAP M-step) or ``"paper"`` (Algorithm 3 as published), passed to
@@ -221,6 +259,8 @@ class ScOTGM:
         kappa: float | None = None,
         extra_dof: int | None = None,
         dirichlet: float | None = None,
+        mean_parametrization: str | None = None,
+        shift_sd: float | list[float] | None = None,
         m_step: str = "map",
         max_iter: int = 500,
         tol: float = 1e-8,
@@ -233,7 +273,8 @@ class ScOTGM:
         config = dict(model_config or {})
         for key, value in (("n_states", n_states), ("covariance", covariance), ("state_names", state_names),
                            ("prior", prior), ("regularization", regularization), ("kappa", kappa), ("extra_dof", extra_dof),
-                           ("dirichlet", dirichlet)):
+                           ("dirichlet", dirichlet), ("mean_parametrization", mean_parametrization),
+                           ("shift_sd", shift_sd)):
             if value is not None:
                 config[key] = value
         self.model_config = _check_model_config(config)
@@ -361,7 +402,7 @@ class ScOTGM:
     # ----------------------------------------------------------------- model
     def build_model(self, data, *, fixed_state=None, allowed_states=None, labels=None, control=None,
                     obsm_key: str = "X_pca", counts=None, size_factors=None, dispersion=None, batch=None,
-                    genes=None):
+                    genes=None, design=None):
         """The PyMC model of ``data`` under this ``model_config`` (also kept as :attr:`model`).
 
         Parameters
@@ -374,15 +415,29 @@ class ScOTGM:
             Key of the PCA scores in ``adata.obsm``.
         counts, size_factors, dispersion, batch, genes
             The count layer (see :meth:`fit`).
+        design
+            The per-cell design matrix (see :meth:`fit`).
 
         Returns
         -------
         pymc.Model
             Named dims and coords ``state``, ``pc``, ``pc_bis``, ``cell`` (and ``contrast``; with
-            counts ``gene``, ``effect_state``, ``feature``).
+            counts ``gene``, ``effect_state``, ``feature``; with a design ``covariate``).
         """
+        from ._design import resolve_design
+        from .graph import _prior_sd
+
         self._data = self._resolve_data(data, fixed_state, allowed_states, labels, control, obsm_key)
-        self._data["prior"] = self._prior(self._data["X"])
+        X = self._data["X"]
+        self._data["prior"] = self._prior(X)
+        obs = data.obs if hasattr(data, "obsm") and hasattr(data, "obs") else None
+        resolved = resolve_design(design, X.shape[0], obs)
+        c = self.model_config
+        if resolved is not None:
+            self._data["design"], self._data["covariates"] = resolved
+            self._data["design_sd"] = _prior_sd(c["design_sd"], X.shape[1], "design_sd", X)
+        if c["mean_parametrization"] == "shift":
+            self._data["shift_sd"] = _prior_sd(c["shift_sd"], X.shape[1], "shift_sd", X)
         if counts is not None:
             from ._counts import resolve_counts
 
@@ -401,20 +456,27 @@ class ScOTGM:
         coords = {"cell": data["cells"], "pc": [f"PC{j + 1}" for j in range(d)]}
         loadings = data["pca"].get("pca_loadings")
         counts = data.get("counts")
+        c = self.model_config
+        options = {}
+        if c["mean_parametrization"] != "state":
+            options.update(mean_parametrization=c["mean_parametrization"], shift_sd=data["shift_sd"])
+        if data.get("design") is not None:
+            coords["covariate"] = list(data["covariates"])
+            options.update(design=data["design"], design_sd=data["design_sd"], design_count_sd=c["design_count_sd"])
         if counts is not None:
             coords["gene"] = list(counts.genes)
             return build_model(
                 data["X"], allowed_states=data["mask"], n_states=self.n_states, prior=data["prior"],
                 state_names=self.state_names, coords=coords, covariance=self.model_config["covariance"],
                 counts=counts.Y, size_factors=counts.size_factors, dispersion=counts.dispersion, batch=counts.batch,
-                count_prior=counts.prior,
+                count_prior=counts.prior, **options,
             )
         if loadings is not None:
             coords["gene"] = [str(g) for g in data["pca"]["genes"]]
         return build_model(
             data["X"], allowed_states=data["mask"], n_states=self.n_states, prior=data["prior"],
             state_names=self.state_names, coords=coords, covariance=self.model_config["covariance"],
-            loadings=loadings,
+            loadings=loadings, **options,
         )
 
     @property
@@ -460,6 +522,12 @@ class ScOTGM:
                 pca = {"pca_loadings": cd["pca_loadings"].values,
                        "genes": np.asarray(cd["gene"].values).astype(str)}
         out["pca"] = pca
+        if "design" in cd:
+            out["design"] = np.asarray(cd["design"].values, float)
+            out["covariates"] = [str(v) for v in cd["covariate"].values]
+            out["design_sd"] = np.asarray(cd["design_prior_sd"].values, float)
+        if "shift_prior_sd" in cd:
+            out["shift_sd"] = np.asarray(cd["shift_prior_sd"].values, float)
         return out
 
     # ------------------------------------------------------------------- fit
@@ -480,6 +548,7 @@ class ScOTGM:
         dispersion=None,
         batch=None,
         genes=None,
+        design=None,
         **kwargs,
     ) -> ScOTGM:
         """Fit the model.
@@ -498,7 +567,11 @@ class ScOTGM:
             Guide labels per cell (an ``.obs`` column name or an array) and the control label:
             the mask of :meth:`allowed_from_labels`.
         method
-            ``"em"``: the MAP by EM (:func:`scotgm_pp.inference.fit_em`).
+            ``"em"``: the MAP by EM (:func:`scotgm_pp.inference.fit_em`), for the default graph
+            only: with ``mean_parametrization="shift"`` or a ``design`` it refuses, naming
+            ``"map"`` and ``"nuts"``, which fit those graphs from a start found by EM on the
+            default graph (for a design: EM on the scores minus the covariates' least-squares
+            offsets, alternated five times; ``design_count_coef`` starts at 0).
             ``"map"``: ``pm.find_MAP`` on :attr:`model`, started from the EM solution (a cold
             start sits on the symmetric saddle where the gradient is zero).
             ``"mcmc"``: conjugate Gibbs sampling (:func:`scotgm_pp.inference.gibbs.sample_gibbs`),
@@ -524,6 +597,18 @@ class ScOTGM:
             to the basal state), an optional batch label per cell and the genes' names. The graph's
             observed variable is then ``XY`` (the scores, then the counts, per cell); EM follows
             ``model_config["count_evidence"]``; :meth:`effects` reads the state effects.
+        design
+            An optional per-cell design matrix (batch, covariates) on the state means and, with
+            counts, on the log rates: with an AnnData the name of an ``.obs`` column or a list of
+            them (categorical, string and boolean columns become one-hot columns without their
+            first level, numeric columns are centred), a DataFrame coded the same way (indexed by
+            the AnnData's cells), or a cells x covariates array used as it is (no intercept
+            column: the state means carry it). The graph gains the data ``design`` (dims
+            ``cell, covariate``) and ``design_coef`` (``covariate, pc``), with counts also
+            ``design_count_coef`` (``covariate, gene``); the state means are those of a cell whose
+            covariates are 0 (reference levels, average numeric covariates). Fitted by ``"map"``
+            or ``"nuts"`` only (EM fits the graph without a design); ``constant_data["design"]``
+            keeps it, so :meth:`load` rebuilds the same graph.
         **kwargs
             ``random_seed`` (PyMC's name) seeds this fit in place of the ``random_state`` setting;
             the rest go to ``fit_em`` (``"em"``: ``max_iter``, ``tol``, ``n_init``, ``init_responsibilities``),
@@ -542,9 +627,15 @@ class ScOTGM:
             raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {method!r}.")
         seed = kwargs.pop("random_seed", None)
         _check_method_kwargs(method, kwargs)
+        changes = _graph_changes(self.model_config, design is not None)
+        if changes and method in ("em", "mcmc"):
+            backend = "EM" if method == "em" else "the conjugate Gibbs sampler"
+            raise ValueError(f"method={method!r} ({backend}) fits only the default graph "
+                             f"(mean_parametrization='state', no design), not one with {' and '.join(changes)}: "
+                             "call fit(..., method='map') or fit(..., method='nuts').")
         self.build_model(data, fixed_state=fixed_state, allowed_states=allowed_states, labels=labels,
                          control=control, obsm_key=obsm_key, counts=counts, size_factors=size_factors,
-                         dispersion=dispersion, batch=batch, genes=genes)
+                         dispersion=dispersion, batch=batch, genes=genes, design=design)
         if model is not None:
             self._model = self._check_extension(model, method)
         data = self._data
@@ -565,6 +656,12 @@ class ScOTGM:
         )
         em_kwargs.update(kwargs if method == "em" else {})
         count_fit = None
+        design_coefs = None
+        if data.get("design") is not None:
+            # the start of MAP / NUTS: EM of the default graph on the scores minus the design's offsets
+            coef = _design_start(X, data["design"], em_kwargs)
+            design_coefs = {"design_coef": coef}
+            X = X - data["design"] @ coef
         if counts_in is None:
             em = fit_em(X, **em_kwargs)
         else:
@@ -584,7 +681,8 @@ class ScOTGM:
                 groups[POINT_GROUP] = self._point_dataset(em.weights, em.means, em.covariances, lp,
                                                           counts=None if count_fit is None else count_fit.counts)
             case "map":
-                point, lp = self._find_map(em, progressbar, kwargs, None if count_fit is None else count_fit.counts)
+                point, lp = self._find_map(em, progressbar, kwargs, None if count_fit is None else count_fit.counts,
+                                           design_coefs)
                 groups[POINT_GROUP] = point
             case "mcmc":
                 from ..inference.gibbs import sample_gibbs
@@ -598,19 +696,24 @@ class ScOTGM:
                                                      "relabelled": (("chain", "draw"), g.relabelled)})
             case "nuts":
                 groups.update(self._sample_nuts(em, rng, progressbar, kwargs,
-                                                None if count_fit is None else count_fit.counts))
+                                                None if count_fit is None else count_fit.counts, design_coefs, X))
         em_group = {
             "logp_trace": (("em_iteration",), em.logp_trace),
             "n_iter": ((), int(em.n_iter)),
             "converged": ((), np.int8(em.converged)),
             "responsibilities": (("cell", "state"), em.responsibilities),
         }
-        if count_fit is not None:
+        if count_fit is not None and not changes:
             em_group["effect_se"] = (("effect_state", "gene"), count_fit.effect_se[1:])
         groups["em"] = xr.Dataset(em_group, coords={"cell": data["cells"], "state": self.state_names,
                                                     **({} if count_fit is None else {
                                                         "gene": counts_in.genes,
                                                         "effect_state": self.state_names[1:]})})
+        if changes:
+            groups["em"].attrs["role"] = (
+                "the starting point of this fit: EM of the default graph"
+                + (" on the scores minus the design's starting offsets" if design_coefs is not None else "")
+                + ", not the MAP of the fitted graph")
         self.idata = self._assemble(method, groups)
         if method == "mcmc":
             set_group(self.idata, "log_likelihood", self._log_likelihood(group(self.idata, "posterior")))
@@ -647,7 +750,7 @@ class ScOTGM:
                              f"{unknown}. Fit it with method='nuts' (or 'map').")
         return model
 
-    def _find_map(self, em, progressbar, kwargs, counts=None):
+    def _find_map(self, em, progressbar, kwargs, counts=None, design_coefs=None):
         """``pm.find_MAP`` on :attr:`model` from the EM point: every variable of the model's MAP
         (an extension's too) in the point group, with ``lp`` (the graph's log density) and, for
         the built graph only, ``lp_gain_over_em`` (a gain is only meaningful within one model)."""
@@ -661,7 +764,7 @@ class ScOTGM:
             warnings.filterwarnings("ignore", message="Support point not defined", category=UserWarning)
             initial = model.initial_point(random_seed=0)
         start = initial | model_point(model, em.weights, em.means, np.linalg.inv(em.covariances), counts,
-                                      unknown="skip")
+                                      unknown="skip", design_coefs=design_coefs)
         opts = {"jitter": False, **kwargs}
         out = pm.find_MAP(initvals=start, model=model, progressbar=progressbar, return_inferencedata=True, **opts)
         point = group(out, "posterior").isel(chain=0, draw=0, drop=True)
@@ -670,7 +773,7 @@ class ScOTGM:
                                  counts=None if counts is None else count_params_from(point, self.n_states))
         extra = [v for v in point.data_vars if v not in ds]
         ds = ds.assign({v: point[v] for v in extra})
-        if not self._extended():
+        if not self._extended() and not _graph_changes(self.model_config, self._data.get("design") is not None):
             em_lp = em.logp if counts is None else self._graph_logp(em, counts)
             ds["lp_gain_over_em"] = ((), lp - em_lp)
         return ds, lp
@@ -694,13 +797,15 @@ class ScOTGM:
                                        prior=data["prior"], count_prior=c.prior, fixed_state=data["fixed"],
                                        batch=c.batch, covariance=self.model_config["covariance"]))
 
-    def _dispersed_starts(self, em, rng, chains: int) -> list:
+    def _dispersed_starts(self, em, rng, chains: int, X: np.ndarray | None = None) -> list:
         """Chain 0 starts at the EM solution; every other chain at the EM solution reached from
         random state assignments of the free cells, so chains that settle in different modes
-        disagree (R-hat sees it) instead of all leaving from one."""
+        disagree (R-hat sees it) instead of all leaving from one. ``X``: the scores EM runs on
+        (default the data's; the scores minus the design's starting offsets for a design)."""
         data = self._data
         starts = [em]
-        X, fixed, mask = data["X"], data["fixed"], data["mask"]
+        X = data["X"] if X is None else X
+        fixed, mask = data["fixed"], data["mask"]
         for _ in range(1, chains):
             R0 = rng.dirichlet(np.ones(self.n_states), size=X.shape[0]) * mask
             R0 /= R0.sum(axis=1, keepdims=True)
@@ -710,7 +815,7 @@ class ScOTGM:
                                  init_responsibilities=R0))
         return starts
 
-    def _sample_nuts(self, em, rng, progressbar, kwargs, counts=None) -> dict:
+    def _sample_nuts(self, em, rng, progressbar, kwargs, counts=None, design_coefs=None, X=None) -> dict:
         import pymc as pm
         from threadpoolctl import threadpool_limits
 
@@ -719,9 +824,10 @@ class ScOTGM:
         model = self.model
         cfg = {**self.sampler_config, **kwargs}
         chains = int(cfg.pop("chains"))
-        starts = self._dispersed_starts(em, rng, chains) if "initvals" not in cfg else None
+        starts = self._dispersed_starts(em, rng, chains, X) if "initvals" not in cfg else None
         initvals = cfg.pop("initvals", None) or [
-            initial_values(model, e.weights, e.means, np.linalg.inv(e.covariances), counts, unknown="skip")
+            initial_values(model, e.weights, e.means, np.linalg.inv(e.covariances), counts, unknown="skip",
+                           design_coefs=design_coefs)
             for e in starts]
         seed = int(rng.integers(2**31))
         idata_kwargs = cfg.pop("idata_kwargs", {})
@@ -801,6 +907,8 @@ class ScOTGM:
             labels = counts.batch_labels
             if len(labels) > 1:
                 coords["batch_offset"] = labels[1:]
+        if (self._data or {}).get("design") is not None:
+            coords["covariate"] = list(self._data["covariates"])
         return coords
 
     def _point_dataset(self, weights, means, covs, lp, counts=None, **extra) -> xr.Dataset:
@@ -854,6 +962,12 @@ class ScOTGM:
             const["batch_code"] = (("cell",), batch_codes(counts.batch, len(cells))[0].astype(np.int64))
             const_coords["gene"] = list(counts.genes)
             const_coords["batch"] = counts.batch_labels
+        if data.get("design") is not None:
+            const["design"] = (("cell", "covariate"), data["design"])
+            const["design_prior_sd"] = (("pc",), data["design_sd"])
+            const_coords["covariate"] = list(data["covariates"])
+        if data.get("shift_sd") is not None:
+            const["shift_prior_sd"] = (("pc",), data["shift_sd"])
         groups["observed_data"] = observed
         groups["constant_data"] = xr.Dataset(const, coords=const_coords)
         attrs = {
@@ -934,6 +1048,10 @@ class ScOTGM:
         """
         self._refuse_extension("predict_proba", "pm.sample_posterior_predictive or pm.compute_log_likelihood on "
                                "fit.model")
+        if self._ensure_data().get("design") is not None:
+            raise ValueError("predict_proba takes scores only, and this fit's graph has a design (every cell's mean "
+                             "moves with its covariates); use fit.responsibilities for the fitted cells, or build a "
+                             "model of the new cells with their design.")
         if hasattr(X, "obsm"):
             if obsm_key not in X.obsm:
                 raise KeyError(f"obsm_key {obsm_key!r} not in adata.obsm (keys: {list(X.obsm.keys())}).")
@@ -954,13 +1072,17 @@ class ScOTGM:
 
         The evidence is the graph's: the scores, and with counts their count log-likelihood too
         (the joint density NUTS samples); an EM fit with ``count_evidence="cut"`` reports its own
-        states, which came from the scores alone. An extended graph is refused (its
+        states, which came from the scores alone. A graph with a design gets them from the graph's
+        own per-state log terms (:func:`~scotgm_pp.models.graph.state_log_terms_function`), its
+        cells' means moved by their covariates. An extended graph is refused (its
         responsibilities depend on variables these formulas do not know)."""
         from ..inference.em import _log_gaussians, _mixture_terms
 
         self._require_fit()
         self._refuse_extension("responsibilities", "pm.compute_log_likelihood on fit.model")
         data = self._ensure_data()
+        if data.get("design") is not None:
+            return self._graph_responsibilities()
         X, fixed, mask, counts = data["X"], data["fixed"], data["mask"], data.get("counts")
         if counts is not None and self.method == "em" and self.model_config["count_evidence"] == "cut":
             return group(self.idata, "em")["responsibilities"].values
@@ -982,6 +1104,28 @@ class ScOTGM:
                 logN = logN + np.nan_to_num(rows, nan=-np.inf)
             out += _mixture_terms(logN, w[s], fixed == -1, fixed, mask)[1]
         return out / len(w)
+
+    def _graph_responsibilities(self) -> np.ndarray:
+        """State probabilities of the training cells from the graph's own per-state log terms
+        (:func:`~scotgm_pp.models.graph.state_log_terms_function`), averaged over the draws: the
+        rule for a graph with a design, whose cells' means move with their covariates."""
+        from scipy.special import softmax
+
+        from .graph import state_log_terms_function
+
+        model = self.model
+        evaluate = state_log_terms_function(model)
+        post = self._parameter_draws().stack(sample=("chain", "draw"))
+        names = [rv.name for rv in model.free_RVs]
+        missing = [v for v in names if v not in post]
+        if missing:
+            raise ValueError(f"the fit holds no values of {missing}; refit the model.")
+        S = post.sizes["sample"]
+        out = np.zeros((self._data["X"].shape[0], self.n_states))
+        for s in range(S):
+            terms = evaluate({v: post[v].isel(sample=s).values for v in names})
+            out += softmax(terms, axis=1)
+        return out / S
 
     def _ensure_data(self) -> dict:
         if self._data is None:
@@ -1007,7 +1151,8 @@ class ScOTGM:
             basal state: the point estimate of EM / MAP, the posterior mean of a sampled fit),
             ``effect_se`` (EM: the screen's standard error, imputation-corrected for the cut,
             Louis' for the joint fit; MAP and samplers: the posterior standard deviation of
-            the draws, or, for MAP, of the normal approximation at EM), ``effect_z``,
+            the draws, or, for MAP, of the normal approximation at EM; NaN for a MAP of a graph
+            EM does not fit, with ``mean_parametrization="shift"`` or a design), ``effect_z``,
             ``effect_bound``, ``effect_pvalue`` and a ``ci`` interval ``lower`` / ``upper``.
         """
         from ._counts import effects_frame
@@ -1024,7 +1169,10 @@ class ScOTGM:
                                  draws=draws, ci=ci)
         point = group(idata, POINT_GROUP)
         delta = np.vstack([np.zeros((1, len(counts.genes))), point["delta"].values])
-        se = np.vstack([np.full((1, len(counts.genes)), np.nan), group(idata, "em")["effect_se"].values])
+        em = group(idata, "em")
+        # a MAP of the shift or design graph has no EM standard error of its own: NaN (sample with NUTS)
+        em_se = em["effect_se"].values if "effect_se" in em else np.full((K - 1, len(counts.genes)), np.nan)
+        se = np.vstack([np.full((1, len(counts.genes)), np.nan), em_se])
         return effects_frame(counts.genes, self.state_names, delta, se, ci=ci)
 
     def effect(self, gene: str, state: int | str = 1) -> pd.Series:
@@ -1168,10 +1316,10 @@ class ScOTGM:
         random_state = _one_seed(random_state, random_seed)
         rng = np.random.default_rng(self.settings["random_state"] if random_state is None else random_state)
         data = self._ensure_data()
-        if data.get("counts") is not None or self._extended():
+        if data.get("counts") is not None or self._extended() or data.get("design") is not None:
             if n is not None:
-                raise ValueError("new cells (n=...) come from the Gaussian state graph only; with counts or an extended "
-                                 "graph, replicate the observed cells (n=None) through PyMC.")
+                raise ValueError("new cells (n=...) come from the Gaussian state graph only; with counts, a design or an "
+                                 "extended graph, replicate the observed cells (n=None) through PyMC.")
             return self._pymc_posterior_predictive(draws, rng, extend_inferencedata)
         post = self._parameter_draws(draws)
         C, D = post.sizes["chain"], post.sizes["draw"]
@@ -1258,7 +1406,8 @@ class ScOTGM:
         The file is verified first (:func:`scotgm_pp.models._persist.verify`): a file that is not
         a saved model, or whose contents or settings were altered after saving, is refused. The
         loaded model has the saved ``model_config`` and ``sampler_config``; its :attr:`model` is
-        rebuilt from the saved data and prior (with the count layer when the fit had one). A fit
+        rebuilt from the saved data and prior (with the count layer when the fit had one, and the
+        design and the shift's prior SD from ``constant_data`` when it had them). A fit
         of an extended graph (``fit(model=...)``) loads with a warning naming the extension's
         variables: the graph rebuilt on load is the built one, so rebuild the extension to refit.
 
@@ -1309,6 +1458,31 @@ class ScOTGM:
 
 _COUNT_VARIABLES = {"beta", "delta", "gamma"}
 
+DESIGN_START_ROUNDS = 5
+"""Alternations of EM and least squares that find the start of a graph with a design."""
+
+
+def _graph_changes(config: dict, has_design: bool) -> list[str]:
+    """What makes a model's graph other than the default one EM and Gibbs fit (empty: the default)."""
+    changes = []
+    if config["mean_parametrization"] != "state":
+        changes.append(f"mean_parametrization={config['mean_parametrization']!r}")
+    if has_design:
+        changes.append("a design")
+    return changes
+
+
+def _design_start(X: np.ndarray, design: np.ndarray, em_kwargs: dict) -> np.ndarray:
+    """Starting ``design_coef`` ``(q, d)``: EM of the default graph on ``X - design @ coef``
+    alternated with the least-squares ``coef`` of the scores minus each cell's expected state mean,
+    :data:`DESIGN_START_ROUNDS` times from ``coef = 0`` (a start for MAP and NUTS, not an estimate)."""
+    coef = np.zeros((design.shape[1], X.shape[1]))
+    em = fit_em(X, **em_kwargs)
+    for _ in range(DESIGN_START_ROUNDS):
+        coef = np.linalg.lstsq(design, X - em.responsibilities @ em.means, rcond=None)[0]
+        em = fit_em(X - design @ coef, **{**em_kwargs, "init_responsibilities": em.responsibilities})
+    return coef
+
 _METHOD_KWARGS = {"em": {"max_iter", "tol", "n_init", "init_responsibilities"}, "mcmc": {"draws", "tune", "chains"}}
 
 
@@ -1331,7 +1505,8 @@ def _check_method_kwargs(method: str, kwargs: dict) -> None:
                         f"{', '.join(map(repr, bad))}{hint}.")
 
 
-def check_convergence(idata, what: str, var_names=("weights", "means", "covariances")) -> dict:
+def check_convergence(idata, what: str, var_names=("weights", "means", "covariances", "design_coef",
+                                                  "design_count_coef")) -> dict:
     """R-hat and bulk ESS of a posterior's parameters; warn (:class:`ConvergenceWarning`) when the
     largest R-hat exceeds :data:`RHAT_MAX` or the smallest ESS is below :data:`ESS_MIN`.
 
