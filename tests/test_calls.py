@@ -24,7 +24,7 @@ from scotgm_pp.tl._calls import (
 )
 
 
-@pytest.mark.parametrize("statistic", ["score", "wald"])
+@pytest.mark.parametrize("statistic", ["lognorm", "score", "wald"])
 def test_empirical_p_values_match_the_exact_permutation_test(statistic):
     rng = np.random.default_rng(0)
     n, k = 10, 4
@@ -35,7 +35,7 @@ def test_empirical_p_values_match_the_exact_permutation_test(statistic):
     phi = np.full(6, 0.2)
     strata = np.zeros(n, int)
     every = np.array([np.isin(np.arange(n), c) for c in itertools.combinations(range(n), k)])
-    stat = _score_z if statistic == "score" else (lambda *a: _strata_z(*a)[0])
+    stat = (lambda *a: _strata_z(*a)[0]) if statistic == "wald" else (lambda *a: _score_z(*a, kind=statistic))
     z_all = stat(Y, every, lib, phi, strata)
     z_obs = stat(Y, is_guide[None], lib, phi, strata)[0]
     exact = (np.abs(z_all) >= np.abs(z_obs) - 1e-12).mean(axis=0)
@@ -54,7 +54,7 @@ def test_observed_statistic_is_count_shift_s():
     batch = rng.integers(2, size=90)
     phi = np.full(15, 0.3)
     want = sg.tl.count_shift(Y, ctrl, batch=batch, dispersion=phi)
-    for statistic in ("score", "wald"):
+    for statistic in ("lognorm", "score", "wald"):
         test = resampling_test(Y, ctrl, dispersion=phi, batch=batch, n_resamples=20, statistic=statistic)
         np.testing.assert_allclose(test.lfc, want["lfc"], rtol=1e-9)
         np.testing.assert_allclose(test.lfc_se, want["lfc_se"], rtol=1e-9)
@@ -69,18 +69,23 @@ def test_score_statistic_against_its_formula():
     batch = rng.integers(2, size=70)
     lib = Y.sum(1) + 30.0
     phi = np.array([0.0, 0.1, 0.3, 1.0, 2.0])
-    test = resampling_test(Y, ctrl, library_size=lib, dispersion=phi, batch=batch, n_resamples=20)
-    num = np.zeros(5)
-    var = np.zeros(5)
-    for b in (0, 1):
-        m = batch == b
-        mu = lib[m, None] * Y[m].sum(0) / lib[m].sum()
-        r = (Y[m] - mu) / (1 + phi * mu)
-        g = ~ctrl[m]
-        n_b, k_b = m.sum(), g.sum()
-        num += r[g].sum(0) - k_b * r.mean(0)
-        var += k_b * (n_b - k_b) / (n_b * (n_b - 1)) * ((r - r.mean(0)) ** 2).sum(0)
-    np.testing.assert_allclose(test.z, num / np.sqrt(var), rtol=1e-10)
+    for statistic in ("score", "lognorm"):
+        test = resampling_test(Y, ctrl, library_size=lib, dispersion=phi, batch=batch, n_resamples=20,
+                               statistic=statistic)
+        num = np.zeros(5)
+        var = np.zeros(5)
+        for b in (0, 1):
+            m = batch == b
+            mu = lib[m, None] * Y[m].sum(0) / lib[m].sum()
+            if statistic == "score":
+                r = (Y[m] - mu) / (1 + phi * mu)
+            else:  # the permutation t-statistic of log-normalised values
+                r = np.log1p(Y[m] / lib[m, None] * np.median(lib))
+            g = ~ctrl[m]
+            n_b, k_b = m.sum(), g.sum()
+            num += r[g].sum(0) - k_b * r.mean(0)
+            var += k_b * (n_b - k_b) / (n_b * (n_b - 1)) * ((r - r.mean(0)) ** 2).sum(0)
+        np.testing.assert_allclose(test.z, num / np.sqrt(var), rtol=1e-10)
 
 
 def test_sparse_gene_gets_the_exact_hypergeometric_p():

@@ -80,8 +80,9 @@ def test_record_says_which_graph_produced_each_number(small_sim, state_space):
     assert rec["effect_se_method"] == "imputation" and rec["count_converged"]
     assert rec["rank_by"] == "effect_shrunk" and rec["dispersion_source"] == "controls"
     assert rec["llr"] == pytest.approx(rec["llr_gaussian"] + rec["llr_counts"])
-    assert list(genes.columns[:9]) == ["gene", "effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue",
-                                       "effect_qvalue", "log_rate_basal", "dispersion"]
+    assert list(genes.columns[:12]) == ["gene", "effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue",
+                                        "effect_qvalue", "effect_shrunk", "effect_shrunk_sd", "effect_lfsr",
+                                        "log_rate_basal", "dispersion"]
     assert {"lfc_all_guides", "lfc_all_guides_se", "lfc_all_guides_z", "lfc_all_guides_bound", "mu", "sigma",
             "score", "shift", "rank", "abs_rank"} <= set(genes.columns)
     order = genes.sort_values("rank")

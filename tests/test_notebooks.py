@@ -2,7 +2,7 @@
 
 Each notebook is run afresh with nbclient (the committed copy, with its outputs, is left as is)
 and its ``RESULT name = value`` lines are checked against the statements of the prose next to
-them (notebooks/build_notebooks.py writes both). The three notebooks take about three minutes
+them (notebooks/build_notebooks.py writes both). The three notebooks take about four minutes
 together on two cores (NUTS on the real STAT1 state model and on the three-state model).
 """
 

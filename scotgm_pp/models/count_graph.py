@@ -15,7 +15,8 @@ cell ``i`` in state ``z_i`` and batch ``b_i``::
   is added to cell ``i``'s log rate of every gene, whatever its state;
 * ``size_factors`` (``cell``), ``dispersion`` (``gene``) and ``batch_code`` (``cell``) are
   ``pm.Data``: the library size is an offset and the dispersion a plug-in constant (the
-  moment estimate over the control cells, :func:`scotgm_pp.inference.count_layer.control_dispersion`).
+  moment estimates over the control cells shrunk toward their mean-dispersion trend,
+  :func:`scotgm_pp.inference.count_layer.control_dispersion`).
 
 How ``z`` is declared
 ---------------------

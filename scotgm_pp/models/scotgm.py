@@ -593,8 +593,8 @@ class ScOTGM:
         counts, size_factors, dispersion, batch, genes
             The count observation layer (:mod:`scotgm_pp.models.count_graph`): cells x genes raw
             counts of the same cells, each cell's total count over all its measured genes (the
-            offset), the NB dispersion per gene (default: the moment estimate over the cells pinned
-            to the basal state), an optional batch label per cell and the genes' names. The graph's
+            offset), the NB dispersion per gene (default: the moment estimates over the cells pinned
+            to the basal state, shrunk toward their trend), an optional batch label per cell and the genes' names. The graph's
             observed variable is then ``XY`` (the scores, then the counts, per cell); EM follows
             ``model_config["count_evidence"]``; :meth:`effects` reads the state effects.
         design

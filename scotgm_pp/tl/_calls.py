@@ -1,11 +1,14 @@
 """Calibrated calls: resampling p-values for every gene and for "any effect" of a perturbation.
 
 The test of gene ``g`` asks whether the guide cells' counts differ from the controls' beyond what
-exchanging the labels produces. Its statistic is the negative-binomial score statistic of the
-guide label: per batch stratum, each cell's residual ``(y - mu) / (1 + phi mu)`` against the
-stratum's pooled rate (``mu`` = the cell's total count x that rate, ``phi`` the gene's dispersion),
-summed over the guide cells, centred and divided by its exact standard deviation under
-reassignment of the labels (:func:`_score_z`). Its null distribution comes from ``B`` random
+exchanging the labels produces. Its statistic is a permutation t-statistic of log-normalised
+expression: per batch stratum, each cell's ``log(1 + y / lib * L)`` (``lib`` its total count,
+``L`` the experiment's median total count) summed over the guide cells, centred and divided by
+its exact standard deviation under reassignment of the labels (:func:`_score_z`). On the Papalexi
+60-vs-300 protocol and on simulated screens it found the knocked-out target more often than the
+negative-binomial score statistic (``statistic="score"``) and the Wald z used before issue 25
+(``"wald"``): the counts' cell-to-cell spread is heavier-tailed than a negative binomial, and the
+log damps it. Its null distribution comes from ``B`` random
 reassignments of the guide label among the experiment's cells, within each batch stratum
 (conditional resampling, as in sceptre; Barry et al. 2021): under the null hypothesis that the
 perturbation leaves gene ``g`` alone, the labels are exchangeable, so the resampled statistics
@@ -26,8 +29,10 @@ valid without trusting the negative-binomial model.
   fit): the number of guide cells among its non-zero cells against its hypergeometric law
   (mid-p). Within the resamples its p-value stays the empirical one.
 
-"Any effect" uses the same resamples: its statistic is the largest ``|z|`` over genes, its null
-the resampled maxima, with a Gumbel tail fitted by moments beyond them.
+"Any effect" uses the same resamples: its statistic is the largest ``|z|`` over the genes with more
+than :data:`SPARSE_NONZERO` non-zero cells (a label-free choice: the lumpy statistics of sparse
+genes would dominate the resampled maxima; on Papalexi counting them cost 2 of 17 detected
+perturbations), its null the resampled maxima, with a Gumbel tail fitted by moments beyond them.
 """
 
 from __future__ import annotations
@@ -156,16 +161,21 @@ def _strata_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strat
     return out, lfc0, se0
 
 
-def _score_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strata: np.ndarray) -> np.ndarray:
-    """Negative-binomial score statistic of the guide label for every row of ``guide_sets``, ``(R, G)``.
+def _score_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strata: np.ndarray,
+             kind: str = "score") -> np.ndarray:
+    """A standardised sum of per-cell values over the guide cells, for every row of ``guide_sets``, ``(R, G)``.
 
-    Per stratum, ``mu_i = lib_i * rate`` (the stratum's pooled rate: the null) and the score
-    residual ``r_i = (y_i - mu_i) / (1 + phi mu_i)`` (the derivative of the NB log-likelihood in
-    the log rate: cells whose counts are dominated by overdispersion weigh less). The statistic
-    is the guide cells' summed residual, centred and scaled by its exact variance under
-    reassignment of the labels within the stratum (``k (n - k) / (n (n - 1)) sum (r - rbar)^2``
-    for ``k`` guide cells among ``n``); strata add up.
+    ``kind="score"``: the negative-binomial score statistic of the guide label. Per stratum,
+    ``mu_i = lib_i * rate`` (the stratum's pooled rate: the null) and the score residual
+    ``r_i = (y_i - mu_i) / (1 + phi mu_i)`` (the derivative of the NB log-likelihood in the log
+    rate). ``kind="lognorm"``: ``r_i = log(1 + y_i / lib_i * L)``, the cell's log-normalised
+    value with ``L`` the median library size of all the experiment's cells (a permutation
+    t-statistic of the log-normalised expression). The statistic is the guide cells' summed
+    ``r``, centred and scaled by its exact variance under reassignment of the labels within the
+    stratum (``k (n - k) / (n (n - 1)) sum (r - rbar)^2`` for ``k`` guide cells among ``n``);
+    strata add up.
     """
+    scale = float(np.median(lib)) if lib.size else 1.0
     R, G = guide_sets.shape[0], Y.shape[1]
     out = np.zeros((R, G))
     levels = np.unique(strata)
@@ -185,7 +195,10 @@ def _score_z(Y, guide_sets: np.ndarray, lib: np.ndarray, phi: np.ndarray, strata
             ls = lib[m]
             ys = block[m]
             mu = ls[:, None] * (ys.sum(axis=0) / max(ls.sum(), 1e-300))[None, :]
-            r = (ys - mu) / (1.0 + ph * mu)
+            if kind == "lognorm":
+                r = np.log1p(ys * (scale / np.maximum(ls, 1e-300))[:, None])
+            else:
+                r = (ys - mu) / (1.0 + ph * mu)
             rbar = r.mean(axis=0)
             num += guide_sets[:, m].astype(np.float64) @ r - k * rbar[None, :]
             var += k * (n_s - k) / (n_s * (n_s - 1.0)) * ((r - rbar) ** 2).sum(axis=0)
@@ -309,7 +322,7 @@ def resampling_test(
     batch: np.ndarray | None = None,
     n_resamples: int = N_RESAMPLES,
     random_state: int | np.random.Generator | None = 0,
-    statistic: str = "score",
+    statistic: str = "lognorm",
     extra_resamples: int = EXTRA_RESAMPLES,
     sparse_nonzero: int = SPARSE_NONZERO,
 ) -> ResamplingTest:
@@ -334,8 +347,9 @@ def resampling_test(
     random_state
         Seed or Generator of the reassignments.
     statistic
-        ``"score"`` (default): the NB score statistic of :func:`_score_z`; ``"wald"``: the NB
-        Wald z of :func:`count_shift` (the statistic before issue 25).
+        ``"lognorm"`` (default): the permutation t-statistic of log-normalised expression;
+        ``"score"``: the NB score statistic (both :func:`_score_z`); ``"wald"``: the NB Wald z of
+        :func:`count_shift` (the statistic before issue 25).
     extra_resamples
         More resamples for the genes whose fitted tail fails its check (0: none).
     sparse_nonzero
@@ -354,13 +368,13 @@ def resampling_test(
     rng = np.random.default_rng(random_state)
     B = int(n_resamples)
     sets = _permuted_sets(~ctrl, strata, B, rng)
-    if statistic == "score":
-        Z = _score_z(Y, sets, lib, phi, strata)
+    if statistic in ("lognorm", "score"):
+        Z = _score_z(Y, sets, lib, phi, strata, kind=statistic)
         _, lfc, lfc_se = _strata_z(Y, sets[:1], lib, phi, strata)
     elif statistic == "wald":
         Z, lfc, lfc_se = _strata_z(Y, sets, lib, phi, strata)
     else:
-        raise ValueError(f"statistic must be 'score' or 'wald', got {statistic!r}.")
+        raise ValueError(f"statistic must be 'lognorm', 'score' or 'wald', got {statistic!r}.")
     z, null = Z[0], Z[1:]
     exceed = (np.abs(null) >= np.abs(z)[None, :] - 1e-12).sum(axis=0)
     p_emp = (1.0 + exceed) / (B + 1.0)
@@ -375,7 +389,7 @@ def resampling_test(
         if bad.size and extra_resamples > 0:
             more = _permuted_sets(~ctrl, strata, int(extra_resamples), rng)[1:]
             Yb = Y[:, bad]
-            extra = (_score_z(Yb, more, lib, phi[bad], strata) if statistic == "score"
+            extra = (_score_z(Yb, more, lib, phi[bad], strata, kind=statistic) if statistic != "wald"
                      else _strata_z(Yb, more, lib, phi[bad], strata)[0])
             both = np.vstack([null[:, bad], extra])
             exc = (np.abs(both) >= np.abs(z[bad])[None, :] - 1e-12).sum(axis=0)
@@ -392,8 +406,11 @@ def resampling_test(
         nz = nonzero[:, sparse_genes]
         p[sparse_genes] = _detection_pvalues(np.asarray(nz.toarray(), bool), ~ctrl, strata)
         source[sparse_genes] = 3
-    max_obs = float(np.max(np.abs(z))) if G else 0.0
-    max_null = np.abs(null).max(axis=1) if G else np.zeros(B)
+    dense_genes = n_nonzero > int(sparse_nonzero)
+    if not dense_genes.any():
+        dense_genes = np.ones(G, bool)
+    max_obs = float(np.max(np.abs(z[dense_genes]))) if G else 0.0
+    max_null = np.abs(null[:, dense_genes]).max(axis=1) if G else np.zeros(B)
     exceed_any = int((max_null >= max_obs - 1e-12).sum())
     p_any = (1.0 + exceed_any) / (B + 1.0)
     if exceed_any < MIN_EXCEEDANCES:

@@ -107,8 +107,9 @@ def fit_count_layer(
     size_factors
         Library size of every cell (:func:`library_sizes` of all its measured genes).
     dispersion
-        NB dispersion per gene; ``None``: the moment estimate over the control cells
-        (:func:`~scotgm_pp.inference.count_layer.control_dispersion`, within batches).
+        NB dispersion per gene; ``None``: the moment estimates over the control cells, shrunk
+        toward their trend (:func:`~scotgm_pp.inference.count_layer.control_dispersion`, within
+        batches).
     batch
         Optional batch label per cell: each batch but the most frequent gets an offset ``gamma``.
     delta_sd, beta_sd, gamma_sd
