@@ -31,8 +31,8 @@ valid without trusting the negative-binomial model.
 
 "Any effect" uses the same resamples: its statistic is the largest ``|z|`` over the genes with more
 than :data:`SPARSE_NONZERO` non-zero cells (a label-free choice: the lumpy statistics of sparse
-genes would dominate the resampled maxima; on Papalexi counting them cost 2 of 17 detected
-perturbations), its null the resampled maxima, with a Gumbel tail fitted by moments beyond them.
+genes would dominate the resampled maxima; on Papalexi, with the NB score statistic, counting them
+cost 2 of 17 detected perturbations), its null the resampled maxima, with a Gumbel tail fitted by moments beyond them.
 """
 
 from __future__ import annotations
@@ -380,7 +380,12 @@ def resampling_test(
     p_emp = (1.0 + exceed) / (B + 1.0)
     p = p_emp.copy()
     source = np.zeros(G, dtype=np.int8)  # 0 empirical, 1 fitted tail, 2 extended resamples, 3 exact
-    tail = np.flatnonzero(exceed < MIN_EXCEEDANCES)
+    nonzero = (Y > 0) if sp.issparse(Y) else sp.csr_matrix(Y > 0)
+    n_nonzero = np.asarray(nonzero.sum(axis=0)).ravel()
+    beyond = exceed < MIN_EXCEEDANCES
+    # a sparse gene beyond its resamples: the exact test instead of a tail fitted to a lumpy null
+    sparse = (n_nonzero > 0) & (n_nonzero <= int(sparse_nonzero))
+    tail = np.flatnonzero(beyond & ~sparse)
     if tail.size:
         ok = _tail_fit_ok(null[:, tail], z[tail])
         good, bad = tail[ok], tail[~ok]
@@ -398,10 +403,7 @@ def resampling_test(
             fitted = _skewnorm_two_sided(both, z[bad])
             p[bad] = np.where(fit_ok, np.minimum(fitted, pe), pe)
             source[bad] = 2
-    nonzero = (Y > 0) if sp.issparse(Y) else sp.csr_matrix(Y > 0)
-    n_nonzero = np.asarray(nonzero.sum(axis=0)).ravel()
-    # a sparse gene beyond its resamples: the exact test instead of a tail fitted to a lumpy null
-    sparse_genes = np.flatnonzero((n_nonzero > 0) & (n_nonzero <= int(sparse_nonzero)) & (exceed < MIN_EXCEEDANCES))
+    sparse_genes = np.flatnonzero(beyond & sparse)
     if sparse_genes.size:
         nz = nonzero[:, sparse_genes]
         p[sparse_genes] = _detection_pvalues(np.asarray(nz.toarray(), bool), ~ctrl, strata)

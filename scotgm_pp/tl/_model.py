@@ -125,10 +125,11 @@ def _count_layer(adata: AnnData, perturbation: str, record: dict, cells, key: st
     from ._response import get_responses
 
     kept = np.asarray(record["genes"]).astype(str)
+    responses = get_responses(adata, key)
     if genes is None:
         if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
             raise InputError(f"n_genes must be a positive integer, got {n_genes!r}.")
-        row = get_responses(adata, key)[str(perturbation)]
+        row = responses[str(perturbation)]
         stats = pd.DataFrame({"bound": row.to_df(layer="effect_bound").iloc[0],
                               "z": row.to_df(layer="effect_z").iloc[0]}).loc[kept]
         order = stats.assign(b=stats["bound"].abs(), z=stats["z"].abs()).sort_values(["b", "z"], ascending=False)
@@ -152,7 +153,7 @@ def _count_layer(adata: AnnData, perturbation: str, record: dict, cells, key: st
         raise InputError("adata holds no counts (read_results gives the annotations only): pass the AnnData of the "
                          "screen's raw counts.")
     X = sp.csr_matrix(X, dtype=np.float64)
-    responses_var = get_responses(adata, key).var
+    responses_var = responses.var
     if "count_cap" in responses_var:  # the screen's caps (scotgm_pp._screen.scan_counts), on its genes
         cap = responses_var["count_cap"].reindex(adata.var_names).to_numpy(float)
         X = cap_counts(X, np.where(np.isfinite(cap), cap, np.inf))
