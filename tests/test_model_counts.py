@@ -1,7 +1,8 @@
 """The modeller's graph is the graph that answers (issue 24).
 
-``sg.tl.get_model(..., counts=True)`` is the joint graph of the states and the negative-binomial
-count layer; fitted by EM it reproduces the screen's effects; every helper either works through
+``sg.tl.get_model(..., counts=True)`` is the graph of the states and the negative-binomial count
+layer (by default the cut the screen answers with); fitted by EM it reproduces the screen's
+effects and NUTS samples the same graph; every helper either works through
 PyMC on ``.model`` or refuses an extended graph; the keywords, seeds and flags a PyMC user
 expects behave as PyMC's do.
 """
@@ -36,7 +37,7 @@ def screen():
 
 @pytest.fixture(scope="module")
 def count_nuts(screen):
-    """NUTS on the joint graph of one perturbation with its target and four more genes."""
+    """NUTS on the default (cut) count graph of one perturbation with its target and four more genes."""
     P = sorted(sg.tl.get_responses(screen).obs_names)[0]
     genes = _screen_genes(screen, P, 5)
     with warnings.catch_warnings():
@@ -104,7 +105,7 @@ def test_a_count_fit_saves_loads_and_replicates_counts_through_pymc(screen, tmp_
         back.sample_posterior_predictive(n=10)
 
 
-def test_count_graph_nuts_agrees_with_the_screen(screen, count_nuts):
+def test_count_graph_nuts_samples_the_cut_the_screen_answers_with(screen, count_nuts):
     P, genes, fit = count_nuts
     idata = fit.idata
     assert idata.log_likelihood["XY"].dims == ("chain", "draw", "cell")
@@ -113,19 +114,55 @@ def test_count_graph_nuts_agrees_with_the_screen(screen, count_nuts):
     assert rhat <= 1.1
     row = fit.effect(P)
     screen_effect = _screen_layer(screen, P, "effect", [P])[0]
-    # NUTS samples the joint density (the counts inform the states); its mode is the joint EM's
-    joint = sg.tl.get_model(screen, P, counts=True, genes=genes, count_evidence="joint").effect(P)["effect"]
-    print(f"NUTS target {row['effect']:.3f} +- {row['effect_se']:.3f}; joint EM {joint:.3f}; screen (states from "
-          f"the scores alone) {screen_effect:.3f}; R-hat {rhat:.3f}")
-    assert abs(row["effect"] - joint) <= 2 * row["effect_se"]
-    # the screen's cut estimate lies on the same side, no further from the truth's direction
-    assert row["effect"] <= screen_effect < 0
+    # the default graph is the cut: NUTS samples the graph whose mode is the screen's effect
+    assert "state_probability" in fit.model.named_vars
+    print(f"NUTS (cut) target {row['effect']:.3f} +- {row['effect_se']:.3f}; screen {screen_effect:.3f}; "
+          f"R-hat {rhat:.3f}")
+    assert abs(row["effect"] - screen_effect) <= 2 * row["effect_se"]
     assert idata.attrs["weights_from_prior_only"] == 0
-    # the cells' states given scores and counts, averaged over the draws: controls stay basal
+    # the cut's states see the scores only: the responsibilities are the Gaussian graph's,
+    # averaged over the draws (controls stay basal)
     R = fit.responsibilities
     controls = idata.constant_data["allowed_states"].values.sum(axis=1) == 1
     np.testing.assert_allclose(R.sum(axis=1), 1.0, atol=1e-12)
     np.testing.assert_array_equal(R[controls, 0], 1.0)
+    em_R = fit.model["state_probability"].get_value()
+    np.testing.assert_allclose(idata.constant_data["state_probability"].values, em_R, atol=0)
+    assert np.corrcoef(R[~controls, 1], em_R[~controls, 1])[0, 1] > 0.9
+
+
+def test_cut_and_joint_graphs_have_the_closed_form_log_density(screen):
+    """``compile_logp`` of both count graphs at the EM point equals the NumPy log density: the
+    joint marginal, and the cut's scores' mixture plus the responsibility-weighted count terms."""
+    from scotgm_pp.inference.joint_em import joint_log_density
+    from scotgm_pp.models._counts import count_params_from
+    from scotgm_pp.models.graph import model_point
+
+    P = sorted(sg.tl.get_responses(screen).obs_names)[2]
+    genes = _screen_genes(screen, P, 4)
+    fits = {e: sg.tl.get_model(screen, P, counts=True, genes=genes, count_evidence=e) for e in ("cut", "joint")}
+    cut = fits["cut"]
+    point = cut.idata["map_estimate"].to_dataset()  # the cut EM's point, where both graphs are evaluated
+    counts = count_params_from(point, cut.n_states)
+    w, m, c = (point[v].values for v in ("weights", "means", "covariances"))
+    R = cut.idata["em"]["responsibilities"].values
+    values = {}
+    for evidence, fit in fits.items():
+        model, data = fit.model, fit._data
+        lp = float(model.compile_logp(jacobian=False)(
+            model.initial_point(random_seed=0) | model_point(model, w, m, np.linalg.inv(c), counts)))
+        cd = data["counts"]
+        closed = joint_log_density(data["X"], cd.Y, size_factors=cd.size_factors, dispersion=cd.dispersion,
+                                   weights=w, means=m, covariances=c, params=counts, prior=data["prior"],
+                                   count_prior=cd.prior, fixed_state=data["fixed"], batch=cd.batch,
+                                   covariance=fit.model_config["covariance"],
+                                   state_probability=R if evidence == "cut" else None)
+        assert lp == pytest.approx(closed, rel=1e-9, abs=1e-6)
+        values[evidence] = lp
+    # the cut EM's reported log density is its graph's
+    assert float(point["lp"]) == pytest.approx(values["cut"], rel=1e-9, abs=1e-6)
+    # two different densities at the same point
+    assert abs(values["cut"] - values["joint"]) > 1.0
 
 
 def test_no_group_of_a_fit_is_named_like_a_tree_or_dataset_attribute(screen, count_nuts):

@@ -259,9 +259,12 @@ def joint_log_density(
     fixed_state: np.ndarray | None = None,
     batch: np.ndarray | None = None,
     covariance: str = "tied",
+    state_probability: np.ndarray | None = None,
 ) -> float:
     """Log density of the joint graph at given parameters (untransformed space): the number
-    ``build_model(X, counts=..., ...).compile_logp(jacobian=False)`` returns."""
+    ``build_model(X, counts=..., ...).compile_logp(jacobian=False)`` returns. With
+    ``state_probability`` (``(n, K)``), the cut graph's (``count_evidence="cut"``): the scores'
+    mixture density plus ``sum_ik r_ik log p(y_i | k)``."""
     X = validate_scores(X)
     n = X.shape[0]
     K = len(weights)
@@ -271,7 +274,12 @@ def joint_log_density(
     cp = cf.evaluate(data, params)
     logN, log_prior = _gaussian_terms(X, np.asarray(weights, float), np.asarray(means, float),
                                       np.asarray(covariances, float), prior, tied, _wishart_normalizer(prior))
-    loglik, _ = _mixture_terms(_combine(logN, cp.row_loglik, fixed), np.asarray(weights, float), fixed < 0, fixed)
+    if state_probability is None:
+        loglik, _ = _mixture_terms(_combine(logN, cp.row_loglik, fixed), np.asarray(weights, float), fixed < 0, fixed)
+    else:
+        r = np.asarray(state_probability, float)
+        loglik, _ = _mixture_terms(logN, np.asarray(weights, float), fixed < 0, fixed)
+        loglik += float(np.sum(np.where(r > 0, r * np.nan_to_num(cp.row_loglik, nan=0.0), 0.0)))
     return loglik + log_prior + cl.count_log_prior(params, count_prior)
 
 

@@ -3,14 +3,14 @@ effects table and the cells' state probabilities given scores and counts.
 
 The graph is :func:`scotgm_pp.models.build_model` with ``counts`` (every cell's counts share its
 state with its scores, :mod:`scotgm_pp.models.count_graph`). Which evidence informs the states
-when it is fitted by EM is ``model_config["count_evidence"]``:
+is ``model_config["count_evidence"]``, and it decides the graph every method fits:
 
-* ``"cut"`` (default): the states from the scores alone, the count layer given their
-  posteriors, as the screen does (:func:`scotgm_pp.tl.perturbation_response`): EM reproduces the
-  screen's effects for the same cells and genes;
-* ``"joint"``: the MAP of the joint density, the counts informing the states too.
-
-NUTS and MAP (``pm.find_MAP``) always work on the joint density: the graph has no cut in it.
+* ``"cut"`` (default): the graph weights each cell's count log-likelihood in a state by the
+  cell's probability of that state from the scores alone (data ``state_probability``: EM's
+  responsibilities of the scores), as the screen does (:func:`scotgm_pp.tl.perturbation_response`):
+  EM reproduces the screen's effects for the same cells and genes, and MAP and NUTS maximise and
+  sample that graph;
+* ``"joint"``: the joint density, the counts informing the states too (EM, MAP and NUTS).
 """
 
 from __future__ import annotations

@@ -37,10 +37,14 @@ adds a package); the price is the concatenated ``feature`` axis of ``XY``.
 
 Which evidence informs ``z``
 ----------------------------
-The graph is the joint generative model, and :func:`scotgm_pp.inference.joint_em.fit_joint_em`
-(``evidence="joint"``) computes its MAP. The package's default path does not: it infers the
-states from the PCA scores alone (the tied Gaussian graph) and fits the count layer given their
-posteriors, a cut. On simulated screens with 60% escaped cells the joint MAP found the escaped
+The generative model is joint, and :func:`scotgm_pp.inference.joint_em.fit_joint_em`
+(``evidence="joint"``) computes the MAP of its density. The package's default path does not: it
+infers the states from the scores alone and fits the count layer given their posteriors, a cut.
+The cut is a graph too (``count_evidence="cut"`` in :func:`~scotgm_pp.models.build_model`): each
+cell's density is its scores' mixture density times ``prod_k p(y_i | k)^{r_ik}``, with the state
+probabilities ``r`` fixed data (EM's responsibilities of the scores). Its MAP is the screen's
+count M-step, NUTS samples it, and the generative ``dist`` is the same as the joint graph's (the
+cut changes what informs the states, not how cells are generated). On simulated screens with 60% escaped cells the joint MAP found the escaped
 cells worse (AUC 0.70 against 0.86) and ranked the knocked-down gene first less often (0.48
 against 0.90): genes independent given the state, a few hundred of them, outvote the PCA part
 and split the cells along shared expression programs (``benchmarks/count_layer_evidence.py``).
@@ -55,7 +59,7 @@ from pytensor.tensor.type_other import NoneTypeT
 
 from ..inference.count_layer import PHI_MIN, CountPrior, batch_codes
 
-__all__ = ["count_coords", "add_count_layer", "cells_joint", "joint_state_terms"]
+__all__ = ["count_coords", "add_count_layer", "cells_joint", "joint_state_terms", "count_state_terms"]
 
 
 def count_coords(n: int, batch, state_names: list[str], genes: list[str], pcs: list[str]) -> dict:
@@ -120,6 +124,15 @@ def add_count_layer(
     return {"state_log_rate": state_log_rate, "cell_offset": offset, "alpha": 1.0 / phi}
 
 
+def count_state_terms(y, log_rate, offset, alpha, *, n_states: int):
+    """``(n, K)``: each cell's count log-likelihood ``sum_g log NB(y_ig | k)`` in every state."""
+    comps = []
+    for k in range(n_states):
+        mu = pt.exp(offset + log_rate[k])
+        comps.append(pm.logp(pm.NegativeBinomial.dist(mu=mu, alpha=alpha), y).sum(axis=-1))
+    return pt.stack(comps, axis=-1)
+
+
 def joint_state_terms(value, means, precisions, log_w, log_rate, offset, alpha, *, d: int, n_states: int,
                       cell_shift=None):
     """``(n, K)``: a cell's log prior state probability plus the log density of its scores (the
@@ -128,31 +141,39 @@ def joint_state_terms(value, means, precisions, log_w, log_rate, offset, alpha, 
     from .graph import gaussian_log_densities
 
     x = value[..., :d]
-    y = value[..., d:]
     lx = gaussian_log_densities(x if cell_shift is None else x - cell_shift, means, precisions, n_states)
-    comps = []
-    for k in range(n_states):
-        mu = pt.exp(offset + log_rate[k])
-        comps.append(pm.logp(pm.NegativeBinomial.dist(mu=mu, alpha=alpha), y).sum(axis=-1))
-    return lx + pt.stack(comps, axis=-1) + log_w
+    return lx + count_state_terms(value[..., d:], log_rate, offset, alpha, n_states=n_states) + log_w
 
 
-def _joint_logp(d: int, n_states: int, shifted: bool = False):
-    if shifted:
-        def logp_shifted(value, means, precisions, log_w, log_rate, offset, alpha, cell_shift):
+def _joint_logp(d: int, n_states: int, shifted: bool = False, cut: bool = False):
+    """The cell's log density: the joint (``logsumexp`` over its states of the scores' and counts'
+    terms) or, with ``cut``, the scores' mixture density plus the counts' log-likelihood in each
+    state weighted by the fixed state probabilities ``r`` (the last input before ``cell_shift``)."""
+    def density(value, means, precisions, log_w, log_rate, offset, alpha, r=None, cell_shift=None):
+        if not cut:
             return pt.logsumexp(joint_state_terms(value, means, precisions, log_w, log_rate, offset, alpha, d=d,
                                                   n_states=n_states, cell_shift=cell_shift), axis=-1)
+        from .graph import gaussian_state_terms
 
-        return logp_shifted
+        x = value[..., :d]
+        lx = gaussian_state_terms(x, means, precisions, log_w, n_states, cell_shift)
+        counts = count_state_terms(value[..., d:], log_rate, offset, alpha, n_states=n_states)
+        # r = 0 (a state the cell cannot take) contributes nothing, whatever its count term
+        weighted = pt.switch(pt.gt(r, 0.0), r * counts, 0.0).sum(axis=-1)
+        return pt.logsumexp(lx, axis=-1) + weighted
 
-    def logp(value, means, precisions, log_w, log_rate, offset, alpha):
-        return pt.logsumexp(joint_state_terms(value, means, precisions, log_w, log_rate, offset, alpha, d=d,
-                                              n_states=n_states), axis=-1)
+    def logp(value, *params):
+        # params: means, precisions, log_w, log_rate, offset, alpha, then r (cut), then cell_shift
+        base, rest = params[:6], list(params[6:])
+        r = rest.pop(0) if cut else None
+        return density(value, *base, r, rest.pop(0) if shifted else None)
 
     return logp
 
 
-def _joint_dist(d: int, shifted: bool = False):
+def _joint_dist(d: int, shifted: bool = False, cut: bool = False):
+    """The generative draw of a cell (the same with and without the cut: the cut changes what
+    informs the states, not how cells are generated)."""
     def draw(means, precisions, log_w, log_rate, offset, alpha, cell_shift, size):
         n = offset.shape[0] if size is None or isinstance(size.type, NoneTypeT) else size[0]
         z = pm.Categorical.dist(logit_p=log_w, shape=(n,))
@@ -164,45 +185,40 @@ def _joint_dist(d: int, shifted: bool = False):
         y = pm.NegativeBinomial.dist(mu=pt.exp(offset + log_rate[z]), alpha=alpha)
         return pt.concatenate([x, pt.cast(y, "float64")], axis=-1)
 
-    if shifted:
-        def dist_shifted(means, precisions, log_w, log_rate, offset, alpha, cell_shift, size):
-            return draw(means, precisions, log_w, log_rate, offset, alpha, cell_shift, size)
-
-        return dist_shifted
-
-    def dist(means, precisions, log_w, log_rate, offset, alpha, size):
-        return draw(means, precisions, log_w, log_rate, offset, alpha, None, size)
+    def dist(*params):
+        # params: means, precisions, log_w, log_rate, offset, alpha, [r], [cell_shift], size
+        base, rest, size = params[:6], list(params[6:-1]), params[-1]
+        if cut:
+            rest.pop(0)  # the cut's state probabilities play no part in generating a cell
+        return draw(*base, rest.pop(0) if shifted else None, size)
 
     return dist
 
 
 def cells_joint(name: str, *, means, precisions, log_weights, layer: dict, observed: np.ndarray, d: int,
-                n_states: int, dims, cell_shift=None) -> pt.TensorVariable:
+                n_states: int, dims, cell_shift=None, state_probability=None) -> pt.TensorVariable:
     """Every cell's PCA scores and counts under one marginalised state (see the module docstring);
     ``log_weights`` is the ``(n, K)`` log prior state probability of each cell (``-inf`` for a
     state the cell may not take); ``cell_shift`` the ``(n, d)`` design offsets of the cells'
-    state means (a graph with a design), else ``None``."""
+    state means (a graph with a design), else ``None``; ``state_probability`` the ``(n, K)``
+    fixed state probabilities of the cut (the counts then do not inform the states), else
+    ``None`` (the joint density)."""
+    cut = state_probability is not None
+    inputs = [means, precisions, log_weights, layer["state_log_rate"], layer["cell_offset"], layer["alpha"]]
+    signature = "(k,d),(k,d,d),(k),(k,g),(g),(g)"
+    if cut:
+        inputs.append(state_probability)
+        signature += ",(k)"
     if cell_shift is not None:
-        return pm.CustomDist(
-            name, means, precisions, log_weights, layer["state_log_rate"], layer["cell_offset"], layer["alpha"],
-            cell_shift,
-            logp=_joint_logp(d, int(n_states), shifted=True),
-            dist=_joint_dist(d, shifted=True),
-            signature="(k,d),(k,d,d),(k),(k,g),(g),(g),(d)->(c)",
-            observed=observed,
-            dims=dims,
-        )
+        inputs.append(cell_shift)
+        signature += ",(d)"
+    shifted = cell_shift is not None
     return pm.CustomDist(
         name,
-        means,
-        precisions,
-        log_weights,
-        layer["state_log_rate"],
-        layer["cell_offset"],
-        layer["alpha"],
-        logp=_joint_logp(d, int(n_states)),
-        dist=_joint_dist(d),
-        signature="(k,d),(k,d,d),(k),(k,g),(g),(g)->(c)",
+        *inputs,
+        logp=_joint_logp(d, int(n_states), shifted=shifted, cut=cut),
+        dist=_joint_dist(d, shifted=shifted, cut=cut),
+        signature=signature + "->(c)",
         observed=observed,
         dims=dims,
     )

@@ -250,6 +250,8 @@ def build_model(
     design=None,
     design_sd=None,
     design_count_sd: float = 1.0,
+    count_evidence: str = "joint",
+    state_probability: np.ndarray | None = None,
 ) -> pm.Model:
     """Declare the sc-OTGM mixture as a PyMC model, optionally with the count observation layer.
 
@@ -312,6 +314,18 @@ def build_model(
         or one per PC.
     design_count_sd
         Prior SD of ``design_count_coef`` (natural-log rate per unit of a covariate).
+    count_evidence
+        With counts: ``"joint"`` (default here) declares the joint density, the counts informing
+        every cell's state; ``"cut"`` declares the cut the screen answers with: the scores'
+        mixture density times the counts' likelihood in each state raised to the cell's fixed
+        state probability, ``sum_k r_ik sum_g log NB(y_ig | k)``, with ``r`` the data
+        ``state_probability`` (``cell, state``). The counts then inform the count layer's
+        parameters and not the states; EM's cut (the count M-step given ``r``) is this graph's
+        MAP, and NUTS samples it.
+    state_probability
+        ``(n, K)`` state probabilities of the cut (rows summing to 1, zero where a state is not
+        allowed); default: the allowed states in equal shares (set the EM's responsibilities
+        with ``pm.set_data`` before sampling, as :meth:`scotgm_pp.models.ScOTGM.fit` does).
 
     Returns
     -------
@@ -325,7 +339,8 @@ def build_model(
         (the independent coupling). With counts, also ``beta`` (``gene``), ``delta``
         (``effect_state, gene``), ``gamma`` (``batch_offset, gene``, with batches),
         ``state_log_rate`` (``state, gene``), and the observed ``XY`` (``cell, feature``: the
-        PCs, then the genes) in place of ``X``. With ``"shift"``: ``shift_{k}`` (``pc``) free
+        PCs, then the genes) in place of ``X``; with ``count_evidence="cut"`` also the data
+        ``state_probability`` (``cell, state``). With ``"shift"``: ``shift_{k}`` (``pc``) free
         and ``mean_{k}`` deterministic for ``k >= 1``. With a design: data ``design``, free
         ``design_coef`` (and ``design_count_coef`` with counts).
     """
@@ -374,6 +389,13 @@ def build_model(
     if coords:
         raise ValueError(f"coords may only set 'cell', 'pc', 'gene' and 'covariate'; unexpected keys {sorted(coords)}.")
     Y = _check_counts(counts, n, size_factors, dispersion)
+    if count_evidence not in ("joint", "cut"):
+        raise ValueError(f"count_evidence must be 'joint' or 'cut', got {count_evidence!r}.")
+    R_cut = None
+    if Y is not None and count_evidence == "cut":
+        R_cut = check_state_probability(state_probability, mask)
+    elif state_probability is not None:
+        raise ValueError("state_probability belongs to the cut count layer: pass counts= and count_evidence='cut'.")
     pca_loadings = None
     if loadings is not None:
         if Y is not None:
@@ -465,10 +487,28 @@ def build_model(
             layer = add_count_layer(Y, size_factors=size_factors, dispersion=dispersion, batch=batch,
                                     count_prior=count_prior, state_names=names, genes=genes, design=design_t,
                                     design_count_sd=float(design_count_sd))
+            r_t = None if R_cut is None else pm.Data("state_probability", R_cut, dims=("cell", "state"))
             cells_joint("XY", means=means_t, precisions=precisions_t, log_weights=log_w, layer=layer,
                         observed=np.hstack([X, Y]), d=d, n_states=n_states, dims=("cell", "feature"),
-                        cell_shift=cell_shift)
+                        cell_shift=cell_shift, state_probability=r_t)
     return model
+
+
+def check_state_probability(state_probability, mask: np.ndarray) -> np.ndarray:
+    """The cut's ``(n, K)`` state probabilities, checked against the allowed states ``mask``;
+    ``None``: the allowed states in equal shares."""
+    mask = np.asarray(mask, bool)
+    if state_probability is None:
+        return mask / mask.sum(axis=1, keepdims=True)
+    R = np.asarray(state_probability, float)
+    if R.shape != mask.shape:
+        raise ValueError(f"state_probability must be cells x states {mask.shape}, got shape {R.shape}.")
+    if not np.all(np.isfinite(R)) or (R < 0).any() or not np.allclose(R.sum(axis=1), 1.0, atol=1e-6):
+        raise ValueError("state_probability must hold finite non-negative rows that sum to 1 (each cell's state "
+                         "probabilities, e.g. an EM fit's responsibilities).")
+    if np.any(R[~mask] > 0):
+        raise ValueError("state_probability gives weight to a state a cell may not take (see allowed_states).")
+    return R
 
 
 def cell_log_weights(weights, allowed):
@@ -533,7 +573,8 @@ def _gaussian_dist(d: int, shifted: bool = False):
 def state_log_terms_function(model: pm.Model):
     """A NumPy function of the free variables' values (untransformed, keyed by name) returning the
     ``(n, K)`` per-state log terms of the model's observed cells (``X`` or ``XY``): the prior
-    state probability plus the cell's log density in that state, read from the observed
+    state probability plus the cell's log density in that state (of its scores alone in the cut
+    count graph, whose states the counts do not inform), read from the observed
     variable's own inputs (the design offsets and the count layer included), so that a softmax
     over the states gives the cells' state probabilities under the graph."""
     import pytensor
@@ -549,6 +590,10 @@ def state_log_terms_function(model: pm.Model):
     if name == "X":
         shift = params[3] if len(params) > 3 else None
         terms = gaussian_state_terms(observed, params[0], params[1], params[2], K, shift)
+    elif "state_probability" in model.named_vars:  # the cut: the states see the scores only
+        d = len(model.coords["pc"])
+        shift = params[7] if len(params) > 7 else None
+        terms = gaussian_state_terms(observed[..., :d], params[0], params[1], params[2], K, shift)
     else:
         d = len(model.coords["pc"])
         shift = params[6] if len(params) > 6 else None

@@ -96,9 +96,10 @@ grows with the number of cells, so its prior predictive is far wider than the da
 prior pseudo-count of the state means; ``extra_dof``: Wishart degrees of freedom above the
 dimension (an integer); ``dirichlet``: concentration of the weights; ``covariance``: ``"full"``
 (one per state) or ``"tied"`` (shared). With counts (:meth:`ScOTGM.fit` ``counts=``):
-``count_evidence`` (``"cut"``: EM infers the states from the scores alone and fits the count
-layer given them, as the screen does; ``"joint"``: EM maximises the joint density, the counts
-informing the states too; NUTS and MAP always sample or maximise the joint density) and the count
+``count_evidence`` (``"cut"``: the graph infers the states from the scores alone and weights each
+cell's count log-likelihood in a state by its probability of that state, as the screen does;
+EM, MAP and NUTS all fit this graph; ``"joint"``: the joint density, the counts informing the
+states too) and the count
 layer's prior standard deviations ``delta_sd`` (state effects), ``beta_sd`` (basal log rates),
 ``gamma_sd`` (batch offsets).
 
@@ -469,7 +470,8 @@ class ScOTGM:
                 data["X"], allowed_states=data["mask"], n_states=self.n_states, prior=data["prior"],
                 state_names=self.state_names, coords=coords, covariance=self.model_config["covariance"],
                 counts=counts.Y, size_factors=counts.size_factors, dispersion=counts.dispersion, batch=counts.batch,
-                count_prior=counts.prior, **options,
+                count_prior=counts.prior, count_evidence=c["count_evidence"],
+                state_probability=data.get("state_probability") if c["count_evidence"] == "cut" else None, **options,
             )
         if loadings is not None:
             coords["gene"] = [str(g) for g in data["pca"]["genes"]]
@@ -516,6 +518,8 @@ class ScOTGM:
                                            dispersion=cd["dispersion"].values, batch=batch,
                                            genes=np.asarray(cd["gene"].values).astype(str), fixed=fixed,
                                            config=config or DEFAULT_MODEL_CONFIG)
+            if "state_probability" in cd:
+                out["state_probability"] = np.asarray(cd["state_probability"].values, float)
         else:
             out["X"] = observed["X"].values
             if "pca_loadings" in cd:
@@ -674,6 +678,9 @@ class ScOTGM:
                                      covariance=cov_type, evidence=evidence, regularization=s["m_step"],
                                      max_iter=em_kwargs["max_iter"], tol=em_kwargs["tol"])
             em = count_fit.gaussian
+            if self.model_config["count_evidence"] == "cut":
+                # the cut graph's fixed state probabilities: the states EM found from the scores
+                self._set_state_probability(em.responsibilities)
         groups: dict[str, Any] = {}
         match method:
             case "em":
@@ -724,6 +731,16 @@ class ScOTGM:
                           "(result attrs 'weights_from_prior_only'), not an estimate from these cells.",
                           UserWarning, stacklevel=2)
         return self
+
+    def _set_state_probability(self, R: np.ndarray) -> None:
+        """Give the cut graph (and an extension of it) the state probabilities its count layer is
+        weighted by."""
+        import pymc as pm
+
+        self._data["state_probability"] = np.asarray(R, float)
+        model = self._model
+        if model is not None and "state_probability" in model.named_vars:
+            pm.set_data({"state_probability": self._data["state_probability"]}, model=model)
 
     def _check_extension(self, model, method: str):
         import pymc as pm
@@ -795,7 +812,9 @@ class ScOTGM:
         return float(joint_log_density(data["X"], c.Y, size_factors=c.size_factors, dispersion=c.dispersion,
                                        weights=em.weights, means=em.means, covariances=em.covariances, params=counts,
                                        prior=data["prior"], count_prior=c.prior, fixed_state=data["fixed"],
-                                       batch=c.batch, covariance=self.model_config["covariance"]))
+                                       batch=c.batch, covariance=self.model_config["covariance"],
+                                       state_probability=data.get("state_probability")
+                                       if self.model_config["count_evidence"] == "cut" else None))
 
     def _dispersed_starts(self, em, rng, chains: int, X: np.ndarray | None = None) -> list:
         """Chain 0 starts at the EM solution; every other chain at the EM solution reached from
@@ -960,6 +979,8 @@ class ScOTGM:
             const["size_factors"] = (("cell",), counts.size_factors)
             const["dispersion"] = (("gene",), counts.dispersion)
             const["batch_code"] = (("cell",), batch_codes(counts.batch, len(cells))[0].astype(np.int64))
+            if data.get("state_probability") is not None and self.model_config["count_evidence"] == "cut":
+                const["state_probability"] = (("cell", "state"), data["state_probability"])
             const_coords["gene"] = list(counts.genes)
             const_coords["batch"] = counts.batch_labels
         if data.get("design") is not None:
@@ -1070,9 +1091,9 @@ class ScOTGM:
         """State probabilities of the training cells ``(n, K)`` given the states each may take
         (pinned cells are one-hot), averaged over the posterior draws.
 
-        The evidence is the graph's: the scores, and with counts their count log-likelihood too
-        (the joint density NUTS samples); an EM fit with ``count_evidence="cut"`` reports its own
-        states, which came from the scores alone. A graph with a design gets them from the graph's
+        The evidence is the graph's: the scores, and with counts and ``count_evidence="joint"``
+        their count log-likelihood too; with ``count_evidence="cut"`` the scores alone (an EM fit
+        reports its own states). A graph with a design gets them from the graph's
         own per-state log terms (:func:`~scotgm_pp.models.graph.state_log_terms_function`), its
         cells' means moved by their covariates. An extended graph is refused (its
         responsibilities depend on variables these formulas do not know)."""
@@ -1084,10 +1105,13 @@ class ScOTGM:
         if data.get("design") is not None:
             return self._graph_responsibilities()
         X, fixed, mask, counts = data["X"], data["fixed"], data["mask"], data.get("counts")
-        if counts is not None and self.method == "em" and self.model_config["count_evidence"] == "cut":
+        cut = counts is not None and self.model_config["count_evidence"] == "cut"
+        if cut and self.method == "em":
             return group(self.idata, "em")["responsibilities"].values
         K = self.n_states
         w, m, c = self._draws()
+        if cut:
+            counts = None  # the cut graph's states see the scores only
         if counts is not None:
             from ..inference import count_fit
             from ..inference.count_layer import CountData

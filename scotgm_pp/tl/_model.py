@@ -48,11 +48,12 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
         ``pm.sample`` settings for ``"nuts"`` (e.g. ``{"draws": 300, "tune": 300}``).
     counts
         Also the count observation layer (:mod:`scotgm_pp.models.count_graph`) for ``genes``:
-        the joint graph of the states and every chosen gene's negative-binomial counts, with the
+        the graph of the states and every chosen gene's negative-binomial counts, with the
         screen's library sizes (each cell's total count), dispersions (as data), batches and
         count priors. With ``method="em"`` and ``count_evidence="cut"`` (the screen's rule: the
         states from the state model's score, the counts given them) its effects are the screen's
-        ``effect`` of those genes; NUTS and MAP work on the joint density. ``adata`` must hold the
+        ``effect`` of those genes, and NUTS and MAP sample and maximise that same cut graph
+        (``"joint"``: the joint density, the counts informing the states). ``adata`` must hold the
         screen's raw counts (in ``.X`` or ``layer``).
     genes, n_genes
         The genes of the count layer: a list, or by default the perturbation's target (when its
