@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from scipy import stats
 from threadpoolctl import threadpool_limits
 
 import scotgm_pp as sg
@@ -80,9 +81,13 @@ def test_record_says_which_graph_produced_each_number(small_sim, state_space):
     assert rec["effect_se_method"] == "imputation" and rec["count_converged"]
     assert rec["rank_by"] == "effect_shrunk" and rec["dispersion_source"] == "controls"
     assert rec["llr"] == pytest.approx(rec["llr_gaussian"] + rec["llr_counts"])
-    assert list(genes.columns[:12]) == ["gene", "effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue",
+    assert list(genes.columns[:14]) == ["gene", "effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue",
                                         "effect_qvalue", "effect_shrunk", "effect_shrunk_sd", "effect_lfsr",
-                                        "log_rate_basal", "dispersion"]
+                                        "effect_se_robust", "effect_pvalue_robust", "log_rate_basal", "dispersion"]
+    # the robust SE is never below the model's; its p-value is its Wald p
+    assert np.all(genes["effect_se_robust"] >= genes["effect_se"])
+    np.testing.assert_allclose(genes["effect_pvalue_robust"],
+                               2 * stats.norm.sf(np.abs(genes["effect"] / genes["effect_se_robust"])), rtol=1e-12)
     assert {"lfc_all_guides", "lfc_all_guides_se", "lfc_all_guides_z", "lfc_all_guides_bound", "mu", "sigma",
             "score", "shift", "rank", "abs_rank"} <= set(genes.columns)
     order = genes.sort_values("rank")

@@ -217,7 +217,7 @@ def fit_joint_em(
     if evidence == "gaussian":
         # The cut: the count layer's M-step given the Gaussian graph's converged states.
         cp, _, _ = cf.fit_given_states(data, R, count_prior)
-        se = cf.effect_standard_errors(data, cp, R, count_prior, correction="imputation")
+        se = cf.effect_standard_errors(data, cp, R, count_prior, correction=cf.CUT_CORRECTION)
         return JointEMResult(gaussian=gauss, counts=cp.params, effect_se=se, logp_trace=gauss.logp_trace,
                              n_iter=gauss.n_iter, converged=gauss.converged, evidence=evidence, covariance=covariance,
                              count_prior=count_prior, dispersion=data.phi.copy(), count_loglik=cp.row_loglik)

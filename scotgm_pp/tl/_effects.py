@@ -22,9 +22,10 @@ from ._counts import universal_threshold
 
 __all__ = ["CountFit", "fit_count_layer", "effect_table", "library_sizes"]
 
-SE_METHOD = "imputation"
-"""How the effects' standard errors treat uncertain states (see
-:func:`scotgm_pp.inference.count_fit.effect_standard_errors`)."""
+SE_METHOD = count_fit.CUT_CORRECTION
+"""How ``effect_se`` treats uncertain states (see
+:func:`scotgm_pp.inference.count_fit.effect_standard_errors`); ``effect_se_robust`` is the
+``"robust"`` correction (the larger of that and the sandwich standard error)."""
 
 
 @dataclass
@@ -42,6 +43,10 @@ class CountFit:
         (batch offsets, row 0 = 0).
     effect_se
         Standard errors of ``delta`` ``(K, G)`` (row 0 NaN).
+    effect_se_robust
+        The larger of ``effect_se`` and the sandwich standard error (``(K, G)``; the
+        ``"robust"`` correction of :func:`~scotgm_pp.inference.count_fit.effect_standard_errors`):
+        it stays right when the negative-binomial variance is wrong.
     prior
         The count prior.
     dispersion, dispersion_source
@@ -64,6 +69,7 @@ class CountFit:
     converged: bool
     row_loglik: np.ndarray = field(repr=False)
     data: cl.CountData = field(repr=False)
+    effect_se_robust: np.ndarray | None = None
 
     @property
     def batch_labels(self) -> list[str]:
@@ -130,8 +136,10 @@ def fit_count_layer(
     data = cl.CountData(counts, size_factors, dispersion, fixed, R.shape[1], batch)
     cp, n_iter, converged = count_fit.fit_given_states(data, R, prior, tol=NEWTON_TOL)
     se = count_fit.effect_standard_errors(data, cp, R, prior, correction=SE_METHOD)
+    robust = np.fmax(se, count_fit.effect_standard_errors(data, cp, R, prior, correction="sandwich"))
     return CountFit(params=cp.params, effect_se=se, prior=prior, dispersion=data.phi.copy(), dispersion_source=source,
-                    n_iter=int(n_iter), converged=bool(converged), row_loglik=cp.row_loglik, data=data)
+                    n_iter=int(n_iter), converged=bool(converged), row_loglik=cp.row_loglik, data=data,
+                    effect_se_robust=robust)
 
 
 def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = None) -> pd.DataFrame:
@@ -151,6 +159,14 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     ``effect_shrunk_sd`` and ``effect_lfsr`` (local false sign rate: the posterior probability
     that the effect is 0 or of the other sign). ``effect`` itself is the count layer's MAP under
     its fixed ``N(0, delta_sd)`` prior; the learned prior comes on top of it.
+
+    ``effect_se_robust`` (when the fit has it) is the larger of ``effect_se`` and the sandwich
+    standard error, with its two-sided Wald ``effect_pvalue_robust``: the inference to read when
+    the negative-binomial variance may be wrong. The ranking and the empirical Bayes columns use
+    the model-based ``effect_se``: on Papalexi (60 guide cells vs 300 controls, seeds 0-19) ranking
+    by ``effect_shrunk`` with the robust SE found the target first in 0.606 of the experiments,
+    with the sandwich SE alone in 0.294, against 0.672 with ``effect_se``: a sandwich over a few
+    dozen cells is too noisy for genes with few counts.
     """
     d = fit.params.delta[state]
     se = fit.effect_se[state]
@@ -164,6 +180,10 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     if ok.sum() >= 2:
         eb = normal_means(d[ok], se[ok])
         eb_mean[ok], eb_sd[ok], lfsr[ok] = eb.mean, eb.sd, eb.lfsr
+    extra = {}
+    if fit.effect_se_robust is not None:
+        robust = fit.effect_se_robust[state]
+        extra = {"effect_se_robust": robust, "effect_pvalue_robust": 2.0 * stats.norm.sf(np.abs(d / robust))}
     return pd.DataFrame({
         "effect": d,
         "effect_se": se,
@@ -174,6 +194,7 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
         "effect_shrunk": eb_mean,
         "effect_shrunk_sd": eb_sd,
         "effect_lfsr": lfsr,
+        **extra,
         "log_rate_basal": fit.params.beta,
         "dispersion": fit.dispersion,
     })
