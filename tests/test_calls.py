@@ -47,6 +47,25 @@ def test_empirical_p_values_match_the_exact_permutation_test(statistic):
     np.testing.assert_allclose(test.pval, exact, atol=0.02)  # Monte-Carlo error at B = 4000: < 0.008
 
 
+def test_sparse_lognorm_statistic_equals_the_dense_one():
+    """The sparse path of the default statistic (guide sums over the non-zero entries only) gives
+    the dense path's numbers, with strata, an all-zero gene and a stratum without guide cells."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(7)
+    n, G = 120, 30
+    Y = rng.negative_binomial(1, 0.6, size=(n, G)).astype(float)
+    Y[:, 3] = 0.0
+    lib = rng.uniform(500, 2000, n)
+    strata = rng.integers(3, size=n)
+    is_guide = (rng.random(n) < 0.3) & (strata != 2)
+    sets = _permuted_sets(is_guide, strata, 50, np.random.default_rng(1))
+    dense = _score_z(Y, sets, lib, np.full(G, 0.2), strata, kind="lognorm")
+    sparse = _score_z(sp.csr_matrix(Y), sets, lib, np.full(G, 0.2), strata, kind="lognorm")
+    assert np.abs(dense).max() > 2.0 and np.all(dense[:, 3] == 0.0)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-10, atol=1e-10)
+
+
 def test_observed_statistic_is_count_shift_s():
     rng = np.random.default_rng(2)
     Y = rng.negative_binomial(3, 0.2, size=(90, 15))

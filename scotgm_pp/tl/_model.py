@@ -17,7 +17,8 @@ STATE_TOL = 1e-10
 
 def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str = "scotgm",
               store=None, random_state: int | None = 0, sampler_config: dict | None = None, counts: bool = False,
-              genes=None, n_genes: int = 20, layer: str | None = None, count_evidence: str = "cut", **kwargs):
+              genes=None, n_genes: int = 20, layer: str | None = None, count_evidence: str = "cut",
+              model_config: dict | None = None, **kwargs):
     """The state model of one perturbation of a screen, fitted again as a :class:`ScOTGM`.
 
     The screen's record of the perturbation holds the state model's features of its cells
@@ -63,6 +64,11 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
         The layer holding the raw counts (default ``.X``).
     count_evidence
         ``"cut"`` or ``"joint"`` (see :data:`~scotgm_pp.models.DEFAULT_MODEL_CONFIG`).
+    model_config
+        Changes to the rebuilt graph's ``model_config`` (the screen's prior settings are the
+        base), e.g. ``{"mean_parametrization": "shift", "shift_sd": 1.0}`` for a prior on the
+        shift itself; a graph other than the default is fitted by ``"map"`` or ``"nuts"``, and
+        ``design=`` (an array, one row per cell of the record) passes on to :meth:`ScOTGM.fit`.
     **kwargs
         Passed to :meth:`ScOTGM.fit` (e.g. ``draws=``, ``tune=``, ``chains=`` for ``"nuts"``).
 
@@ -96,6 +102,12 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
     if counts:
         model.model_config.update(count_evidence=count_evidence, delta_sd=float(record["delta_prior_sd"]),
                                   beta_sd=float(record["beta_prior_sd"]), gamma_sd=float(record["gamma_prior_sd"]))
+    if model_config:
+        if not isinstance(model_config, dict):
+            raise TypeError(f"model_config must be a dict of changes, got {type(model_config).__name__}.")
+        model = ScOTGM(model_config={**model.model_config, **model_config}, sampler_config=sampler_config,
+                       m_step=str(record["state_em_regularization"]), max_iter=STATE_MAX_ITER, tol=STATE_TOL,
+                       random_state=random_state)
     cells = pd.Index(np.asarray(record["state_cell_names"]).astype(str), dtype=object)
     if counts:
         view = ad.AnnData(X=np.zeros((scores.shape[0], 0), np.float32), obs=pd.DataFrame(index=cells))
