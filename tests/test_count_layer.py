@@ -267,6 +267,37 @@ def _replicate_effects(phi_true: float, phi_plugin: float, seeds: range, G: int 
     return {c: float(np.median(np.mean(v, axis=0) / sd)) for c, v in se.items()}
 
 
+@pytest.mark.parametrize("seed", [0, 2, 5])
+def test_unshrunk_effects_are_the_maximum_likelihood_fold_changes(seed):
+    """effect_unshrunk: one Newton step from the MAP with the delta prior removed lands on the
+    maximum-likelihood estimate (the flat-prior fit run to convergence) where it is reported;
+    the MAP itself is far from it. Six seeds measured: 0.013 / 0.094 at SE < 0.3 / 0.5."""
+    from dataclasses import replace
+
+    import scotgm_pp as sg
+    from scotgm_pp.tl._effects import fit_count_layer, library_sizes
+
+    a = sg.datasets.simulate(n_genes=1000, n_perturbations=1, n_control=400, n_cells_per_perturbation=80,
+                             escape_fraction=0.3, random_state=seed, library_size=2000.0)
+    X = a.X.tocsr()
+    ctrl = (a.obs["perturbation"] == "control").to_numpy()
+    esc = a.obs["escaped"].to_numpy()
+    R = np.zeros((len(ctrl), 2))
+    R[ctrl, 0] = 1.0
+    R[~ctrl] = np.where(esc[~ctrl, None], [0.8, 0.2], [0.15, 0.85])
+    fit = fit_count_layer(X, np.where(ctrl, 0, -1), R, size_factors=library_sizes(X))
+    mle, _, _ = cf.fit_given_states(fit.data, R, replace(fit.prior, delta_sd=1e4), init=fit.params, tol=1e-10,
+                                    max_iter=300)
+    d, se = fit.effect_unshrunk[1], fit.effect_unshrunk_se[1]
+    shown = np.isfinite(d)
+    assert 0.8 < shown.mean() < 0.97 and np.all(se[shown] < fit.prior.delta_sd)
+    assert np.all(np.isnan(se[~shown]))
+    err = np.abs(d - mle.params.delta[1])
+    assert err[se < 0.3].max() < 0.02
+    assert err[se < 0.5].max() < 0.12
+    assert np.abs(fit.params.delta[1] - mle.params.delta[1])[se < 0.5].max() > 0.3
+
+
 def test_robust_standard_errors_hold_when_the_dispersion_is_wrong():
     """Issue 25: with the plug-in dispersion 10x too small the model-based SE runs about 17% below
     the effects' spread over replicates; the sandwich and the robust SE (the larger of the two

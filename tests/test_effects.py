@@ -81,9 +81,15 @@ def test_record_says_which_graph_produced_each_number(small_sim, state_space):
     assert rec["effect_se_method"] == "imputation" and rec["count_converged"]
     assert rec["rank_by"] == "effect_shrunk" and rec["dispersion_source"] == "controls"
     assert rec["llr"] == pytest.approx(rec["llr_gaussian"] + rec["llr_counts"])
-    assert list(genes.columns[:14]) == ["gene", "effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue",
+    assert list(genes.columns[:16]) == ["gene", "effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue",
                                         "effect_qvalue", "effect_shrunk", "effect_shrunk_sd", "effect_lfsr",
-                                        "effect_se_robust", "effect_pvalue_robust", "log_rate_basal", "dispersion"]
+                                        "effect_unshrunk", "effect_unshrunk_se", "effect_se_robust",
+                                        "effect_pvalue_robust", "log_rate_basal", "dispersion"]
+    # without the N(0, delta_sd) prior the effect is never smaller, and it is reported only where
+    # the counts carry more information than the prior
+    shown = genes["effect_unshrunk"].notna()
+    assert shown.mean() > 0.5 and np.all(genes.loc[shown, "effect_unshrunk_se"] < rec["delta_prior_sd"])
+    assert np.all(np.abs(genes.loc[shown, "effect_unshrunk"]) >= np.abs(genes.loc[shown, "effect"]) - 1e-9)
     # the robust SE is never below the model's; its p-value is its Wald p
     assert np.all(genes["effect_se_robust"] >= genes["effect_se"])
     np.testing.assert_allclose(genes["effect_pvalue_robust"],

@@ -56,7 +56,7 @@ def test_result_slots_and_ranking_table(sim, sim_fitted):
     assert resp.shape == (8, sim.n_vars) and list(resp.var_names) == list(sim.var_names)
     assert list(resp.obs_names) == sorted(sim.uns["simulation"]["target_gene"])
     assert list(resp.layers) == ["effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue", "effect_qvalue",
-                                 "effect_shrunk", "effect_shrunk_sd", "effect_lfsr", "effect_se_robust", "effect_pvalue_robust", "log_rate_basal", "dispersion", "mu", "sigma", "score", "shift", "rank", "abs_rank",
+                                 "effect_shrunk", "effect_shrunk_sd", "effect_lfsr", "effect_unshrunk", "effect_unshrunk_se", "effect_se_robust", "effect_pvalue_robust", "log_rate_basal", "dispersion", "mu", "sigma", "score", "shift", "rank", "abs_rank",
                                  "lfc_all_guides", "lfc_all_guides_se", "lfc_all_guides_z", "lfc_all_guides_bound",
                                  "pval", "qval", "qval_screen"]
     tab = sg.tl.get_rankings(sim_fitted)

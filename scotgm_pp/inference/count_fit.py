@@ -17,7 +17,7 @@ when the responsibilities change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,6 +34,7 @@ __all__ = [
     "fit_given_states",
     "effect_standard_errors",
     "sandwich_meat",
+    "unshrunk_effects",
 ]
 
 _CHUNK_ENTRIES = 1 << 15
@@ -350,6 +351,45 @@ def effect_standard_errors(
         else:
             cov = imputed
     return _diagonal_se(cov, K)
+
+
+def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior,
+                     correction: str = CUT_CORRECTION) -> tuple[np.ndarray, np.ndarray]:
+    """The state effects without their ``N(0, delta_sd)`` prior, and their standard errors.
+
+    One Newton step per gene, from the fit ``cp`` (the MAP), on the same ``R``-weighted objective
+    with the prior on ``delta`` removed (the weak priors on ``beta`` and ``gamma`` kept). At the
+    MAP the likelihood's gradient in ``delta`` is ``delta / delta_sd^2``, so the step needs no new
+    pass over the counts. The standard error is that of the likelihood alone (its information at
+    the MAP, with the same ``correction`` as :func:`effect_standard_errors`).
+
+    Both are reported (else NaN) where that standard error is below ``delta_sd``, i.e. where the
+    counts carry more information on the effect than the prior does: there the likelihood is
+    close to quadratic and one step lands near its maximum (six simulated experiments of 80 guide
+    cells and 400 controls: within 0.013 of the maximum-likelihood estimate at standard errors
+    below 0.3 and within 0.094 below 0.5, where the MAP was up to 0.58 from it;
+    ``tests/test_count_layer.py``). Elsewhere the unshrunk estimate is not worth reporting: with
+    few counts in a group the likelihood can keep rising towards an infinite fold change.
+
+    Returns
+    -------
+    (delta, se)
+        ``(K, G)`` each; row 0 is 0 and NaN.
+    """
+    K, B = data.n_states, data.n_batches
+    flat = replace(prior, delta_sd=np.inf)
+    sums = group_sums(data, cp, R)
+    grad, info = _gradient_information(data, cp.params, sums, flat)
+    idx = np.arange(1, K)
+    weak = info[:, idx, idx].min(axis=1, initial=np.inf) <= 1e-12  # no count information on delta
+    info[:, idx, idx] += np.where(weak, 1.0, 0.0)[:, None]  # keeps the solve defined (reported NaN)
+    step = np.linalg.solve(info, grad[:, :, None])[:, :, 0]
+    delta = CountParams.from_theta(cp.params.theta() + step, K, B).delta.copy()
+    se = effect_standard_errors(data, cp, R, flat, correction=correction)
+    keep = (se[1:] < float(prior.delta_sd)) & ~weak[None, :]
+    delta[1:] = np.where(keep, delta[1:], np.nan)
+    se[1:] = np.where(keep, se[1:], np.nan)
+    return delta, se
 
 
 def _diagonal_se(cov: np.ndarray, K: int) -> np.ndarray:

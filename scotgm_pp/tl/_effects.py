@@ -47,6 +47,10 @@ class CountFit:
         The larger of ``effect_se`` and the sandwich standard error (``(K, G)``; the
         ``"robust"`` correction of :func:`~scotgm_pp.inference.count_fit.effect_standard_errors`):
         it stays right when the negative-binomial variance is wrong.
+    effect_unshrunk, effect_unshrunk_se
+        ``delta`` without its ``N(0, delta_sd)`` prior and its standard error (``(K, G)``; NaN
+        where the counts carry less information on the effect than the prior;
+        :func:`~scotgm_pp.inference.count_fit.unshrunk_effects`).
     prior
         The count prior.
     dispersion, dispersion_source
@@ -70,6 +74,8 @@ class CountFit:
     row_loglik: np.ndarray = field(repr=False)
     data: cl.CountData = field(repr=False)
     effect_se_robust: np.ndarray | None = None
+    effect_unshrunk: np.ndarray | None = None
+    effect_unshrunk_se: np.ndarray | None = None
 
     @property
     def batch_labels(self) -> list[str]:
@@ -137,9 +143,10 @@ def fit_count_layer(
     cp, n_iter, converged = count_fit.fit_given_states(data, R, prior, tol=NEWTON_TOL)
     se = count_fit.effect_standard_errors(data, cp, R, prior, correction=SE_METHOD)
     robust = np.fmax(se, count_fit.effect_standard_errors(data, cp, R, prior, correction="sandwich"))
+    unshrunk, unshrunk_se = count_fit.unshrunk_effects(data, cp, R, prior, correction=SE_METHOD)
     return CountFit(params=cp.params, effect_se=se, prior=prior, dispersion=data.phi.copy(), dispersion_source=source,
                     n_iter=int(n_iter), converged=bool(converged), row_loglik=cp.row_loglik, data=data,
-                    effect_se_robust=robust)
+                    effect_se_robust=robust, effect_unshrunk=unshrunk, effect_unshrunk_se=unshrunk_se)
 
 
 def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = None) -> pd.DataFrame:
@@ -158,7 +165,12 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     ``effect_shrunk`` (posterior mean; ``rank_by="effect_shrunk"`` ranks by it, with no ties),
     ``effect_shrunk_sd`` and ``effect_lfsr`` (local false sign rate: the posterior probability
     that the effect is 0 or of the other sign). ``effect`` itself is the count layer's MAP under
-    its fixed ``N(0, delta_sd)`` prior; the learned prior comes on top of it.
+    its fixed ``N(0, delta_sd)`` prior; the learned prior comes on top of it. ``effect_unshrunk``
+    and ``effect_unshrunk_se`` (when the fit has them) are the effect without that prior (one
+    Newton step from ``effect`` towards the maximum-likelihood fold change) and its standard
+    error, reported where the counts carry more
+    information on the effect than the prior (``effect_unshrunk_se < delta_sd``), NaN elsewhere
+    (:func:`~scotgm_pp.inference.count_fit.unshrunk_effects`).
 
     ``effect_se_robust`` (when the fit has it) is the larger of ``effect_se`` and the sandwich
     standard error, with its two-sided Wald ``effect_pvalue_robust``: the inference to read when
@@ -181,9 +193,11 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
         eb = normal_means(d[ok], se[ok])
         eb_mean[ok], eb_sd[ok], lfsr[ok] = eb.mean, eb.sd, eb.lfsr
     extra = {}
+    if fit.effect_unshrunk is not None:
+        extra = {"effect_unshrunk": fit.effect_unshrunk[state], "effect_unshrunk_se": fit.effect_unshrunk_se[state]}
     if fit.effect_se_robust is not None:
         robust = fit.effect_se_robust[state]
-        extra = {"effect_se_robust": robust, "effect_pvalue_robust": 2.0 * stats.norm.sf(np.abs(d / robust))}
+        extra |= {"effect_se_robust": robust, "effect_pvalue_robust": 2.0 * stats.norm.sf(np.abs(d / robust))}
     return pd.DataFrame({
         "effect": d,
         "effect_se": se,

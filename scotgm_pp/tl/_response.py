@@ -478,7 +478,8 @@ def perturbation_response(
         did not keep): the model's ``effect``, ``effect_se``, ``effect_z``, ``effect_bound``,
         ``effect_pvalue``, ``effect_qvalue`` (Wald), ``effect_se_robust`` and
         ``effect_pvalue_robust`` (the larger of ``effect_se`` and the sandwich SE), ``effect_shrunk``, ``effect_shrunk_sd``,
-        ``effect_lfsr`` (empirical Bayes across the genes), ``log_rate_basal``, ``dispersion``; the
+        ``effect_lfsr`` (empirical Bayes across the genes), ``effect_unshrunk`` and
+        ``effect_unshrunk_se`` (without the count layer's prior), ``log_rate_basal``, ``dispersion``; the
         model-free ``lfc_all_guides``, ``_se``, ``_z``, ``_bound``; the paper's ``mu``,
         ``sigma``, ``score``; ``shift``; ``rank``, ``abs_rank``; and the calls' resampling
         ``pval`` with Benjamini-Hochberg ``qval`` (within the perturbation) and ``qval_screen``
