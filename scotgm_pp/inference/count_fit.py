@@ -353,23 +353,41 @@ def effect_standard_errors(
     return _diagonal_se(cov, K)
 
 
+FLAT_DELTA_SD = 1e6
+"""Prior SD of ``delta`` in :func:`unshrunk_effects`: a precision of 1e-12, below any count's
+information (it only keeps the information matrix of a state without cells invertible)."""
+
+UNSHRUNK_ONE_STEP = 0.1
+"""Genes whose first Newton step in :func:`unshrunk_effects` is at most this long keep it (the
+error of one step grows about as its square: below 0.01 here); longer ones are iterated."""
+
+UNSHRUNK_MAX_ABS = 10.0
+"""An unshrunk effect beyond this (a fold change of e^10) is the likelihood rising to an infinite
+fold change (e.g. no count of the gene in the state): reported NaN."""
+
+
 def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior,
-                     correction: str = CUT_CORRECTION) -> tuple[np.ndarray, np.ndarray]:
-    """The state effects without their ``N(0, delta_sd)`` prior, and their standard errors.
+                     correction: str = CUT_CORRECTION, *, max_iter: int = 30,
+                     tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """The state effects without their ``N(0, delta_sd)`` prior (the maximum-likelihood fold
+    changes given the states' posteriors), and their standard errors.
 
-    One Newton step per gene, from the fit ``cp`` (the MAP), on the same ``R``-weighted objective
-    with the prior on ``delta`` removed (the weak priors on ``beta`` and ``gamma`` kept). At the
-    MAP the likelihood's gradient in ``delta`` is ``delta / delta_sd^2``, so the step needs no new
-    pass over the counts. The standard error is that of the likelihood alone (its information at
-    the MAP, with the same ``correction`` as :func:`effect_standard_errors`).
+    The same ``R``-weighted objective as the fit ``cp`` (the MAP), with the prior on ``delta``
+    removed (the weak priors on ``beta`` and ``gamma`` kept), maximised by Newton from the MAP.
+    At the MAP the likelihood's gradient in ``delta`` is ``delta / delta_sd^2``, so the first step
+    needs no new pass over the counts; most genes stop there (a step of at most
+    :data:`UNSHRUNK_ONE_STEP`), the others (a strong effect the prior held back, few counts) are
+    iterated with passes over their own columns only, to convergence (``tol``) or
+    ``max_iter``. The standard error is that of the likelihood alone (its information at the
+    last point, with the same ``correction`` as :func:`effect_standard_errors`).
 
-    Both are reported (else NaN) where that standard error is below ``delta_sd``, i.e. where the
-    counts carry more information on the effect than the prior does: there the likelihood is
-    close to quadratic and one step lands near its maximum (six simulated experiments of 80 guide
-    cells and 400 controls: within 0.013 of the maximum-likelihood estimate at standard errors
-    below 0.3 and within 0.094 below 0.5, where the MAP was up to 0.58 from it;
-    ``tests/test_count_layer.py``). Elsewhere the unshrunk estimate is not worth reporting: with
-    few counts in a group the likelihood can keep rising towards an infinite fold change.
+    Reported (else NaN) where the counts carry more information on the effect than the prior
+    does (the likelihood's standard error at the MAP below ``delta_sd``; only those genes are
+    iterated), the iteration converged and ``|delta| <=`` :data:`UNSHRUNK_MAX_ABS` (beyond it the
+    likelihood keeps rising towards an infinite fold change, e.g. a gene with no count in the
+    state). On six simulated experiments (80 guide cells, 400 controls, 1,000 genes) the reported
+    86-92% of the genes were within 0.0035 of the flat-prior fit run to a tight tolerance, where
+    the MAP was up to 0.58 away (``tests/test_count_layer.py``).
 
     Returns
     -------
@@ -377,16 +395,43 @@ def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: Count
         ``(K, G)`` each; row 0 is 0 and NaN.
     """
     K, B = data.n_states, data.n_batches
-    flat = replace(prior, delta_sd=np.inf)
+    flat = replace(prior, delta_sd=FLAT_DELTA_SD)
     sums = group_sums(data, cp, R)
     grad, info = _gradient_information(data, cp.params, sums, flat)
     idx = np.arange(1, K)
-    weak = info[:, idx, idx].min(axis=1, initial=np.inf) <= 1e-12  # no count information on delta
-    info[:, idx, idx] += np.where(weak, 1.0, 0.0)[:, None]  # keeps the solve defined (reported NaN)
+    weak = info[:, idx, idx].T <= 2e-12  # (K - 1, G): no count information on that state's delta
     step = np.linalg.solve(info, grad[:, :, None])[:, :, 0]
-    delta = CountParams.from_theta(cp.params.theta() + step, K, B).delta.copy()
-    se = effect_standard_errors(data, cp, R, flat, correction=correction)
-    keep = (se[1:] < float(prior.delta_sd)) & ~weak[None, :]
+    step[:, 1:K][weak.T] = 0.0
+    theta = cp.params.theta()
+    first = CountParams.from_theta(theta + step, K, B)
+    size = np.max(np.abs(step), axis=1, initial=0.0)
+    # where the likelihood's information at the MAP is below the prior's the effect is not
+    # reported: those genes (most of the long steps) are not iterated
+    informed = (effect_standard_errors(data, cp, R, flat, correction=correction)[1:] < float(prior.delta_sd)) & ~weak
+    longer = (size > UNSHRUNK_ONE_STEP) & informed.any(axis=0)
+    unconverged = np.zeros(data.n_genes, bool)
+    final, at = first, cp
+    if longer.any():
+        genes = np.flatnonzero(longer)
+        start = theta.copy()
+        start[genes] += step[genes]
+        at = evaluate(data, CountParams.from_theta(start, K, B), genes, cp)
+        active = longer.copy()
+        for _ in range(max_iter):
+            at, _, moved = newton_step(data, at, R, flat, active=active)
+            # a gene running off towards an infinite fold change is not followed further
+            away = np.abs(at.params.delta[1:]).max(axis=0, initial=0.0) > UNSHRUNK_MAX_ABS
+            unconverged |= active & away
+            active &= (moved >= tol) & ~away
+            if not active.any():
+                break
+        unconverged |= active
+        final = CountParams(beta=np.where(longer, at.params.beta, first.beta),
+                            delta=np.where(longer[None, :], at.params.delta, first.delta),
+                            gamma=np.where(longer[None, :], at.params.gamma, first.gamma))
+    delta = final.delta.copy()
+    se = effect_standard_errors(data, at, R, flat, correction=correction)
+    keep = informed & (np.abs(delta[1:]) <= UNSHRUNK_MAX_ABS) & ~unconverged[None, :]
     delta[1:] = np.where(keep, delta[1:], np.nan)
     se[1:] = np.where(keep, se[1:], np.nan)
     return delta, se

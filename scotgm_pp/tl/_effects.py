@@ -49,8 +49,8 @@ class CountFit:
         it stays right when the negative-binomial variance is wrong.
     effect_unshrunk, effect_unshrunk_se
         ``delta`` without its ``N(0, delta_sd)`` prior and its standard error (``(K, G)``; NaN
-        where the counts carry less information on the effect than the prior;
-        :func:`~scotgm_pp.inference.count_fit.unshrunk_effects`).
+        where the counts carry less information on the effect than the prior or the likelihood
+        has no maximum; :func:`~scotgm_pp.inference.count_fit.unshrunk_effects`).
     prior
         The count prior.
     dispersion, dispersion_source
@@ -166,10 +166,10 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     ``effect_shrunk_sd`` and ``effect_lfsr`` (local false sign rate: the posterior probability
     that the effect is 0 or of the other sign). ``effect`` itself is the count layer's MAP under
     its fixed ``N(0, delta_sd)`` prior; the learned prior comes on top of it. ``effect_unshrunk``
-    and ``effect_unshrunk_se`` (when the fit has them) are the effect without that prior (one
-    Newton step from ``effect`` towards the maximum-likelihood fold change) and its standard
-    error, reported where the counts carry more
-    information on the effect than the prior (``effect_unshrunk_se < delta_sd``), NaN elsewhere
+    and ``effect_unshrunk_se`` (when the fit has them) are the effect without that prior (the
+    maximum-likelihood fold change given the states' posteriors) and its standard error, NaN
+    where the counts carry less information on the effect than the prior or the likelihood has
+    no maximum (a gene without counts in the state)
     (:func:`~scotgm_pp.inference.count_fit.unshrunk_effects`).
 
     ``effect_se_robust`` (when the fit has it) is the larger of ``effect_se`` and the sandwich
