@@ -474,13 +474,13 @@ def perturbation_response(
         perturbation (cells, PCs, which state model produced the states and its convergence,
         fraction perturbed, target rank, ``pval_any``, ``qval_any``, ``effect_detected``, ...),
         ``var`` the screen's genes (with ``count_cap``, the largest count of each gene the run
-        read, and ``dispersion_screen``, the controls' shrunk dispersion), one layer per gene statistic (NaN for genes an experiment
-        did not keep): the model's ``effect``, ``effect_se``, ``effect_z``, ``effect_bound``,
-        ``effect_pvalue``, ``effect_qvalue`` (Wald), ``effect_se_robust`` and
-        ``effect_pvalue_robust`` (the larger of ``effect_se`` and the sandwich SE), ``effect_shrunk``, ``effect_shrunk_sd``,
-        ``effect_lfsr`` (empirical Bayes across the genes), ``effect_unshrunk`` and
-        ``effect_unshrunk_se`` (without the count layer's prior), ``log_rate_basal``, ``dispersion``; the
-        model-free ``lfc_all_guides``, ``_se``, ``_z``, ``_bound``; the paper's ``mu``,
+        read, and ``dispersion_screen``, the controls' shrunk dispersion), one layer per gene
+        statistic (NaN for genes an experiment did not keep): the model's ``effect``,
+        ``effect_se``, ``effect_z``, ``effect_bound``, ``effect_pvalue``, ``effect_qvalue``
+        (Wald), ``effect_shrunk``, ``effect_shrunk_sd``, ``effect_lfsr`` (empirical Bayes across
+        the genes), ``effect_unshrunk`` and ``effect_unshrunk_se`` (without the count layer's
+        prior), ``effect_se_robust`` and ``effect_pvalue_robust`` (the larger of ``effect_se`` and
+        the sandwich SE), ``log_rate_basal``, ``dispersion``; the model-free ``lfc_all_guides``, ``_se``, ``_z``, ``_bound``; the paper's ``mu``,
         ``sigma``, ``score``; ``shift``; ``rank``, ``abs_rank``; and the calls' resampling
         ``pval`` with Benjamini-Hochberg ``qval`` (within the perturbation) and ``qval_screen``
         (over the screen; :func:`~scotgm_pp.tl.call_hits`).
