@@ -403,14 +403,14 @@ def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: Count
     step = np.linalg.solve(info, grad[:, :, None])[:, :, 0]
     step[:, 1:K][weak.T] = 0.0
     theta = cp.params.theta()
-    first = CountParams.from_theta(theta + step, K, B)
+    delta = CountParams.from_theta(theta + step, K, B).delta
     size = np.max(np.abs(step), axis=1, initial=0.0)
     # where the likelihood's information at the MAP is below the prior's the effect is not
     # reported: those genes (most of the long steps) are not iterated
-    informed = (effect_standard_errors(data, cp, R, flat, correction=correction)[1:] < float(prior.delta_sd)) & ~weak
+    se = effect_standard_errors(data, cp, R, flat, correction=correction)
+    informed = (se[1:] < float(prior.delta_sd)) & ~weak
     longer = (size > UNSHRUNK_ONE_STEP) & informed.any(axis=0)
     unconverged = np.zeros(data.n_genes, bool)
-    final, at = first, cp
     if longer.any():
         genes = np.flatnonzero(longer)
         start = theta.copy()
@@ -426,11 +426,9 @@ def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: Count
             if not active.any():
                 break
         unconverged |= active
-        final = CountParams(beta=np.where(longer, at.params.beta, first.beta),
-                            delta=np.where(longer[None, :], at.params.delta, first.delta),
-                            gamma=np.where(longer[None, :], at.params.gamma, first.gamma))
-    delta = final.delta.copy()
-    se = effect_standard_errors(data, at, R, flat, correction=correction)
+        delta = np.where(longer[None, :], at.params.delta, delta)
+        # the iterated genes' SE at their last point (the others' pass is the MAP's, as before)
+        se = effect_standard_errors(data, at, R, flat, correction=correction)
     keep = informed & (np.abs(delta[1:]) <= UNSHRUNK_MAX_ABS) & ~unconverged[None, :]
     delta[1:] = np.where(keep, delta[1:], np.nan)
     se[1:] = np.where(keep, se[1:], np.nan)
