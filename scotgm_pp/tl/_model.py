@@ -91,23 +91,22 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
     fixed = np.asarray(record["state_fixed_state"], int)
     covariance = str(record["state_covariance"])
     d = scores.shape[1]
+    config = _state_prior_config(record, covariance)
+    if counts:
+        config.update(count_evidence=count_evidence, delta_sd=float(record["delta_prior_sd"]),
+                      beta_sd=float(record["beta_prior_sd"]), gamma_sd=float(record["gamma_prior_sd"]))
+    if model_config:
+        if not isinstance(model_config, dict):
+            raise TypeError(f"model_config must be a dict of changes, got {type(model_config).__name__}.")
+        config.update(model_config)
     model = ScOTGM(
-        model_config=_state_prior_config(record, covariance),
+        model_config=config,
         sampler_config=sampler_config,
         m_step=str(record["state_em_regularization"]),
         max_iter=STATE_MAX_ITER,
         tol=STATE_TOL,
         random_state=random_state,
     )
-    if counts:
-        model.model_config.update(count_evidence=count_evidence, delta_sd=float(record["delta_prior_sd"]),
-                                  beta_sd=float(record["beta_prior_sd"]), gamma_sd=float(record["gamma_prior_sd"]))
-    if model_config:
-        if not isinstance(model_config, dict):
-            raise TypeError(f"model_config must be a dict of changes, got {type(model_config).__name__}.")
-        model = ScOTGM(model_config={**model.model_config, **model_config}, sampler_config=sampler_config,
-                       m_step=str(record["state_em_regularization"]), max_iter=STATE_MAX_ITER, tol=STATE_TOL,
-                       random_state=random_state)
     cells = pd.Index(np.asarray(record["state_cell_names"]).astype(str), dtype=object)
     if counts:
         view = ad.AnnData(X=np.zeros((scores.shape[0], 0), np.float32), obs=pd.DataFrame(index=cells))
