@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._fingerprint import ContentDigest
-from .inference.count_layer import PHI_MIN
+from .inference.count_layer import MIN_BATCH_CONTROLS, PHI_MIN, BatchDispersion
 from .inference.dispersion import shrink_dispersion
 from ._validation import InputError, check_count_dtype, check_counts, check_csr_structure
 
@@ -204,6 +204,12 @@ class CountScan:
         given).
     dispersion_fit
         The shrinkage's record (raw moment estimates, trend, weights), or None.
+    dispersion_by_batch
+        With a batch label per cell, each batch's own dispersion
+        (:class:`~scotgm_pp.inference.count_layer.BatchDispersion`: the same estimate from that
+        batch's controls alone, shrunk toward its own trend, for every batch with at least
+        :data:`~scotgm_pp.inference.count_layer.MIN_BATCH_CONTROLS` controls; the pooled one
+        otherwise); None without batches.
     count_cap
         ``(G,)`` the largest count of each gene every later step reads (:func:`cap_counts`).
     capped
@@ -215,6 +221,7 @@ class CountScan:
     dispersion: np.ndarray | None
     dispersion_fit: object = None
     count_cap: np.ndarray | None = None
+    dispersion_by_batch: BatchDispersion | None = None
     capped: tuple = ((), (), ())
 
 
@@ -298,7 +305,8 @@ def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray 
     top = _TopCounts(g) if cap else None
     strata = None
     if control_mask is not None:
-        labels = np.zeros(n, dtype=np.int64) if batch is None else np.unique(np.asarray(batch), return_inverse=True)[1]
+        levels, labels = (np.array(["all"]), np.zeros(n, dtype=np.int64)) if batch is None else \
+            np.unique(np.asarray(batch).astype(str), return_inverse=True)
         strata = np.where(np.asarray(control_mask, bool), labels, -1)
         n_strata = int(labels.max()) + 1 if n else 1
         sums = [np.zeros((n_strata, g)), np.zeros((n_strata, g)), np.zeros((n_strata, g)), np.zeros(n_strata),
@@ -342,7 +350,7 @@ def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray 
                     m = strata[ctrl_rows] == s
                     for acc, before, after in zip(sums, _moment_sums(Y[m], old[m]), _moment_sums(Yc[m], lib[ctrl_rows][m])):
                         acc[s] += after - before
-    dispersion = fit = None
+    dispersion = fit = by_batch = None
     if strata is not None:
         s_y, s_y2, s_ly, s_l, s_l2 = sums
         rate = s_y / np.maximum(s_l, 1e-12)[:, None]
@@ -353,8 +361,25 @@ def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray 
         fit = shrink_dispersion(num / np.maximum(den, 1e-300), s_y.sum(axis=0) / max(n_ctrl, 1),
                                 max(n_ctrl - n_levels, 2), floor=PHI_MIN)
         dispersion = fit.dispersion
+        if batch is not None:
+            by_batch = _dispersion_by_batch(strata, levels, rate, s_y, s_y2, s_ly, s_l, s_l2, dispersion)
     return CountScan(library_size=lib, n_detected=det, dispersion=dispersion, dispersion_fit=fit,
-                     count_cap=count_cap, capped=capped)
+                     count_cap=count_cap, capped=capped, dispersion_by_batch=by_batch)
+
+
+def _dispersion_by_batch(strata, levels, rate, s_y, s_y2, s_ly, s_l, s_l2, pooled) -> BatchDispersion:
+    """Each batch's moment estimates from its own controls' sums, shrunk toward its own trend."""
+    n_ctrl = np.bincount(strata[strata >= 0], minlength=len(levels))
+    values = np.tile(pooled, (len(levels), 1))
+    own = n_ctrl >= MIN_BATCH_CONTROLS
+    for b in np.flatnonzero(own):
+        num = s_y2[b] - 2.0 * rate[b] * s_ly[b] + rate[b] ** 2 * s_l2[b] - rate[b] * s_l[b]
+        den = rate[b] ** 2 * s_l2[b]
+        values[b] = shrink_dispersion(num / np.maximum(den, 1e-300), s_y[b] / n_ctrl[b], n_ctrl[b] - 1,
+                                      floor=PHI_MIN).dispersion
+    order = np.argsort(-n_ctrl, kind="stable")
+    return BatchDispersion(labels=tuple(str(levels[b]) for b in order), values=values[order], pooled=pooled,
+                           n_controls=n_ctrl[order], own=own[order])
 
 
 @dataclass

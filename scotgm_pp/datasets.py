@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def simulate(
     guides_per_target: int = 0,
     guide_escape_spread: float = 0.25,
     guide_multiplet_rate: float = 0.03,
+    batch_dispersion: Sequence[float] | None = None,
 ) -> ad.AnnData:
     """Simulate a pooled CRISPR knock-down screen read out by single-cell RNA-seq.
 
@@ -69,9 +71,18 @@ def simulate(
         Remaining fraction of target expression in perturbed cells.
     random_state
         Seed or Generator; the same seed gives the same data.
+    dispersion
+        Negative-binomial size shared by every gene and cell (variance ``mu + mu^2 / dispersion``,
+        so the overdispersion ``phi = 1 / dispersion``; the default 10 is ``phi = 0.1``).
     n_batches, batch_effect
         With ``n_batches > 1``, every cell falls in a random batch and every gene's log rate is
         shifted by ``N(0, batch_effect^2)`` in each batch but the first (``.obs["batch"]``).
+    batch_dispersion
+        ``None`` (default): every batch draws its counts with ``dispersion``, and the screen is
+        exactly the one drawn without this argument. Otherwise one negative-binomial size per
+        batch, in batch order (``b0``, ``b1``, ...), each positive, e.g. ``(20, 2)``: the cells of
+        batch ``b`` draw their counts with size ``batch_dispersion[b]`` (``phi = 1 / size``) and
+        ``dispersion`` is not used. Needs ``n_batches > 1`` and exactly ``n_batches`` sizes.
     program_shift
         Length of each perturbation's shift of the program activities (0: none).
     library_size_sd
@@ -98,8 +109,10 @@ def simulate(
         ``"n_moved"`` (perturbation -> number of genes in ``de_genes``), the true effects
         ``"log_fold_change"`` (``perturbations`` x genes, natural log) with ``"perturbations"``
         naming its rows, each gene's basal log share of the library ``"base_log_share"``,
-        ``"control"`` and the settings. With ``guides_per_target``: ``.obsm["guide_counts"]``
-        (cells x guides, CSR int32) with the names in ``.uns["guide_names"]``;
+        ``"control"`` and the settings; with ``batch_dispersion``, ``"batch_dispersion"`` (batch
+        label -> its NB size, e.g. ``{"b0": 20.0, "b1": 2.0}``, also listed in the settings). With
+        ``guides_per_target``: ``.obsm["guide_counts"]`` (cells x guides, CSR int32) with the
+        names in ``.uns["guide_names"]``;
         ``.obs["true_guide"]`` and ``.obs["true_n_guides"]``;
         ``.uns["simulation"]["guide_library"]`` (guide -> target, a dict for
         :func:`scotgm_pp.pp.assign_guides`) and ``["guide_escape"]`` (guide -> its escape
@@ -118,6 +131,8 @@ def simulate(
                                                                         and library_size_sd >= 0):
         raise ValueError(f"program_shift and library_size_sd must be finite and >= 0, got {program_shift}, "
                          f"{library_size_sd}.")
+    if batch_dispersion is not None:
+        batch_dispersion = _check_batch_dispersion(batch_dispersion, n_batches)
     rng = np.random.default_rng(random_state)
     design = _design(rng, n_genes, n_perturbations, n_de_genes, knockdown, de_log_fold_change, n_programs,
                      program_shift=program_shift)
@@ -144,7 +159,8 @@ def simulate(
 
     counts, log_s, batch = _draw_cells(rng, design, pert_index, pert_index >= 0, escaped, library_size=library_size,
                                        dispersion=dispersion, dropout=dropout, n_batches=n_batches,
-                                       batch_effect=batch_effect, library_size_sd=library_size_sd)
+                                       batch_effect=batch_effect, library_size_sd=library_size_sd,
+                                       batch_dispersion=batch_dispersion)
 
     obs = pd.DataFrame(
         {
@@ -188,6 +204,9 @@ def simulate(
             "guides_per_target": int(guides_per_target),
         },
     }
+    if batch_dispersion is not None:
+        adata.uns["simulation"]["batch_dispersion"] = {f"b{b}": float(k) for b, k in enumerate(batch_dispersion)}
+        adata.uns["simulation"]["settings"]["batch_dispersion"] = [float(k) for k in batch_dispersion]
     if guides is not None:
         adata.uns["simulation"]["guide_library"] = guides.library
         adata.uns["simulation"]["guide_escape"] = guides.escape
@@ -281,13 +300,35 @@ def write_simulated(
     return path
 
 
+def _check_batch_dispersion(batch_dispersion, n_batches) -> np.ndarray:
+    """:func:`simulate`'s ``batch_dispersion``, checked: one positive finite NB size per batch."""
+    if n_batches <= 1:
+        raise ValueError(f"batch_dispersion needs n_batches > 1, got n_batches={n_batches}; pass n_batches="
+                         f"len(batch_dispersion), or use dispersion= for one NB size for every cell.")
+    if isinstance(batch_dispersion, (str, bytes)) or np.ndim(batch_dispersion) != 1:
+        raise ValueError(f"batch_dispersion must be a sequence of NB sizes, one per batch (e.g. (20, 2)), got "
+                         f"{batch_dispersion!r}; for one size for every batch use dispersion=.")
+    try:
+        sizes = np.asarray(batch_dispersion, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"batch_dispersion must hold numbers (NB sizes), got {batch_dispersion!r}.") from err
+    if sizes.size != n_batches:
+        raise ValueError(f"batch_dispersion has {sizes.size} sizes but n_batches={n_batches}; give exactly one NB "
+                         f"size per batch.")
+    if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+        raise ValueError(f"batch_dispersion sizes must be finite and > 0 (phi = 1 / size), got {sizes.tolist()}.")
+    return sizes
+
+
 def _draw_cells(rng, design, target_index, guided, escaped, *, library_size, dispersion, dropout, n_batches=1,
-                batch_effect=0.0, library_size_sd=0.35):
+                batch_effect=0.0, library_size_sd=0.35, batch_dispersion=None):
     """Counts of cells under :func:`simulate`'s model: ``(counts, log library sizes, batches)``.
 
     ``target_index`` is the row of ``design.effects`` of each guided cell; escaped cells keep the
     control profile. With ``n_batches > 1`` every cell falls in a random batch whose genes are
-    shifted by ``N(0, batch_effect^2)`` on the log scale (batch 0 the reference).
+    shifted by ``N(0, batch_effect^2)`` on the log scale (batch 0 the reference). With
+    ``batch_dispersion`` (one NB size per batch, checked) a cell's counts are drawn with its
+    batch's size in place of ``dispersion``.
     """
     m = target_index.size
     log_s = np.log(library_size) + rng.normal(0.0, library_size_sd, size=m)
@@ -302,6 +343,8 @@ def _draw_cells(rng, design, target_index, guided, escaped, *, library_size, dis
         offsets[0] = 0.0
         log_lam += offsets[batch]
     lam = np.exp(log_lam)
+    if batch_dispersion is not None:
+        dispersion = np.asarray(batch_dispersion, dtype=float)[batch][:, None]  # each cell its batch's size
     counts = rng.negative_binomial(dispersion, dispersion / (dispersion + lam))
     counts[rng.random(counts.shape) < dropout] = 0
     return counts, log_s, batch

@@ -62,15 +62,15 @@ class CountPass:
     row_loglik: np.ndarray
 
 
-def _segment_terms(data: CountData, sl: slice, lam_b: np.ndarray, cols: np.ndarray | None = None):
-    """Per-entry terms of the rows ``sl`` (one batch) under log rates ``lam_b``, with
+def _segment_terms(data: CountData, sl: slice, b: int, lam_b: np.ndarray, cols: np.ndarray | None = None):
+    """Per-entry terms of the rows ``sl`` (all of batch ``b``) under log rates ``lam_b``, with
     ``mu = s exp(lam_b)`` and ``t = mu + alpha``: ``dv = (y - mu) / t`` (so ``alpha dv`` is the
     derivative of ``log NB`` in ``lambda``), ``h = mu (y + alpha) / t^2`` (``alpha h`` its negative
     second derivative), ``e = (y + alpha) log t``; and the rows' ``sum_g y lam_b``. ``dv`` is
     formed per entry so that no sum of terms near 1 is differenced (``alpha`` reaches 1 / PHI_MIN).
     With ``cols``, only those genes (``lam_b`` then holds their log rates only)."""
     ya = data.ya[sl] if cols is None else data.ya[sl][:, cols]
-    alpha = data.alpha if cols is None else data.alpha[cols]
+    alpha = data.alpha[b] if cols is None else data.alpha[b, cols]
     t = np.multiply.outer(np.exp(data.log_s[sl]), np.exp(lam_b))
     t += alpha
     e = np.log(t)
@@ -102,20 +102,20 @@ def evaluate(data: CountData, params: CountParams, genes: np.ndarray | None = No
     pdv, ph, pe = (np.zeros((K, B, G)) for _ in range(3))
     fdv, fh, fe = (np.empty((K, f1 - f0, G)) for _ in range(3))
     rows = np.full((data.n_cells, K), np.nan)
-    base = data.row_const + data.alpha_log_alpha
+    base = data.row_const
     for k in range(K):
         for b, seg in data.pinned[k]:
             # Pinned rows are summed at once, in chunks small enough to stay in cache.
             for start in range(seg.start, seg.stop, _CHUNK):
                 sl = slice(start, min(start + _CHUNK, seg.stop))
-                dv, h, e, ylam = _segment_terms(data, sl, lam[k, b])
+                dv, h, e, ylam = _segment_terms(data, sl, b, lam[k, b])
                 pdv[k, b] += dv.sum(axis=0)
                 ph[k, b] += h.sum(axis=0)
                 pe[k, b] += e.sum(axis=0)
                 idx = data.order[sl]
                 rows[idx, k] = base[idx] + ylam - e.sum(axis=1)
         for b, sl in fsegs:
-            dv, h, e, ylam = _segment_terms(data, sl, lam[k, b])
+            dv, h, e, ylam = _segment_terms(data, sl, b, lam[k, b])
             loc = slice(sl.start - f0, sl.stop - f0)
             fdv[k, loc], fh[k, loc], fe[k, loc] = dv, h, e
             idx = data.order[sl]
@@ -138,12 +138,12 @@ def _evaluate_genes(data: CountData, params: CountParams, genes: np.ndarray, pre
         for b, seg in data.pinned[k]:
             for start in range(seg.start, seg.stop, _CHUNK):
                 sl = slice(start, min(start + _CHUNK, seg.stop))
-                dv, h, e, _ = _segment_terms(data, sl, lam[k, b], genes)
+                dv, h, e, _ = _segment_terms(data, sl, b, lam[k, b], genes)
                 pdv[k, b, genes] += dv.sum(axis=0)
                 ph[k, b, genes] += h.sum(axis=0)
                 pe[k, b, genes] += e.sum(axis=0)
         for b, sl in fsegs:
-            dv, h, e, _ = _segment_terms(data, sl, lam[k, b], genes)
+            dv, h, e, _ = _segment_terms(data, sl, b, lam[k, b], genes)
             loc = np.arange(sl.start - f0, sl.stop - f0)[:, None]
             fdv[k, loc, genes], fh[k, loc, genes], fe[k, loc, genes] = dv, h, e
     rows = np.full_like(previous.row_loglik, np.nan)
@@ -176,7 +176,7 @@ def group_sums(data: CountData, cp: CountPass, R: np.ndarray) -> GroupSums:
             w = R[data.order[sl], k]
             loc = slice(sl.start - f0, sl.stop - f0)
             n[k, b] += w.sum()
-            ysum[k, b] += w @ data.ya[sl] - w.sum() * data.alpha
+            ysum[k, b] += w @ data.ya[sl] - w.sum() * data.alpha[b]
             dv[k, b] += w @ cp.free_dv[k, loc]
             h[k, b] += w @ cp.free_h[k, loc]
             e[k, b] += w @ cp.free_e[k, loc]
@@ -192,7 +192,7 @@ def _objective(data: CountData, params: CountParams, sums: GroupSums, prior: Cou
 def _gradient_information(data: CountData, params: CountParams, sums: GroupSums, prior: CountPrior):
     """Gradient ``(G, p)`` and negative Hessian ``(G, p, p)`` of the per-gene objective."""
     K, B, G = data.n_states, data.n_batches, data.n_genes
-    a = data.alpha
+    a = data.alpha  # (B, G)
     grad_lam = (a * sums.dv).reshape(K * B, G)
     info_lam = (a * sums.h).reshape(K * B, G)
     D = data.design()
@@ -330,7 +330,7 @@ def effect_standard_errors(
             return np.fmax(model, _diagonal_se(sandwich, K))
     elif f1 > f0 and correction != "none":
         D = data.design().reshape(K, B, -1)
-        u = data.alpha * cp.free_dv  # (K, n_free, G): d log NB / d lambda
+        u = data.alpha[data.batch[f0:f1]] * cp.free_dv  # (K, n_free, G): d log NB / d lambda
         var = np.zeros((G, data.n_theta, data.n_theta))
         for b, sl in fsegs:
             r = R[data.order[sl]]  # (m, K)
@@ -465,15 +465,16 @@ def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray) -> np.ndarray:
         for b, seg in data.pinned[k]:
             dv2 = np.zeros(G)
             rate = np.exp(lam[k, b])
+            ab = a[b]
             for start in range(seg.start, seg.stop, chunk):
                 sl = slice(start, min(start + chunk, seg.stop))
                 mu = np.multiply.outer(np.exp(data.log_s[sl]), rate)
-                dv = (data.ya[sl] - a - mu) / (mu + a)
+                dv = (data.ya[sl] - ab - mu) / (mu + ab)
                 dv2 += np.einsum("ij,ij->j", dv, dv)
-            meat += (a**2 * dv2)[:, None, None] * np.outer(D[k, b], D[k, b])[None]
+            meat += (ab**2 * dv2)[:, None, None] * np.outer(D[k, b], D[k, b])[None]
     f0, f1, fsegs = data.free
     if f1 > f0:
-        u = a * cp.free_dv  # (K, n_free, G)
+        u = a[data.batch[f0:f1]] * cp.free_dv  # (K, n_free, G)
         for b, sl in fsegs:
             for start in range(sl.start, sl.stop, _MEAT_ROWS):
                 rows = slice(start, min(start + _MEAT_ROWS, sl.stop))

@@ -2,15 +2,18 @@
 
 For gene ``g`` and cell ``i`` in state ``k`` and batch ``b``::
 
-    y_ig ~ NB(mean = s_i exp(beta_g + delta_kg + gamma_bg), var = mean + phi_g mean^2)
+    y_ig ~ NB(mean = s_i exp(beta_g + delta_kg + gamma_bg), var = mean + phi_bg mean^2)
 
 with ``s_i`` the cell's library size (its total count, an offset), ``delta_0g = 0`` (the basal
 state is the reference) and ``gamma_0g = 0`` (batch 0, the most frequent, is the reference).
 Priors: ``beta_g ~ N(m_g, beta_sd)`` centred on the gene's pooled log rate,
-``delta_kg ~ N(0, delta_sd)`` and ``gamma_bg ~ N(0, gamma_sd)``. The dispersion ``phi_g`` is a
+``delta_kg ~ N(0, delta_sd)`` and ``gamma_bg ~ N(0, gamma_sd)``. The dispersion ``phi_bg`` is a
 plug-in constant (data, not a parameter): the moment estimate over the control cells shrunk
 toward the screen's mean-dispersion trend (:func:`control_dispersion`,
-:mod:`scotgm_pp.inference.dispersion`), floored at :data:`PHI_MIN`.
+:mod:`scotgm_pp.inference.dispersion`), floored at :data:`PHI_MIN`. Without batches it is one
+value per gene; with batches each batch with at least :data:`MIN_BATCH_CONTROLS` control cells
+has its own (:func:`control_dispersion_by_batch`: estimated and shrunk toward its own trend from
+that batch's controls alone), the others the pooled one.
 
 This module holds the layer's parameters, priors and prepared data; its fit (a Newton iteration
 vectorised over genes) and standard errors are in :mod:`scotgm_pp.inference.count_fit`; the
@@ -36,6 +39,9 @@ __all__ = [
     "CountData",
     "default_count_prior",
     "control_dispersion",
+    "control_dispersion_by_batch",
+    "BatchDispersion",
+    "MIN_BATCH_CONTROLS",
     "count_log_prior",
     "batch_codes",
     "log_prior_per_gene",
@@ -101,6 +107,81 @@ def control_dispersion(counts, size_factors: np.ndarray, is_control: np.ndarray,
     if not shrink or len(s) < 3:
         return np.maximum(raw, PHI_MIN)
     return shrink_dispersion(raw, total / max(len(s), 1), len(s) - len(levels), floor=PHI_MIN).dispersion
+
+
+MIN_BATCH_CONTROLS = 50
+"""Control cells a batch needs for a dispersion of its own (:func:`control_dispersion_by_batch`);
+a batch with fewer takes the pooled estimate."""
+
+
+@dataclass(frozen=True)
+class BatchDispersion:
+    """NB dispersions per batch and gene, keyed by batch label.
+
+    Attributes
+    ----------
+    labels
+        The batch labels, most control cells first.
+    values
+        ``(B, G)``: row ``b`` is batch ``labels[b]``'s dispersion (the pooled one where the
+        batch has too few controls, ``own[b]`` False).
+    pooled
+        ``(G,)``: the estimate over all control cells (rates within batches), used for batches
+        not in ``labels`` and by the parts of the package that take one dispersion per gene (the
+        calls' statistic, the signature's weights).
+    n_controls
+        ``(B,)`` control cells per batch.
+    own
+        ``(B,)`` whether the batch's row is its own estimate.
+    """
+
+    labels: tuple[str, ...]
+    values: np.ndarray
+    pooled: np.ndarray
+    n_controls: np.ndarray
+    own: np.ndarray
+
+    @property
+    def n_genes(self) -> int:
+        return self.pooled.size
+
+    def rows(self, labels) -> np.ndarray:
+        """``(len(labels), G)``: the dispersion of each batch named (pooled for a label not held)."""
+        where = {lab: b for b, lab in enumerate(self.labels)}
+        return np.stack([self.values[where[str(lab)]] if str(lab) in where else self.pooled for lab in labels])
+
+    def take(self, cols) -> BatchDispersion:
+        """The same batches restricted to the genes ``cols`` (indices or a boolean mask)."""
+        return BatchDispersion(self.labels, self.values[:, cols], self.pooled[cols], self.n_controls, self.own)
+
+
+def control_dispersion_by_batch(counts, size_factors: np.ndarray, is_control: np.ndarray, batch, *,
+                                shrink: bool = True, min_cells: int = MIN_BATCH_CONTROLS) -> BatchDispersion:
+    """NB dispersion per batch and gene from the control cells (:func:`control_dispersion` within each batch).
+
+    Every batch with at least ``min_cells`` control cells gets the moment estimates of its own
+    controls, shrunk toward that batch's own mean-dispersion trend (batches differ in depth and
+    quality, so their trends differ too); a batch with fewer takes the pooled estimate (all
+    controls, rates within batches).
+
+    Returns
+    -------
+    BatchDispersion
+    """
+    if batch is None:
+        raise ValueError("control_dispersion_by_batch needs a batch label per cell; use control_dispersion without batches.")
+    ctrl = np.asarray(is_control, bool)
+    labels_all = np.asarray(batch).astype(str)
+    if labels_all.shape != ctrl.shape:
+        raise ValueError(f"batch must have one label per cell ({ctrl.size}), got shape {labels_all.shape}.")
+    pooled = control_dispersion(counts, size_factors, ctrl, labels_all, shrink=shrink)
+    codes, labels = batch_codes(labels_all[ctrl], int(ctrl.sum()))
+    n_ctrl = np.bincount(codes, minlength=len(labels))
+    values = np.tile(pooled, (len(labels), 1))
+    own = n_ctrl >= int(min_cells)
+    for b in np.flatnonzero(own):
+        values[b] = control_dispersion(counts, size_factors, ctrl & (labels_all == labels[b]), None, shrink=shrink)
+    return BatchDispersion(labels=tuple(labels), values=values, pooled=pooled, n_controls=n_ctrl, own=own)
 
 
 @dataclass(frozen=True)
@@ -274,7 +355,9 @@ class CountData:
     size_factors
         Library size ``s_i > 0`` of every cell (its total count over all measured genes).
     dispersion
-        Plug-in NB dispersion ``phi_g >= 0`` per gene (floored at :data:`PHI_MIN`).
+        Plug-in NB dispersion (floored at :data:`PHI_MIN`): ``(G,)``, one per gene; ``(B, G)``, one
+        per batch (rows in the order of :func:`batch_codes`); or a :class:`BatchDispersion`, whose
+        rows are matched to the batches by label.
     fixed_state
         ``-1`` for a free cell, ``k`` for a cell pinned to state ``k`` (validated by the caller).
     n_states
@@ -295,30 +378,54 @@ class CountData:
                 f"size_factors must be one positive finite value per cell ({n}); cells with no counts "
                 "cannot enter the count layer: filter them first."
             )
-        phi = np.broadcast_to(np.asarray(dispersion, float), (G,))
-        if not np.all(np.isfinite(phi)) or (phi < 0).any():
-            raise ValueError("dispersion must be finite and non-negative (one value per gene).")
         fixed = np.asarray(fixed_state, int)
         if fixed.shape != (n,):
             raise ValueError(f"fixed_state must have one entry per cell ({n}), got shape {fixed.shape}.")
-        self.n_cells, self.n_genes, self.n_states = n, G, int(n_states)
-        self.phi = np.maximum(phi, PHI_MIN)
-        self.alpha = 1.0 / self.phi
         codes, labels = batch_codes(batch, n)
+        B = len(labels)
+        if isinstance(dispersion, BatchDispersion):
+            if dispersion.n_genes != G:
+                raise ValueError(f"dispersion holds {dispersion.n_genes} genes, the counts {G}.")
+            phi = dispersion.rows(labels)
+        else:
+            phi = np.asarray(dispersion, float)
+            if phi.ndim == 2 and phi.shape != (B, G):
+                raise ValueError(f"a dispersion per batch must have shape (batches, genes) = ({B}, {G}), got {phi.shape}.")
+            if phi.ndim < 2:
+                phi = np.broadcast_to(phi, (G,))
+        if phi.ndim == 2 and B == 1:
+            phi = phi[0]  # one batch: one dispersion per gene
+        if not np.all(np.isfinite(phi)) or (phi < 0).any():
+            raise ValueError("dispersion must be finite and non-negative (one value per gene, or per batch and gene).")
+        self.n_cells, self.n_genes, self.n_states = n, G, int(n_states)
+        self.per_batch_dispersion = phi.ndim == 2
+        #: the dispersion as given: ``(G,)``, or ``(B, G)`` per batch (floored)
+        self.phi = np.maximum(phi, PHI_MIN)
+        #: ``(B, G)``: ``1 / phi`` of every batch (rows equal without a per-batch dispersion)
+        self.alpha = 1.0 / np.broadcast_to(self.phi, (B, G))
         self.batch_labels = labels
-        self.n_batches = len(labels)
+        self.n_batches = B
         self.fixed = fixed
         self.size_factors = s
         # C_i + log(s_i) sum_g y_ig, with C_i = sum_g [lgamma(y + alpha) - lgamma(alpha) - lgamma(y + 1)]
-        # (0 wherever y = 0): the parameter-free part of each cell's log-likelihood.
+        # (0 wherever y = 0) plus sum_g alpha log alpha: the parameter-free part of each cell's
+        # log-likelihood.
         rows, cols, vals = _nonzero(counts, y)
-        const = _nb_constant(vals, cols, self.alpha)
-        self.row_const = np.bincount(rows, weights=const, minlength=n) + y.sum(axis=1) * np.log(s)
-        self.alpha_log_alpha = float(np.sum(self.alpha * np.log(self.alpha)))
+        if self.per_batch_dispersion:
+            const = np.empty(len(vals))
+            for b in range(B):
+                m = codes[rows] == b
+                const[m] = _nb_constant(vals[m], cols[m], self.alpha[b])
+        else:
+            const = _nb_constant(vals, cols, self.alpha[0])
+        alpha_log_alpha = np.sum(self.alpha * np.log(self.alpha), axis=1)  # (B,)
+        self.row_const = (np.bincount(rows, weights=const, minlength=n) + y.sum(axis=1) * np.log(s)
+                          + alpha_log_alpha[codes])
         self.order = np.lexsort((codes, fixed))  # free cells (-1) first, then state 0, 1, ...
-        self.ya = y[self.order] + self.alpha
-        self.log_s = np.log(s)[self.order]
         self.batch = codes[self.order]
+        self.ya = y[self.order]
+        self.ya += self.alpha[self.batch] if self.per_batch_dispersion else self.alpha[0]
+        self.log_s = np.log(s)[self.order]
         self._set_blocks(fixed[self.order], self.n_states)
 
     def _segments(self, start: int, stop: int) -> list[tuple[int, slice]]:
@@ -344,7 +451,7 @@ class CountData:
         self.pinned_ysum = np.zeros((self.n_states, self.n_batches, self.n_genes))
         for k, segs in enumerate(self.pinned):
             for b, sl in segs:
-                self.pinned_ysum[k, b] += self.ya[sl].sum(axis=0) - (sl.stop - sl.start) * self.alpha
+                self.pinned_ysum[k, b] += self.ya[sl].sum(axis=0) - (sl.stop - sl.start) * self.alpha[b]
 
     def all_basal(self) -> CountData:
         """The same counts with every cell pinned to state 0 (the one-state model), sharing memory."""
@@ -357,7 +464,7 @@ class CountData:
         out.pinned = [segs]
         out.pinned_ysum = np.zeros((1, self.n_batches, self.n_genes))
         for b, sl in segs:
-            out.pinned_ysum[0, b] += self.ya[sl].sum(axis=0) - (sl.stop - sl.start) * self.alpha
+            out.pinned_ysum[0, b] += self.ya[sl].sum(axis=0) - (sl.stop - sl.start) * self.alpha[b]
         return out
 
     @property
@@ -379,7 +486,7 @@ class CountData:
         f0, f1, fsegs = self.free
         if f1 > f0:
             w = R[self.order[f0:f1]]  # (n_free, K)
-            y_k = y_k + w.T @ (self.ya[f0:f1] - self.alpha)
+            y_k = y_k + w.T @ (self.ya[f0:f1] - self.alpha[self.batch[f0:f1]])
             s_k = s_k + w.T @ s[f0:f1]
         log_rate = np.log((y_k + 0.5) / np.maximum(s_k, 1e-300)[:, None])
         params.beta = log_rate[0]

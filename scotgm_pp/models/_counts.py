@@ -73,10 +73,20 @@ def resolve_counts(counts, n: int, *, size_factors=None, dispersion=None, batch=
         if not control.any():
             raise ValueError("dispersion=None estimates it from the cells pinned to the basal state, and there are "
                              "none; pass dispersion= (one NB dispersion per gene).")
-        dispersion = cl.control_dispersion(Y, s, control, batch)
-    phi = np.broadcast_to(np.asarray(dispersion, float), (G,)).copy()
+        if batch is None:
+            dispersion = cl.control_dispersion(Y, s, control, batch)
+        else:
+            dispersion = cl.control_dispersion_by_batch(Y, s, control, batch)
+    if isinstance(dispersion, cl.BatchDispersion):
+        dispersion = dispersion.rows(cl.batch_codes(batch, n)[1])
+    phi = np.asarray(dispersion, float)
+    n_batches = len(cl.batch_codes(batch, n)[1])
+    if phi.ndim == 2 and phi.shape != (n_batches, G):
+        raise ValueError(f"a dispersion per batch must have shape (batches, genes) = ({n_batches}, {G}), rows in "
+                         f"the order of scotgm_pp.inference.count_layer.batch_codes; got {phi.shape}.")
+    phi = (phi.copy() if n_batches > 1 else phi[0].copy()) if phi.ndim == 2 else np.broadcast_to(phi, (G,)).copy()
     if not np.all(np.isfinite(phi)) or (phi < 0).any():
-        raise ValueError("dispersion must be finite and non-negative, one value per gene.")
+        raise ValueError("dispersion must be finite and non-negative, one value per gene (or per batch and gene).")
     prior = cl.default_count_prior(Y, s, beta_sd=config["beta_sd"], delta_sd=config["delta_sd"],
                                    gamma_sd=config["gamma_sd"])
     return CountInputs(Y=Y, size_factors=s, dispersion=phi, batch=None if batch is None else np.asarray(batch),

@@ -13,10 +13,12 @@ cell ``i`` in state ``z_i`` and batch ``b_i``::
 * ``design_count_coef ~ Normal(0, design_count_sd)`` (dims ``covariate, gene``) when the graph
   has a per-cell design matrix ``design`` (``cell, covariate``): ``design_i @ design_count_coef``
   is added to cell ``i``'s log rate of every gene, whatever its state;
-* ``size_factors`` (``cell``), ``dispersion`` (``gene``) and ``batch_code`` (``cell``) are
-  ``pm.Data``: the library size is an offset and the dispersion a plug-in constant (the
-  moment estimates over the control cells shrunk toward their mean-dispersion trend,
-  :func:`scotgm_pp.inference.count_layer.control_dispersion`).
+* ``size_factors`` (``cell``), ``dispersion`` (``gene``, or ``batch, gene`` with one per
+  batch) and ``batch_code`` (``cell``) are ``pm.Data``: the library size is an offset and the
+  dispersion a plug-in constant (the moment estimates over the control cells shrunk toward
+  their mean-dispersion trend, :func:`scotgm_pp.inference.count_layer.control_dispersion`, or
+  per batch :func:`~scotgm_pp.inference.count_layer.control_dispersion_by_batch`); a cell of
+  batch ``b`` reads ``phi_bg``.
 
 How ``z`` is declared
 ---------------------
@@ -93,13 +95,22 @@ def add_count_layer(
 
     Returns the tensors the observed variables need: ``state_log_rate`` ``(K, G)``,
     ``cell_offset`` ``(n, G)`` (``log s_i + gamma[b_i]``, plus ``design_i @ design_count_coef``
-    when ``design``, the model's ``(n, q)`` design data, is given) and ``alpha`` ``(G,)``.
+    when ``design``, the model's ``(n, q)`` design data, is given) and ``alpha`` ``(G,)`` (``(n, G)``
+    with a dispersion per batch, ``(B, G)`` in the order of
+    :func:`~scotgm_pp.inference.count_layer.batch_codes`).
     """
     n, G = counts.shape
     K = len(state_names)
     codes, labels = batch_codes(batch, n)
     s = pm.Data("size_factors", np.asarray(size_factors, float), dims="cell")
-    phi = pm.Data("dispersion", np.maximum(np.asarray(dispersion, float), PHI_MIN), dims="gene")
+    phi_value = np.maximum(np.asarray(dispersion, float), PHI_MIN)
+    per_batch = phi_value.ndim == 2
+    if per_batch and phi_value.shape != (len(labels), G):
+        raise ValueError(f"a dispersion per batch must have shape (batches, genes) = ({len(labels)}, {G}), "
+                         f"got {phi_value.shape}.")
+    if per_batch and len(labels) == 1:
+        phi_value, per_batch = phi_value[0], False
+    phi = pm.Data("dispersion", phi_value, dims=("batch", "gene") if per_batch else "gene")
     code = pm.Data("batch_code", codes.astype("int64"), dims="cell")
     # Explicit shapes: a size taken from the (shared) coordinate lengths would make PyMC redraw
     # these parameters in sample_posterior_predictive whenever the trace lacks the coordinates.
@@ -121,7 +132,7 @@ def add_count_layer(
         coef = pm.Normal("design_count_coef", mu=0.0, sigma=float(design_count_sd), shape=(q, G),
                          dims=("covariate", "gene"))
         offset = offset + design @ coef
-    return {"state_log_rate": state_log_rate, "cell_offset": offset, "alpha": 1.0 / phi}
+    return {"state_log_rate": state_log_rate, "cell_offset": offset, "alpha": 1.0 / (phi[code] if per_batch else phi)}
 
 
 def count_state_terms(y, log_rate, offset, alpha, *, n_states: int):

@@ -286,7 +286,8 @@ def build_model(
         Optional cells x genes raw counts of the same cells (dense or sparse): adds the count
         layer (:mod:`scotgm_pp.models.count_graph`), sharing each cell's state. Needs
         ``size_factors`` (library size per cell) and ``dispersion`` (plug-in NB dispersion per
-        gene); ``batch`` (label per cell) adds batch offsets; ``count_prior`` defaults to
+        gene, or per batch and gene: ``(B, G)`` in the order of
+        :func:`~scotgm_pp.inference.count_layer.batch_codes`); ``batch`` (label per cell) adds batch offsets; ``count_prior`` defaults to
         :func:`~scotgm_pp.inference.count_layer.default_count_prior`.
     loadings
         Optional genes x PCs PCA loadings ``V`` (e.g. ``adata.varm["PCs"]``), without counts:
@@ -696,8 +697,11 @@ def _check_counts(counts, n: int, size_factors, dispersion) -> np.ndarray | None
         raise ValueError("the count layer needs size_factors (library size per cell) and dispersion (per gene).")
     if np.shape(size_factors) != (n,):
         raise ValueError(f"size_factors must have one value per cell ({n}), got shape {np.shape(size_factors)}.")
+    if np.ndim(dispersion) == 2 and np.shape(dispersion)[1] == Y.shape[1]:
+        return Y  # one per batch and gene (add_count_layer checks the batches)
     if np.shape(dispersion) not in ((Y.shape[1],), ()):
-        raise ValueError(f"dispersion must have one value per gene ({Y.shape[1]}), got shape {np.shape(dispersion)}.")
+        raise ValueError(f"dispersion must have one value per gene ({Y.shape[1]}) or per batch and gene, got shape "
+                         f"{np.shape(dispersion)}.")
     return Y
 
 

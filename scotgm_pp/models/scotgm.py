@@ -597,8 +597,9 @@ class ScOTGM:
         counts, size_factors, dispersion, batch, genes
             The count observation layer (:mod:`scotgm_pp.models.count_graph`): cells x genes raw
             counts of the same cells, each cell's total count over all its measured genes (the
-            offset), the NB dispersion per gene (default: the moment estimates over the cells pinned
-            to the basal state, shrunk toward their trend), an optional batch label per cell and the genes' names. The graph's
+            offset), the NB dispersion per gene or per batch and gene (default: the moment
+            estimates over the cells pinned to the basal state, shrunk toward their trend, per
+            batch with ``batch``: :func:`~scotgm_pp.inference.count_layer.control_dispersion_by_batch`), an optional batch label per cell and the genes' names. The graph's
             observed variable is then ``XY`` (the scores, then the counts, per cell); EM follows
             ``model_config["count_evidence"]``; :meth:`effects` reads the state effects.
         design
@@ -977,7 +978,7 @@ class ScOTGM:
             from ..inference.count_layer import batch_codes
 
             const["size_factors"] = (("cell",), counts.size_factors)
-            const["dispersion"] = (("gene",), counts.dispersion)
+            const["dispersion"] = (("batch", "gene") if counts.dispersion.ndim == 2 else ("gene",), counts.dispersion)
             const["batch_code"] = (("cell",), batch_codes(counts.batch, len(cells))[0].astype(np.int64))
             if data.get("state_probability") is not None and self.model_config["count_evidence"] == "cut":
                 const["state_probability"] = (("cell", "state"), data["state_probability"])

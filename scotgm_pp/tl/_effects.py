@@ -54,7 +54,9 @@ class CountFit:
     prior
         The count prior.
     dispersion, dispersion_source
-        Plug-in NB dispersion per gene, and where it came from (``"given"`` or ``"controls"``).
+        Plug-in NB dispersion, ``(G,)`` per gene or ``(B, G)`` per batch (rows in the order of
+        ``batch_labels``), and where it came from (``"given"``, ``"given per batch"``,
+        ``"controls"`` or ``"controls per batch"``).
     n_iter, converged
         Newton iterations and convergence.
     row_loglik
@@ -81,6 +83,14 @@ class CountFit:
     def batch_labels(self) -> list[str]:
         return list(self.data.batch_labels)
 
+    @property
+    def gene_dispersion(self) -> np.ndarray:
+        """``(G,)``: the dispersion per gene, averaged over the experiment's cells when it is per batch."""
+        if self.dispersion.ndim == 1:
+            return self.dispersion
+        share = np.bincount(self.data.batch, minlength=self.data.n_batches) / max(self.data.n_cells, 1)
+        return share @ self.dispersion
+
 
 NEWTON_TOL = 1e-4
 """A gene's Newton iterations stop once its step is below this (natural-log units); by Newton's
@@ -99,11 +109,12 @@ def fit_count_layer(
     responsibilities: np.ndarray,
     *,
     size_factors: np.ndarray,
-    dispersion: np.ndarray | None = None,
+    dispersion: np.ndarray | cl.BatchDispersion | None = None,
     batch: np.ndarray | None = None,
     delta_sd: float = cl.DELTA_SD,
     beta_sd: float = 5.0,
     gamma_sd: float = 1.0,
+    dispersion_per_batch: bool = True,
 ) -> CountFit:
     """Fit the count layer given the states' posteriors (the M-step of :class:`CountFit`).
 
@@ -119,11 +130,17 @@ def fit_count_layer(
     size_factors
         Library size of every cell (:func:`library_sizes` of all its measured genes).
     dispersion
-        NB dispersion per gene; ``None``: the moment estimates over the control cells, shrunk
-        toward their trend (:func:`~scotgm_pp.inference.count_layer.control_dispersion`, within
-        batches).
+        NB dispersion per gene ``(G,)``, per batch and gene (``(B, G)`` in the order of
+        :func:`~scotgm_pp.inference.count_layer.batch_codes`, or a
+        :class:`~scotgm_pp.inference.count_layer.BatchDispersion`); ``None``: the moment
+        estimates over the control cells, shrunk toward their trend
+        (:func:`~scotgm_pp.inference.count_layer.control_dispersion`, within batches), with a
+        ``batch`` and ``dispersion_per_batch`` one per batch
+        (:func:`~scotgm_pp.inference.count_layer.control_dispersion_by_batch`).
     batch
         Optional batch label per cell: each batch but the most frequent gets an offset ``gamma``.
+    dispersion_per_batch
+        See ``dispersion``.
     delta_sd, beta_sd, gamma_sd
         Prior standard deviations (:class:`~scotgm_pp.inference.count_layer.CountPrior`).
 
@@ -136,8 +153,14 @@ def fit_count_layer(
     is_control = fixed == 0
     source = "given"
     if dispersion is None:
-        dispersion = cl.control_dispersion(counts, size_factors, is_control, batch)
-        source = "controls"
+        if batch is not None and dispersion_per_batch:
+            dispersion = cl.control_dispersion_by_batch(counts, size_factors, is_control, batch)
+            source = "controls per batch"
+        else:
+            dispersion = cl.control_dispersion(counts, size_factors, is_control, batch)
+            source = "controls"
+    elif isinstance(dispersion, cl.BatchDispersion) or np.ndim(dispersion) == 2:
+        source = "given per batch"
     prior = cl.default_count_prior(counts, size_factors, beta_sd=beta_sd, delta_sd=delta_sd, gamma_sd=gamma_sd)
     data = cl.CountData(counts, size_factors, dispersion, fixed, R.shape[1], batch)
     cp, n_iter, converged = count_fit.fit_given_states(data, R, prior, tol=NEWTON_TOL)
@@ -157,7 +180,8 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     with ``lambda = sqrt(2 ln G)`` unless ``threshold`` is given (the fold change the counts
     support after clearing the largest ``|z|`` expected among ``G`` null genes),
     ``effect_pvalue`` (two-sided Wald), ``effect_qvalue`` (Benjamini-Hochberg over the genes),
-    ``log_rate_basal`` (``beta``) and ``dispersion``.
+    ``log_rate_basal`` (``beta``) and ``dispersion`` (per batch: its average over the
+    experiment's cells; :attr:`CountFit.dispersion` holds the batches').
 
     Empirical Bayes across the experiment's genes (:func:`scotgm_pp.inference.normal_means`):
     each ``effect`` with its ``effect_se`` is read as ``N(theta_g, se_g^2)`` and ``theta_g`` gets
@@ -210,5 +234,5 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
         "effect_lfsr": lfsr,
         **extra,
         "log_rate_basal": fit.params.beta,
-        "dispersion": fit.dispersion,
+        "dispersion": fit.gene_dispersion,
     })

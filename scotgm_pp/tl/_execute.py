@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .._screen import cap_counts
 from .._validation import InputError
 from .._workers import LocalWorkers, local_cluster
+from ..inference.count_layer import BatchDispersion
 from ._core import resolve_rank_by
 from ._pair import analyse_pair
 from ._plan import RunSettings, Task
@@ -37,7 +38,8 @@ __all__ = ["ScreenContext", "TaskPayload", "TaskResult", "run_task", "map_tasks"
 @dataclass(frozen=True)
 class ScreenContext:
     """What every task shares (sent once to each worker): the settings, the genes, the controls'
-    dispersion per gene and, when they fit in memory, the control cells the tasks sample from
+    dispersion per gene (per batch and gene, a :class:`BatchDispersion`, with batches and
+    ``dispersion_per_batch``) and, when they fit in memory, the control cells the tasks sample from
     (``control_pool``, whose row ``pool_pos[r]`` is screen row ``r``). With ``store_path`` the
     worker writes its own result file there (workers that share the run's filesystem). With
     ``rows`` (the screen's file, for workers that share the run's filesystem) each worker reads
@@ -47,7 +49,7 @@ class ScreenContext:
 
     settings: RunSettings
     var_names: np.ndarray
-    dispersion: np.ndarray | None = None
+    dispersion: np.ndarray | BatchDispersion | None = None
     control_pool: sp.csr_matrix | None = None
     pool_pos: np.ndarray | None = None
     store_path: str | None = None
@@ -187,6 +189,7 @@ def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
                 regularization=s.regularization, em_regularization=s.em_regularization, random_state=task.seed,
                 coupling_kwargs=s.coupling_kwargs, rank_by=s.rank_by, batch=payload.batch,
                 dispersion=context.dispersion, baseline=needs_baseline, any_effect=False,
+                dispersion_per_batch=s.dispersion_per_batch,
             )
     except (InputError, np.linalg.LinAlgError, FloatingPointError) as err:
         return TaskResult(task.perturbation, task.key, skip_reason=f"{type(err).__name__}: {err}")

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ..inference.count_layer import batch_codes
 from ._response import get_record
 
 __all__ = ["get_model"]
@@ -173,11 +174,14 @@ def _count_layer(adata: AnnData, perturbation: str, record: dict, cells, key: st
     cols = adata.var_names.get_indexer(chosen)
     Y = X[:, cols].toarray()
     position = {g: i for i, g in enumerate(kept)}
-    dispersion = np.asarray(record["count_dispersion"], float)[[position[g] for g in chosen]]
+    dispersion = np.asarray(record["count_dispersion"], float)[..., [position[g] for g in chosen]]
     params = adata.uns[key]["params"]
     batch = None
     if params.get("batch_key"):
         batch = sub.obs[params["batch_key"]].astype(str).to_numpy()
+    if dispersion.ndim == 2:  # one per batch, rows in the record's batch order: match the graph's by label
+        held = [str(b) for b in np.asarray(record["count_batches"]).astype(str)]
+        dispersion = dispersion[[held.index(b) for b in batch_codes(batch, len(cells))[1]]]
     return {"counts": Y, "size_factors": size_factors, "dispersion": dispersion, "batch": batch, "genes": chosen}
 
 

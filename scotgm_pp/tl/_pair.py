@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from ..inference.count_layer import DELTA_SD, batch_codes
+from ..inference.count_layer import DELTA_SD, BatchDispersion, batch_codes
 from ..inference.em import default_prior
 from ..inference.joint_em import any_effect_llr
 from ..pp import PreprocessParams, prepare_pair
@@ -49,12 +49,13 @@ def analyse_pair(
     coupling_kwargs: dict | None = None,
     rank_by: str = DEFAULT_RANK_BY,
     batch: np.ndarray | None = None,
-    dispersion: np.ndarray | None = None,
+    dispersion: np.ndarray | BatchDispersion | None = None,
     baseline: bool = True,
     delta_sd: float = DELTA_SD,
     any_effect: bool = True,
     state_space: str = DEFAULT_STATE_SPACE,
     n_resamples: int | None = None,
+    dispersion_per_batch: bool = True,
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
@@ -85,7 +86,14 @@ def analyse_pair(
         strata of the model-free ``lfc_all_guides`` baseline).
     dispersion
         NB dispersion per gene of ``counts.var_names`` (e.g. estimated once from all control
-        cells of a screen); ``None``: estimated from this experiment's control cells.
+        cells of a screen), or per batch and gene (a
+        :class:`~scotgm_pp.inference.count_layer.BatchDispersion`: the count layer reads each
+        batch's, the calls and the signature its pooled one); ``None``: estimated from this
+        experiment's control cells (per batch with ``batch`` and ``dispersion_per_batch``).
+    dispersion_per_batch
+        With ``batch`` and ``dispersion=None``: the count layer's dispersion per batch
+        (:func:`~scotgm_pp.inference.count_layer.control_dispersion_by_batch`) instead of one
+        pooled over batches.
     delta_sd
         Prior standard deviation of the state effects (natural-log units; shrinks the effects
         of genes with few counts).
@@ -123,6 +131,11 @@ def analyse_pair(
         Posterior probability of the perturbed state per kept cell (controls 0).
     """
     rank_by = resolve_rank_by(rank_by)
+    by_batch = None
+    if isinstance(dispersion, BatchDispersion):
+        if dispersion.n_genes != counts.n_vars:
+            raise ValueError(f"dispersion holds {dispersion.n_genes} genes, counts {counts.n_vars}.")
+        by_batch, dispersion = dispersion, dispersion.pooled
     if dispersion is not None:
         dispersion = np.asarray(dispersion, float)
         if dispersion.shape != (counts.n_vars,) or not np.all(np.isfinite(dispersion)) or (dispersion < 0).any():
@@ -172,8 +185,12 @@ def analyse_pair(
         states=states,
     )
     em = fit.em
+    count_dispersion = None if dispersion is None else dispersion[cols]
+    if by_batch is not None and b is not None:
+        count_dispersion = by_batch.take(cols)
     cf = fit_count_layer(y, em.fixed_state, em.responsibilities, size_factors=size_factors,
-                         dispersion=None if dispersion is None else dispersion[cols], batch=b, delta_sd=delta_sd)
+                         dispersion=count_dispersion, batch=b, delta_sd=delta_sd,
+                         dispersion_per_batch=dispersion_per_batch)
     table = effect_table(cf)
     if baseline or rank_by == "lfc_all_guides_bound":
         base = count_shift(y, pair.is_control, batch=b)

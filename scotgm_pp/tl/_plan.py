@@ -74,6 +74,7 @@ class RunSettings:
     em_regularization: str = "map"
     rank_by: str = DEFAULT_RANK_BY
     batch_key: str | None = None
+    dispersion_per_batch: bool = True
     n_control_cells: int = N_CONTROL_CELLS
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     coupling_kwargs: dict | None = None
@@ -95,6 +96,8 @@ class RunSettings:
             raise InputError(f"em_regularization must be 'map' or 'paper', got {self.em_regularization!r}.")
         if not isinstance(self.escape_model, (bool, np.bool_)):
             raise InputError(f"escape_model must be True or False, got {self.escape_model!r}.")
+        if not isinstance(self.dispersion_per_batch, (bool, np.bool_)):
+            raise InputError(f"dispersion_per_batch must be True or False, got {self.dispersion_per_batch!r}.")
         if self.state_space not in STATE_SPACES:
             raise InputError(f"unknown state_space {self.state_space!r}; choose one of {', '.join(STATE_SPACES)}.")
         reg = self.regularization

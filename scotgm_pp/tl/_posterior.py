@@ -167,7 +167,8 @@ def posterior_record(
     """The record entries :func:`draw_posterior` and the synthetic cells need (arrays only, no
     cells x genes array).
 
-    ``batch_offset`` is ``(B, G)`` with row 0 zero; ``batch_codes`` the cells' batch index. The
+    ``batch_offset`` is ``(B, G)`` with row 0 zero; ``batch_codes`` the cells' batch index;
+    ``dispersion`` ``(G,)`` or, one per batch, ``(B, G)`` in the same batch order. The
     Hit-and-Run plans, when that coupling ran, are written by the coupling step itself
     (``coupling_plan_draws``, plans ``K`` in the convention of :func:`plan_kernel`).
     """
@@ -241,12 +242,36 @@ def sample_normal_wishart(rng, mean, kappa, dof, scale_inv, n: int) -> tuple[np.
     return mu, Sigma
 
 
-def _basal_rate_variance(record: dict, beta: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Inverse NB information of ``beta`` from the basal cells: ``1 / sum_i alpha mu_i / (alpha + mu_i)``."""
+def gene_dispersion(record: dict, state: int = BASAL) -> np.ndarray:
+    """``(G,)``: the record's NB dispersion per gene; when it is per batch (``(B, G)``, rows in the
+    order of ``count_batches``), its average over the batches weighted by the state's cells."""
+    phi = np.asarray(record["count_dispersion"], float)
+    if phi.ndim == 1:
+        return phi
+    w = np.asarray(record["batch_weights"], float)[state]
+    return (w / max(w.sum(), 1e-12)) @ phi
+
+
+def cell_alpha(record: dict, batch: np.ndarray) -> np.ndarray:
+    """NB shapes ``1 / phi`` for cells of the given batch codes: ``(G,)`` when the record's
+    dispersion is per gene, ``(n, G)`` when it is per batch."""
+    phi = np.asarray(record["count_dispersion"], float)
+    if phi.ndim == 2:
+        phi = phi[np.asarray(batch, int)]
+    return 1.0 / np.maximum(phi, 1e-12)
+
+
+def _basal_rate_variance(record: dict, beta: np.ndarray) -> np.ndarray:
+    """Inverse NB information of ``beta`` from the basal cells: ``1 / sum_i alpha mu_i / (alpha + mu_i)``
+    (over the basal library-size quantiles and, with a dispersion per batch, the basal cells' batches)."""
     q = np.asarray(record["library_quantiles"], float)[BASAL]
     n0 = float(np.asarray(record["state_cells"], float)[BASAL])
     mu = q[:, None] * np.exp(beta)[None, :]
-    info = n0 * np.mean(alpha * mu / (alpha + mu), axis=0)
+    phi = np.asarray(record["count_dispersion"], float)
+    w = np.ones(1) if phi.ndim == 1 else np.asarray(record["batch_weights"], float)[BASAL]
+    alpha = 1.0 / np.maximum(np.atleast_2d(phi), 1e-12)  # (B, G)
+    per_batch = np.mean(alpha[:, None, :] * mu[None] / (alpha[:, None, :] + mu[None]), axis=1)  # (B, G)
+    info = n0 * ((w / max(w.sum(), 1e-12)) @ per_batch)
     return 1.0 / np.maximum(info, 1e-12)
 
 
@@ -305,8 +330,7 @@ def draw_posterior(record: dict, n_draws: int, rng: np.random.Generator) -> Post
     beta = np.asarray(record["count_beta"], float)
     delta = np.asarray(record["count_effect"], float)
     se = np.asarray(record["count_effect_se"], float)
-    alpha = 1.0 / np.maximum(np.asarray(record["count_dispersion"], float), 1e-12)
-    v0 = np.minimum(_basal_rate_variance(record, beta, alpha), 0.5 * se**2)
+    v0 = np.minimum(_basal_rate_variance(record, beta), 0.5 * se**2)
     G = beta.size
     r0 = beta + np.sqrt(v0) * rng.standard_normal((n_draws, G))
     r1 = beta + delta + np.sqrt(se**2 - v0) * rng.standard_normal((n_draws, G))

@@ -24,7 +24,7 @@ from anndata import AnnData
 from .._tree import group, has_group, make_tree
 from .._validation import InputError
 from ..models.predictive import DEPENDENCE, draw_cells, draw_states, latent_scale
-from ._posterior import BASAL, PosteriorDraws, check_record, draw_posterior
+from ._posterior import BASAL, PosteriorDraws, cell_alpha, check_record, draw_posterior, gene_dispersion
 from ._predict import DEFAULT_METHOD, METHODS, _gene_index, _predict, lognorm_change, response_draws
 from ._response import get_record
 from ._synthetic import (
@@ -125,7 +125,7 @@ def _constant(record: dict, post: xr.Dataset, **extra) -> xr.Dataset:
     data = {
         "loadings": (("gene", "pc"), np.asarray(record["loadings"], float)),
         "gene_std": (("gene",), np.asarray(record["gene_std"], float)),
-        "dispersion": (("gene",), np.asarray(record["count_dispersion"], float)),
+        "dispersion": (("gene",), gene_dispersion(record)),
         **extra,
     }
     coords = {"gene": post["gene"].values, "pc": post["pc"].values}
@@ -204,7 +204,7 @@ def posterior_predictive(
     d = draw_posterior(record, S, rng)
     V = np.asarray(record["loadings"], float)
     r = residual_variance(record)
-    alpha = 1.0 / np.maximum(np.asarray(record["count_dispersion"], float), 1e-12)
+    alpha = cell_alpha(record, batch)
     n = rows.size
     reps = np.empty((S, n, genes.size), dtype=np.int32)
     states = np.empty((S, n), dtype=np.int8)

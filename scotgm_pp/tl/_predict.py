@@ -41,7 +41,7 @@ from anndata import AnnData
 from scipy import stats
 
 from .._validation import InputError
-from ._posterior import PosteriorDraws, check_record, draw_posterior
+from ._posterior import PERTURBED, PosteriorDraws, check_record, draw_posterior, gene_dispersion
 from ._response import get_record
 
 __all__ = ["predict_response", "observed_response", "response_draws", "lognorm_change", "get_record", "METHODS",
@@ -85,7 +85,7 @@ def lognorm_change(record: dict, target_sum: float = 1e4) -> np.ndarray:
     """
     beta = np.asarray(record["count_beta"], float)
     delta = np.asarray(record["count_effect"], float)
-    phi = np.asarray(record["count_dispersion"], float)
+    phi = gene_dispersion(record, PERTURBED)
     libs = np.asarray(record["library_quantiles"], float)[1][_LIBRARY_POINTS]
     step = np.where(np.abs(delta) < 1e-3, 1e-3, delta)
     base = expected_lognorm(beta, phi, libs, target_sum)

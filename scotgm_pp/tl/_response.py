@@ -25,6 +25,7 @@ from .._fingerprint import ContentDigest, digest_strings, fingerprint_id
 from .._screen import H5adRows, Screen, scan_counts, screen_from_anndata
 from .._validation import InputError, check_library_sizes
 from .._workers import LocalWorkers
+from ..inference.count_layer import BatchDispersion
 from ..pp import PreprocessParams, resolve_min_genes
 from ._collect import Collector
 from ._core import DEFAULT_RANK_BY, DEFAULT_STATE_SPACE
@@ -74,6 +75,7 @@ class ScreenRun:
     n_control_total: int
     count_cap: np.ndarray | None = None
     dispersion: np.ndarray | None = None
+    dispersion_by_batch: BatchDispersion | None = None
 
     def params(self) -> dict:
         out = self.settings.to_dict()
@@ -158,6 +160,7 @@ class ScreenPlan:
     n_detected: np.ndarray | None = None
     content: dict | None = None
     count_cap: np.ndarray | None = None
+    dispersion_by_batch: BatchDispersion | None = None
 
     def fingerprint(self) -> dict:
         """What every record of this plan depends on: the settings, the layer, the package
@@ -189,9 +192,11 @@ def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> Sc
     min_genes = resolve_min_genes(settings.preprocess, len(screen.var_names))
     usable = (scan.n_detected >= min_genes) & (scan.library_size > 0)
     tasks = make_tasks(labels, chosen, settings, usable, batch)
+    by_batch = scan.dispersion_by_batch if settings.dispersion_per_batch else None
     return ScreenPlan(screen=screen, settings=settings, perturbations=chosen, labels=labels, batch=batch,
                       tasks=tasks, dispersion=scan.dispersion, n_control_total=n_control_total,
-                      n_detected=scan.n_detected, content=content, count_cap=scan.count_cap)
+                      n_detected=scan.n_detected, content=content, count_cap=scan.count_cap,
+                      dispersion_by_batch=by_batch)
 
 
 def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, store: RecordStore | None = None,
@@ -232,12 +237,14 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
         own_files = store is not None and local_files
         payloads = _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected, in_workers=local_files)
         context = payloads.context(ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
-                                                 dispersion=plan.dispersion, count_cap=plan.count_cap,
+                                                 dispersion=plan.dispersion if plan.dispersion_by_batch is None
+                                                 else plan.dispersion_by_batch, count_cap=plan.count_cap,
                                                  store_path=str(store.path) if own_files else None,
                                                  store_fingerprint=store.fingerprint if own_files else None))
         map_tasks(todo, payloads, context, collector.add, n_jobs=n_workers, client=client, progress=progress)
     return ScreenRun(settings=plan.settings, perturbations=plan.perturbations, collector=collector, store=store,
-                     n_control_total=plan.n_control_total, count_cap=plan.count_cap, dispersion=plan.dispersion)
+                     n_control_total=plan.n_control_total, count_cap=plan.count_cap, dispersion=plan.dispersion,
+                     dispersion_by_batch=plan.dispersion_by_batch)
 
 
 AUTO_PARALLEL_WORK = 2e8
@@ -305,6 +312,10 @@ def annotate(target: AnnData, run: ScreenRun, key_added: str) -> None:
         responses.var["count_cap"] = np.asarray(run.count_cap, float)
     if run.dispersion is not None:
         responses.var["dispersion_screen"] = np.asarray(run.dispersion, float)
+    if run.dispersion_by_batch is not None:
+        d = run.dispersion_by_batch
+        responses.varm["dispersion_screen_batch"] = pd.DataFrame(d.values.T, index=responses.var_names,
+                                                                 columns=list(d.labels))
     target.obs[f"{key_added}_p_perturbed"] = col.p_perturbed
     target.obs[f"{key_added}_class"] = col.cell_classes()
     uns = {
@@ -349,6 +360,7 @@ def perturbation_response(
     coupling_kwargs: dict | None = None,
     rank_by: str = DEFAULT_RANK_BY,
     batch_key: str | None = None,
+    dispersion_per_batch: bool = True,
     n_control_cells: int = N_CONTROL_CELLS,
     layer: str | None = None,
     key_added: str = "scotgm",
@@ -423,6 +435,14 @@ def perturbation_response(
         Optional ``.obs`` column of batches (e.g. biological replicates): control samples are
         drawn batch by batch in proportion to the guide cells', and the count layer gives each
         batch its own baseline.
+    dispersion_per_batch
+        With ``batch_key``: each batch with at least 50 control cells gets its own
+        negative-binomial dispersion per gene in the count layer (its controls' moment estimates
+        shrunk toward its own mean-dispersion trend; the others the pooled one), so a noisier
+        batch weighs less in the effects and their standard errors
+        (:func:`~scotgm_pp.inference.count_layer.control_dispersion_by_batch`). ``False``: one
+        pooled dispersion per gene. The calls' statistic and the signature use the pooled one
+        either way; ``responses.varm["dispersion_screen_batch"]`` holds the batches'.
     n_control_cells
         Controls each perturbation is compared with (default 1,000; all when there are
         fewer). The cost of a perturbation then depends on its own cells, not on the screen.
@@ -502,7 +522,7 @@ def perturbation_response(
         perturbation_key, control, params=params, n_pcs=n_pcs, variance_threshold=variance_threshold,
         coupling=coupling, escape_model=escape_model, state_space=state_space, regularization=regularization,
         em_regularization=em_regularization, coupling_kwargs=coupling_kwargs, rank_by=rank_by, batch_key=batch_key,
-        n_control_cells=n_control_cells, random_state=random_state, blas_threads=blas_threads,
+        dispersion_per_batch=dispersion_per_batch, n_control_cells=n_control_cells, random_state=random_state, blas_threads=blas_threads,
     )
     screen = screen_from_anndata(adata, layer)
     record_store = RecordStore(store) if store is not None else None

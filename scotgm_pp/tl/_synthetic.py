@@ -33,7 +33,7 @@ from anndata import AnnData
 
 from .._validation import InputError
 from ..models.predictive import DEPENDENCE, counterfactual_counts, draw_cells, latent_scale
-from ._posterior import BASAL, PERTURBED, PosteriorDraws, check_record, draw_posterior, point_draws
+from ._posterior import BASAL, PERTURBED, PosteriorDraws, cell_alpha, check_record, draw_posterior, point_draws
 from ._response import get_record
 
 __all__ = ["sample_cells", "project_cells", "residual_variance", "gene_counts", "STATES", "library_draws",
@@ -216,7 +216,6 @@ def sample_cells(
     genes = np.asarray(record["genes"]).astype(str)
     V = np.asarray(record["loadings"], float)
     r = residual_variance(record)
-    alpha = 1.0 / np.maximum(np.asarray(record["count_dispersion"], float), 1e-12)
     obs = pd.DataFrame(index=[f"synthetic_{state}_{i}" for i in range(n)])
     obs["state"] = state
     obs["perturbation"] = str(perturbation)
@@ -226,6 +225,7 @@ def sample_cells(
         k = BASAL if state == "basal" else PERTURBED
         lib = library_draws(record, k, n, rng)
         batch = _batches(record, k, n, rng)
+        alpha = cell_alpha(record, batch)
         log_mu = np.log(lib)[:, None] + draws.log_rates(which, np.full(n, k)) + draws.batch_offset[batch]
         covs = draws.covariances[:, k]
         scale = latent_scale(V, covs, r)[which] if dependence == "state" else None
@@ -239,6 +239,7 @@ def sample_cells(
         y0 = gene_counts(adata, pick, genes, layer)
         lib = library_sizes_of(adata, pick, layer)
         batch = _control_batches(adata, pick, record, settings)
+        alpha = cell_alpha(record, batch)
         base = np.log(np.maximum(lib, 1.0))[:, None] + draws.log_rate_basal[which] + draws.batch_offset[batch]
         T, L = _coupling_maps(draws)
         y, _, a_new = counterfactual_counts(
