@@ -69,7 +69,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "mu/sigma (score)")
     g.add_argument("--batch-key", default=None,
                    help=".obs column of batches (e.g. replicates): controls are sampled batch by batch and each "
-                        "batch gets its own baseline in the count layer")
+                        "batch gets its own baseline and (with at least 50 controls) its own dispersion per gene in "
+                        "the count layer")
+    g.add_argument("--pooled-dispersion", action="store_true",
+                   help="with --batch-key: one dispersion per gene pooled over the batches in the count layer "
+                        "instead of one per batch")
     g.add_argument("--n-control-cells", type=positive_int, default=None,
                    help="control cells each perturbation is compared with (at least 10; default 1000)")
     g.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
@@ -109,6 +113,7 @@ def _settings(args, perturbation_key: str, control: str):
         state_space=args.state_space,
         rank_by=args.rank_by,
         batch_key=args.batch_key,
+        dispersion_per_batch=not args.pooled_dispersion,
         n_control_cells=args.n_control_cells or N_CONTROL_CELLS,
         preprocess=params,
         random_state=args.seed,

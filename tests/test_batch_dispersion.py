@@ -163,3 +163,39 @@ def test_dispersion_per_batch_must_be_a_bool():
                                  random_state=0)
     with pytest.raises(ValueError, match="dispersion_per_batch must be True or False"):
         sg.tl.perturbation_response(adata, "perturbation", "control", dispersion_per_batch="yes")
+
+
+def test_the_cli_pools_the_dispersion_when_asked(tmp_path):
+    import json
+
+    from scotgm_pp.cli import main
+
+    adata = sg.datasets.simulate(n_genes=60, n_perturbations=1, n_control=120, n_cells_per_perturbation=40,
+                                 n_batches=2, random_state=1)
+    path = tmp_path / "screen.h5ad"
+    adata.write_h5ad(path)
+    for flag, per_batch in (([], True), (["--pooled-dispersion"], False)):
+        out = tmp_path / f"run{int(per_batch)}"
+        assert main(["run", str(path), "--perturbation-key", "perturbation", "--control", "control", "--batch-key",
+                     "batch", "--out", str(out), "--n-pcs", "3", "--quiet", *flag]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["params"]["dispersion_per_batch"] is per_batch
+
+
+def test_a_batch_without_enough_controls_reads_the_pooled_dispersion():
+    adata = sg.datasets.simulate(n_genes=60, n_perturbations=1, n_control=300, n_cells_per_perturbation=60,
+                                 n_batches=3, random_state=2)
+    control = (adata.obs["perturbation"] == "control").to_numpy()
+    thin = (adata.obs["batch"] == "b2").to_numpy()
+    # b2 keeps 10 controls: below the 50 a batch needs for its own dispersion
+    drop = np.flatnonzero(control & thin)[10:]
+    adata = adata[np.setdiff1d(np.arange(adata.n_obs), drop)].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sg.tl.perturbation_response(adata, "perturbation", "control", batch_key="batch", n_pcs=3, n_jobs=1)
+    responses = sg.tl.get_responses(adata)
+    per_batch = responses.varm["dispersion_screen_batch"]
+    pooled = responses.var["dispersion_screen"]
+    np.testing.assert_array_equal(per_batch["b2"].to_numpy(), pooled.to_numpy())
+    assert not np.allclose(per_batch["b0"].to_numpy(), pooled.to_numpy())
+    assert list(per_batch.columns)[-1] == "b2"  # most controls first
