@@ -17,6 +17,7 @@ from scipy import stats
 import scotgm_pp as sg
 from scotgm_pp.inference import count_fit as cf
 from scotgm_pp.inference import count_layer as cl
+from scotgm_pp.models import ScOTGM
 from scotgm_pp.tl._effects import fit_count_layer
 
 
@@ -120,7 +121,7 @@ def batch_screen():
     return runs
 
 
-def test_the_screen_fits_a_dispersion_per_batch_and_get_model_reproduces_it(batch_screen):
+def test_the_screen_fits_a_dispersion_per_batch_and_get_model_reproduces_it(batch_screen, tmp_path):
     a = batch_screen[True]
     responses = sg.tl.get_responses(a)
     screen_phi = responses.varm["dispersion_screen_batch"]
@@ -149,6 +150,9 @@ def test_the_screen_fits_a_dispersion_per_batch_and_get_model_reproduces_it(batc
     genes = fit.effects()["gene"].tolist()
     effect = responses[P].to_df(layer="effect").iloc[0].reindex(genes).to_numpy()
     assert np.max(np.abs(fit.effects()["effect"].to_numpy() - effect)) <= 1e-4
+    back = ScOTGM.load(fit.save(tmp_path / "fit.nc"))
+    assert back.idata.constant_data["dispersion"].dims == ("batch", "gene")
+    np.testing.assert_allclose(back.effects()["effect"].to_numpy(), fit.effects()["effect"].to_numpy(), atol=1e-12)
     # synthetic cells and posterior predictive draws read the batches' dispersions too
     cells = sg.tl.sample_cells(a, P, 30, random_state=0)
     assert cells.shape[0] == 30 and np.all(np.asarray(cells.X.sum(axis=1)).ravel() >= 0)
@@ -199,3 +203,36 @@ def test_a_batch_without_enough_controls_reads_the_pooled_dispersion():
     np.testing.assert_array_equal(per_batch["b2"].to_numpy(), pooled.to_numpy())
     assert not np.allclose(per_batch["b0"].to_numpy(), pooled.to_numpy())
     assert list(per_batch.columns)[-1] == "b2"  # most controls first
+
+
+def test_the_null_calibration_fits_the_screens_per_batch_dispersion(monkeypatch):
+    """``calibration_check`` fits the count model ``perturbation_response`` fits: per batch by default."""
+    import scotgm_pp.tl._pair as pair
+
+    seen = []
+    fit = pair.fit_count_layer
+
+    def spy(*args, **kwargs):
+        out = fit(*args, **kwargs)
+        seen.append(out.dispersion.shape)
+        return out
+
+    monkeypatch.setattr(pair, "fit_count_layer", spy)
+    adata = sg.datasets.simulate(n_genes=60, n_perturbations=2, n_control=300, n_cells_per_perturbation=80,
+                                 n_batches=2, batch_dispersion=(20.0, 2.0), random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sg.tl.calibration_check(adata, "perturbation", "control", batch_key="batch", n_null=2, null_size=60,
+                                baselines=(), n_pcs=3, n_jobs=1)
+    assert seen and all(shape == (2, 60) for shape in seen)
+
+
+def test_a_cell_of_a_batch_the_experiment_did_not_hold_reads_the_average_dispersion():
+    from scotgm_pp.tl._posterior import cell_alpha, gene_dispersion
+
+    phi = np.array([[0.1, 0.2, 0.3], [0.5, 0.6, 0.7]])
+    record = {"count_dispersion": phi, "batch_weights": np.array([[0.75, 0.25], [0.5, 0.5]])}
+    np.testing.assert_allclose(gene_dispersion(record), 0.75 * phi[0] + 0.25 * phi[1])
+    alpha = cell_alpha(record, np.array([1, -1, 0]))
+    np.testing.assert_allclose(1.0 / alpha, np.vstack([phi[1], 0.75 * phi[0] + 0.25 * phi[1], phi[0]]))
+    np.testing.assert_allclose(cell_alpha({"count_dispersion": phi[0]}, np.array([0, 0])), 1.0 / phi[0])

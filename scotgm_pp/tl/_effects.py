@@ -159,6 +159,8 @@ def fit_count_layer(
         else:
             dispersion = cl.control_dispersion(counts, size_factors, is_control, batch)
             source = "controls"
+    elif isinstance(dispersion, cl.BatchDispersion) and batch is None:
+        dispersion = dispersion.pooled  # no batches to match: the pooled estimate
     elif isinstance(dispersion, cl.BatchDispersion) or np.ndim(dispersion) == 2:
         source = "given per batch"
     prior = cl.default_count_prior(counts, size_factors, beta_sd=beta_sd, delta_sd=delta_sd, gamma_sd=gamma_sd)

@@ -254,10 +254,12 @@ def gene_dispersion(record: dict, state: int = BASAL) -> np.ndarray:
 
 def cell_alpha(record: dict, batch: np.ndarray) -> np.ndarray:
     """NB shapes ``1 / phi`` for cells of the given batch codes: ``(G,)`` when the record's
-    dispersion is per gene, ``(n, G)`` when it is per batch."""
+    dispersion is per gene, ``(n, G)`` when it is per batch (a code of ``-1``, a batch the
+    experiment did not hold, reads :func:`gene_dispersion`, the basal cells' average)."""
     phi = np.asarray(record["count_dispersion"], float)
     if phi.ndim == 2:
-        phi = phi[np.asarray(batch, int)]
+        codes = np.asarray(batch, int)
+        phi = np.where((codes >= 0)[:, None], phi[np.maximum(codes, 0)], gene_dispersion(record)[None, :])
     return 1.0 / np.maximum(phi, 1e-12)
 
 

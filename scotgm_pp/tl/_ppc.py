@@ -211,7 +211,7 @@ def posterior_predictive(
     chol = np.linalg.cholesky(d.covariances)
     for s in range(S):
         z = draw_states(rng, np.tile(d.weights[s], (n, 1))) if cells == "guide" else np.full(n, BASAL)
-        log_mu = np.log(np.maximum(lib, 1.0))[:, None] + d.log_rates(np.full(n, s), z) + d.batch_offset[batch]
+        log_mu = np.log(np.maximum(lib, 1.0))[:, None] + d.log_rates(np.full(n, s), z) + d.batch_offset[np.maximum(batch, 0)]
         scale = latent_scale(V, d.covariances[s], r)[z] if dependence == "state" else None
         _, y = draw_cells(rng, means=d.means[s, z], chols=chol[s, z], log_mu=log_mu, alpha=alpha,
                           dependence=dependence, loadings=V, residual_variance=r, scale=scale)

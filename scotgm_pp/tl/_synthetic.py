@@ -136,12 +136,13 @@ def _batches(record: dict, state: int, n: int, rng) -> np.ndarray:
 
 
 def _control_batches(adata, rows, record, settings) -> np.ndarray:
+    """The record's batch code of each cell; ``-1`` for a batch the experiment did not hold."""
     labels = np.asarray(record.get("count_batches", []), dtype=str)
     if labels.size <= 1 or not settings.get("batch_key"):
         return np.zeros(len(rows), int)
     obs = adata.obs[settings["batch_key"]].astype(str).to_numpy()[rows]
     code = {b: j for j, b in enumerate(labels)}
-    return np.array([code.get(b, 0) for b in obs], dtype=int)
+    return np.array([code.get(b, -1) for b in obs], dtype=int)
 
 
 def sample_cells(
@@ -240,7 +241,8 @@ def sample_cells(
         lib = library_sizes_of(adata, pick, layer)
         batch = _control_batches(adata, pick, record, settings)
         alpha = cell_alpha(record, batch)
-        base = np.log(np.maximum(lib, 1.0))[:, None] + draws.log_rate_basal[which] + draws.batch_offset[batch]
+        # a batch the experiment did not hold: no offset of its own (the reference's, 0)
+        base = np.log(np.maximum(lib, 1.0))[:, None] + draws.log_rate_basal[which] + draws.batch_offset[np.maximum(batch, 0)]
         T, L = _coupling_maps(draws)
         y, _, a_new = counterfactual_counts(
             rng, y0, log_mu_from=base, log_mu_to=base + draws.effect[which], alpha=alpha, loadings=V,
