@@ -158,6 +158,8 @@ def test_the_screen_fits_a_dispersion_per_batch_and_get_model_reproduces_it(batc
     assert cells.shape[0] == 30 and np.all(np.asarray(cells.X.sum(axis=1)).ravel() >= 0)
     tree = sg.tl.posterior_predictive(a, P, draws=2, chains=1, random_state=0)
     assert tree.constant_data["dispersion"].dims == ("gene",)
+    np.testing.assert_array_equal(tree.constant_data["dispersion_batch"].values, phi)
+    assert list(tree.constant_data["count_batch"].values) == held
     np.testing.assert_allclose(tree.constant_data["dispersion"].values,
                                np.asarray(record["batch_weights"])[0] / np.sum(record["batch_weights"][0]) @ phi)
 

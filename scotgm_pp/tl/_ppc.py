@@ -111,7 +111,8 @@ def posterior_draws(
         ``posterior``: ``weights`` (state), ``means`` (state, pc), ``covariances`` (state, pc,
         pc_bis), ``cross_covariance`` and ``perturbation_cov`` (pc, pc_bis),
         ``perturbation_mean`` (pc), ``log_rate_basal`` and ``effect`` (gene); ``constant_data``:
-        ``loadings`` (gene, pc), ``gene_std`` and ``dispersion`` (gene).
+        ``loadings`` (gene, pc), ``gene_std`` and ``dispersion`` (gene; with a dispersion per batch
+        its average over the basal cells' batches, and ``dispersion_batch`` (count_batch, gene)).
     """
     draws, chains = _check_draws(draws, chains)
     record = get_record(adata, perturbation, key)
@@ -129,6 +130,10 @@ def _constant(record: dict, post: xr.Dataset, **extra) -> xr.Dataset:
         **extra,
     }
     coords = {"gene": post["gene"].values, "pc": post["pc"].values}
+    phi = np.asarray(record["count_dispersion"], float)
+    if phi.ndim == 2:  # one per batch: the rows the cells were drawn with, beside their average
+        data["dispersion_batch"] = (("count_batch", "gene"), phi)
+        coords["count_batch"] = np.asarray(record["count_batches"]).astype(str)
     for dims, _ in extra.values():
         for dim in dims:
             if dim not in coords and dim in post.coords:
