@@ -238,3 +238,30 @@ def test_a_cell_of_a_batch_the_experiment_did_not_hold_reads_the_average_dispers
     alpha = cell_alpha(record, np.array([1, -1, 0]))
     np.testing.assert_allclose(1.0 / alpha, np.vstack([phi[1], 0.75 * phi[0] + 0.25 * phi[1], phi[0]]))
     np.testing.assert_allclose(cell_alpha({"count_dispersion": phi[0]}, np.array([0, 0])), 1.0 / phi[0])
+
+
+def test_a_control_cell_of_a_batch_the_experiment_did_not_hold_reads_the_screens_estimate_for_it():
+    from scotgm_pp.tl._synthetic import _control_batches, control_alpha, experiment_settings
+
+    adata = sg.datasets.simulate(n_genes=60, n_perturbations=1, n_control=450, n_cells_per_perturbation=120,
+                                 n_batches=3, batch_dispersion=(20.0, 20.0, 1.0), random_state=0)
+    P = [p for p in adata.obs["perturbation"].unique() if p != "control"][0]
+    drop = (adata.obs["perturbation"] == P).to_numpy() & (adata.obs["batch"] == "b2").to_numpy()
+    adata = adata[~drop].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sg.tl.perturbation_response(adata, "perturbation", "control", batch_key="batch", n_pcs=3, n_jobs=1,
+                                    n_control_cells=100)
+    record = sg.tl.get_record(adata, P)
+    assert "b2" not in [str(b) for b in record["count_batches"]]
+    rows = np.flatnonzero(((adata.obs["perturbation"] == "control") & (adata.obs["batch"] == "b2")).to_numpy())[:5]
+    settings = experiment_settings(adata, "scotgm")
+    codes = _control_batches(adata, rows, record, settings)
+    assert (codes == -1).all()
+    alpha = control_alpha(adata, rows, record, settings, "scotgm", codes)
+    screen_b2 = sg.tl.get_responses(adata).varm["dispersion_screen_batch"]["b2"]
+    want = 1.0 / screen_b2.reindex(np.asarray(record["genes"]).astype(str)).to_numpy()
+    np.testing.assert_allclose(alpha, np.tile(want, (5, 1)), rtol=1e-12)
+    # posterior predictive replicates of every control cell run with it
+    tree = sg.tl.posterior_predictive(adata, P, cells="control", draws=1, chains=1, random_state=0)
+    assert tree.posterior_predictive["counts"].shape[2] == int((adata.obs["perturbation"] == "control").sum())

@@ -24,11 +24,12 @@ from anndata import AnnData
 from .._tree import group, has_group, make_tree
 from .._validation import InputError
 from ..models.predictive import DEPENDENCE, draw_cells, draw_states, latent_scale
-from ._posterior import BASAL, PosteriorDraws, cell_alpha, check_record, draw_posterior, gene_dispersion
+from ._posterior import BASAL, PosteriorDraws, check_record, draw_posterior, gene_dispersion
 from ._predict import DEFAULT_METHOD, METHODS, _gene_index, _predict, lognorm_change, response_draws
 from ._response import get_record
 from ._synthetic import (
     _control_batches,
+    control_alpha,
     experiment_settings,
     gene_counts,
     library_sizes_of,
@@ -209,7 +210,7 @@ def posterior_predictive(
     d = draw_posterior(record, S, rng)
     V = np.asarray(record["loadings"], float)
     r = residual_variance(record)
-    alpha = cell_alpha(record, batch)
+    alpha = control_alpha(adata, rows, record, settings, key, batch)
     n = rows.size
     reps = np.empty((S, n, genes.size), dtype=np.int32)
     states = np.empty((S, n), dtype=np.int8)

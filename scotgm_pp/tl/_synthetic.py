@@ -34,7 +34,7 @@ from anndata import AnnData
 from .._validation import InputError
 from ..models.predictive import DEPENDENCE, counterfactual_counts, draw_cells, latent_scale
 from ._posterior import BASAL, PERTURBED, PosteriorDraws, cell_alpha, check_record, draw_posterior, point_draws
-from ._response import get_record
+from ._response import get_record, get_responses
 
 __all__ = ["sample_cells", "project_cells", "residual_variance", "gene_counts", "STATES", "library_draws",
            "lognormalise", "experiment_settings"]
@@ -145,6 +145,25 @@ def _control_batches(adata, rows, record, settings) -> np.ndarray:
     return np.array([code.get(b, -1) for b in obs], dtype=int)
 
 
+def control_alpha(adata, rows, record, settings, key: str, batch: np.ndarray) -> np.ndarray:
+    """NB shapes of the given cells (:func:`~scotgm_pp.tl._posterior.cell_alpha`); a cell of a
+    batch the experiment did not hold (code ``-1``) reads the screen's own estimate for its batch
+    (``responses.varm["dispersion_screen_batch"]``) where the screen has one."""
+    alpha = cell_alpha(record, batch)
+    unseen = np.asarray(batch) < 0
+    if np.ndim(alpha) < 2 or not unseen.any():
+        return alpha
+    table = get_responses(adata, key).varm.get("dispersion_screen_batch")
+    if table is None:
+        return alpha
+    table = pd.DataFrame(table).reindex(np.asarray(record["genes"]).astype(str))
+    labels = adata.obs[settings["batch_key"]].astype(str).to_numpy()[rows]
+    for label in np.unique(labels[unseen]):
+        if label in table.columns and table[label].notna().all():
+            alpha[unseen & (labels == label)] = 1.0 / np.maximum(table[label].to_numpy(float), 1e-12)
+    return alpha
+
+
 def sample_cells(
     adata: AnnData,
     perturbation: str,
@@ -240,7 +259,7 @@ def sample_cells(
         y0 = gene_counts(adata, pick, genes, layer)
         lib = library_sizes_of(adata, pick, layer)
         batch = _control_batches(adata, pick, record, settings)
-        alpha = cell_alpha(record, batch)
+        alpha = control_alpha(adata, pick, record, settings, key, batch)
         # a batch the experiment did not hold: no offset of its own (the reference's, 0)
         base = np.log(np.maximum(lib, 1.0))[:, None] + draws.log_rate_basal[which] + draws.batch_offset[np.maximum(batch, 0)]
         T, L = _coupling_maps(draws)
