@@ -222,6 +222,11 @@ class CountScan:
     dispersion_fit: object = None
     count_cap: np.ndarray | None = None
     dispersion_by_batch: BatchDispersion | None = None
+
+    def task_dispersion(self, per_batch: bool) -> np.ndarray | BatchDispersion | None:
+        """What the tasks' count layers read: each batch's dispersion with ``per_batch`` (when the
+        scan had batches), else the pooled one."""
+        return self.dispersion_by_batch if per_batch and self.dispersion_by_batch is not None else self.dispersion
     capped: tuple = ((), (), ())
 
 
@@ -354,28 +359,28 @@ def scan_counts(rows, control_mask: np.ndarray | None = None, batch: np.ndarray 
     if strata is not None:
         s_y, s_y2, s_ly, s_l, s_l2 = sums
         rate = s_y / np.maximum(s_l, 1e-12)[:, None]
-        num = (s_y2 - 2.0 * rate * s_ly + rate**2 * s_l2[:, None] - rate * s_l[:, None]).sum(axis=0)
-        den = (rate**2 * s_l2[:, None]).sum(axis=0)
+        # each stratum's moment sums sum (y - mu)^2 - mu and sum mu^2, (strata, G)
+        num = s_y2 - 2.0 * rate * s_ly + rate**2 * s_l2[:, None] - rate * s_l[:, None]
+        den = rate**2 * s_l2[:, None]
         n_ctrl = int((strata >= 0).sum())
         n_levels = int((s_l > 0).sum())
-        fit = shrink_dispersion(num / np.maximum(den, 1e-300), s_y.sum(axis=0) / max(n_ctrl, 1),
+        fit = shrink_dispersion(num.sum(axis=0) / np.maximum(den.sum(axis=0), 1e-300), s_y.sum(axis=0) / max(n_ctrl, 1),
                                 max(n_ctrl - n_levels, 2), floor=PHI_MIN)
         dispersion = fit.dispersion
         if batch is not None:
-            by_batch = _dispersion_by_batch(strata, levels, rate, s_y, s_y2, s_ly, s_l, s_l2, dispersion)
+            by_batch = _dispersion_by_batch(strata, levels, num, den, s_y, dispersion)
     return CountScan(library_size=lib, n_detected=det, dispersion=dispersion, dispersion_fit=fit,
                      count_cap=count_cap, capped=capped, dispersion_by_batch=by_batch)
 
 
-def _dispersion_by_batch(strata, levels, rate, s_y, s_y2, s_ly, s_l, s_l2, pooled) -> BatchDispersion:
-    """Each batch's moment estimates from its own controls' sums, shrunk toward its own trend."""
+def _dispersion_by_batch(strata, levels, num, den, s_y, pooled) -> BatchDispersion:
+    """Each batch's moment estimate ``num / den`` from its own controls' sums (``(strata, G)``),
+    shrunk toward its own trend."""
     n_ctrl = np.bincount(strata[strata >= 0], minlength=len(levels))
     values = np.tile(pooled, (len(levels), 1))
     own = n_ctrl >= MIN_BATCH_CONTROLS
     for b in np.flatnonzero(own):
-        num = s_y2[b] - 2.0 * rate[b] * s_ly[b] + rate[b] ** 2 * s_l2[b] - rate[b] * s_l[b]
-        den = rate[b] ** 2 * s_l2[b]
-        values[b] = shrink_dispersion(num / np.maximum(den, 1e-300), s_y[b] / n_ctrl[b], n_ctrl[b] - 1,
+        values[b] = shrink_dispersion(num[b] / np.maximum(den[b], 1e-300), s_y[b] / n_ctrl[b], n_ctrl[b] - 1,
                                       floor=PHI_MIN).dispersion
     order = np.argsort(-n_ctrl, kind="stable")
     return BatchDispersion(labels=tuple(str(levels[b]) for b in order), values=values[order], pooled=pooled,

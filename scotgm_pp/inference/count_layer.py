@@ -88,25 +88,38 @@ def control_dispersion(counts, size_factors: np.ndarray, is_control: np.ndarray,
     numpy.ndarray
         ``(G,)`` dispersions.
     """
+    _, num, den, total, n = _control_moments(counts, size_factors, is_control, batch)
+    return _moment_dispersion(num.sum(axis=0), den.sum(axis=0), total.sum(axis=0), int(n.sum()), len(n), shrink)
+
+
+def _control_moments(counts, size_factors: np.ndarray, is_control: np.ndarray, batch):
+    """Per batch of the control cells (in order of first appearance; one ``"all"`` without
+    batches), with ``mu = s_i * rate`` and the batch's rate: its label, ``sum (y - mu)^2 - mu``,
+    ``sum mu^2`` and ``sum mu`` per gene (``(L, G)`` each) and its number of cells ``(L,)``."""
     ctrl = np.asarray(is_control, bool)
     y = _dense(counts[np.flatnonzero(ctrl)] if sp.issparse(counts) else np.asarray(counts)[ctrl])
     s = np.asarray(size_factors, float)[ctrl]
-    groups = np.zeros(len(s), int) if batch is None else pd.factorize(np.asarray(batch)[ctrl])[0]
-    num = np.zeros(y.shape[1])
-    den = np.zeros(y.shape[1])
-    total = np.zeros(y.shape[1])
-    levels = np.unique(groups)
-    for g in levels:
+    groups, labels = (np.zeros(len(s), int), np.array(["all"])) if batch is None else \
+        pd.factorize(np.asarray(batch)[ctrl])
+    L = len(np.unique(groups))
+    num, den, total = (np.zeros((L, y.shape[1])) for _ in range(3))
+    for g in range(L):
         m = groups == g
         rate = y[m].sum(axis=0) / max(s[m].sum(), 1e-300)
         mu = s[m, None] * rate[None, :]
-        num += ((y[m] - mu) ** 2 - mu).sum(axis=0)
-        den += (mu**2).sum(axis=0)
-        total += mu.sum(axis=0)
+        num[g] = ((y[m] - mu) ** 2 - mu).sum(axis=0)
+        den[g] = (mu**2).sum(axis=0)
+        total[g] = mu.sum(axis=0)
+    return [str(x) for x in labels[:L]], num, den, total, np.bincount(groups, minlength=L)
+
+
+def _moment_dispersion(num, den, total, n: int, n_levels: int, shrink: bool) -> np.ndarray:
+    """The moment estimate ``num / den`` of ``n`` cells in ``n_levels`` batches, shrunk toward its
+    trend (``shrink``, at least 3 cells) and floored at :data:`PHI_MIN`."""
     raw = num / np.maximum(den, 1e-300)
-    if not shrink or len(s) < 3:
+    if not shrink or n < 3:
         return np.maximum(raw, PHI_MIN)
-    return shrink_dispersion(raw, total / max(len(s), 1), len(s) - len(levels), floor=PHI_MIN).dispersion
+    return shrink_dispersion(raw, total / max(n, 1), n - n_levels, floor=PHI_MIN).dispersion
 
 
 MIN_BATCH_CONTROLS = 50
@@ -174,13 +187,16 @@ def control_dispersion_by_batch(counts, size_factors: np.ndarray, is_control: np
     labels_all = np.asarray(batch).astype(str)
     if labels_all.shape != ctrl.shape:
         raise ValueError(f"batch must have one label per cell ({ctrl.size}), got shape {labels_all.shape}.")
-    pooled = control_dispersion(counts, size_factors, ctrl, labels_all, shrink=shrink)
-    codes, labels = batch_codes(labels_all[ctrl], int(ctrl.sum()))
-    n_ctrl = np.bincount(codes, minlength=len(labels))
+    found, num, den, total, n = _control_moments(counts, size_factors, ctrl, labels_all)
+    pooled = _moment_dispersion(num.sum(axis=0), den.sum(axis=0), total.sum(axis=0), int(n.sum()), len(n), shrink)
+    labels = batch_codes(labels_all[ctrl], int(ctrl.sum()))[1]  # most controls first
+    at = [found.index(label) for label in labels]
+    n_ctrl = n[at]
     values = np.tile(pooled, (len(labels), 1))
     own = n_ctrl >= int(min_cells)
     for b in np.flatnonzero(own):
-        values[b] = control_dispersion(counts, size_factors, ctrl & (labels_all == labels[b]), None, shrink=shrink)
+        g = at[b]
+        values[b] = _moment_dispersion(num[g], den[g], total[g], int(n[g]), 1, shrink)
     return BatchDispersion(labels=tuple(labels), values=values, pooled=pooled, n_controls=n_ctrl, own=own)
 
 

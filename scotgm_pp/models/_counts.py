@@ -77,10 +77,11 @@ def resolve_counts(counts, n: int, *, size_factors=None, dispersion=None, batch=
             dispersion = cl.control_dispersion(Y, s, control, batch)
         else:
             dispersion = cl.control_dispersion_by_batch(Y, s, control, batch)
+    labels = cl.batch_codes(batch, n)[1]
     if isinstance(dispersion, cl.BatchDispersion):
-        dispersion = dispersion.rows(cl.batch_codes(batch, n)[1])
+        dispersion = dispersion.rows(labels)
     phi = np.asarray(dispersion, float)
-    n_batches = len(cl.batch_codes(batch, n)[1])
+    n_batches = len(labels)
     if phi.ndim == 2 and phi.shape != (n_batches, G):
         raise ValueError(f"a dispersion per batch must have shape (batches, genes) = ({n_batches}, {G}), rows in "
                          f"the order of scotgm_pp.inference.count_layer.batch_codes; got {phi.shape}.")

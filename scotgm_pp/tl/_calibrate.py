@@ -194,10 +194,8 @@ def calibration_check(
     payloads = _Payloads(screen, batch, pool, scan.n_detected)
     ctx = _NullContext(screen=payloads.context(ScreenContext(settings=run_settings,
                                                              var_names=screen.var_names.to_numpy(),
-                                                             dispersion=scan.dispersion_by_batch
-                                                             if run_settings.dispersion_per_batch
-                                                             and scan.dispersion_by_batch is not None
-                                                             else scan.dispersion,
+                                                             dispersion=scan.task_dispersion(
+                                                                 run_settings.dispersion_per_batch),
                                                              count_cap=scan.count_cap)),
                        preprocess=run_settings.preprocess, baselines=tuple(baselines))
     outs: list[dict] = []

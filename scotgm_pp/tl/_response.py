@@ -162,6 +162,11 @@ class ScreenPlan:
     count_cap: np.ndarray | None = None
     dispersion_by_batch: BatchDispersion | None = None
 
+    @property
+    def task_dispersion(self) -> np.ndarray | BatchDispersion | None:
+        """What the tasks' count layers read (:meth:`~scotgm_pp._screen.CountScan.task_dispersion`)."""
+        return self.dispersion if self.dispersion_by_batch is None else self.dispersion_by_batch
+
     def fingerprint(self) -> dict:
         """What every record of this plan depends on: the settings, the layer, the package
         version and the content read (:mod:`scotgm_pp._fingerprint`)."""
@@ -192,7 +197,8 @@ def plan_screen(screen: Screen, settings: RunSettings, perturbations=None) -> Sc
     min_genes = resolve_min_genes(settings.preprocess, len(screen.var_names))
     usable = (scan.n_detected >= min_genes) & (scan.library_size > 0)
     tasks = make_tasks(labels, chosen, settings, usable, batch)
-    by_batch = scan.dispersion_by_batch if settings.dispersion_per_batch else None
+    task_dispersion = scan.task_dispersion(settings.dispersion_per_batch)
+    by_batch = task_dispersion if isinstance(task_dispersion, BatchDispersion) else None
     return ScreenPlan(screen=screen, settings=settings, perturbations=chosen, labels=labels, batch=batch,
                       tasks=tasks, dispersion=scan.dispersion, n_control_total=n_control_total,
                       n_detected=scan.n_detected, content=content, count_cap=scan.count_cap,
@@ -237,8 +243,7 @@ def execute_plan(plan: ScreenPlan, *, n_jobs: int | None = None, client=None, st
         own_files = store is not None and local_files
         payloads = _Payloads(plan.screen, plan.batch, pool_rows, plan.n_detected, in_workers=local_files)
         context = payloads.context(ScreenContext(settings=plan.settings, var_names=plan.screen.var_names.to_numpy(),
-                                                 dispersion=plan.dispersion if plan.dispersion_by_batch is None
-                                                 else plan.dispersion_by_batch, count_cap=plan.count_cap,
+                                                 dispersion=plan.task_dispersion, count_cap=plan.count_cap,
                                                  store_path=str(store.path) if own_files else None,
                                                  store_fingerprint=store.fingerprint if own_files else None))
         map_tasks(todo, payloads, context, collector.add, n_jobs=n_workers, client=client, progress=progress)
