@@ -161,9 +161,33 @@ class GroupSums:
     e: np.ndarray
 
 
-def group_sums(data: CountData, cp: CountPass, R: np.ndarray) -> GroupSums:
+def entry_posteriors(data: CountData, cp: CountPass, R: np.ndarray, genes: np.ndarray | None = None) -> np.ndarray:
+    """``(K, n_free, G)``: for each free cell and gene, the posterior of each state given that
+    gene's count alone and the fixed state probabilities ``R``: ``q_kig ~ r_ik NB(y_ig | k)``
+    (the E-step of the per-gene marginal likelihood ``sum_i log sum_k r_ik NB(y_ig | k)``).
+    With ``genes``, only those columns (``(K, n_free, len(genes))``)."""
+    K = data.n_states
+    cols = np.arange(data.n_genes) if genes is None else np.asarray(genes)
+    f0, f1, fsegs = data.free
+    lam = cp.params.log_rates()[:, :, cols]
+    logq = np.empty((K, f1 - f0, cols.size))
+    for b, sl in fsegs:
+        loc = slice(sl.start - f0, sl.stop - f0)
+        r = R[data.order[sl]]
+        y = data.ya[sl][:, cols] - data.alpha[b, cols]
+        for k in range(K):
+            with np.errstate(divide="ignore"):
+                logq[k, loc] = np.log(r[:, k])[:, None] + y * lam[k, b] - cp.free_e[k, loc][:, cols]
+    top = logq.max(axis=0, keepdims=True)
+    q = np.exp(logq - top)
+    q /= q.sum(axis=0, keepdims=True)
+    return q
+
+
+def group_sums(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray | None = None) -> GroupSums:
     """Sum the pass's terms over the cells of each (state, batch) with the weights ``R`` (``(n, K)``,
-    original cell order)."""
+    original cell order), or for the free cells the per-gene weights ``Q`` (``(K, n_free, G)``,
+    :func:`entry_posteriors`) when given."""
     K, B = data.n_states, data.n_batches
     n = np.zeros((K, B))
     ysum = data.pinned_ysum.copy()
@@ -176,6 +200,13 @@ def group_sums(data: CountData, cp: CountPass, R: np.ndarray) -> GroupSums:
             w = R[data.order[sl], k]
             loc = slice(sl.start - f0, sl.stop - f0)
             n[k, b] += w.sum()
+            if Q is not None:
+                q = Q[k, loc]
+                ysum[k, b] += np.einsum("ig,ig->g", q, data.ya[sl]) - q.sum(axis=0) * data.alpha[b]
+                dv[k, b] += np.einsum("ig,ig->g", q, cp.free_dv[k, loc])
+                h[k, b] += np.einsum("ig,ig->g", q, cp.free_h[k, loc])
+                e[k, b] += np.einsum("ig,ig->g", q, cp.free_e[k, loc])
+                continue
             ysum[k, b] += w @ data.ya[sl] - w.sum() * data.alpha[b]
             dv[k, b] += w @ cp.free_dv[k, loc]
             h[k, b] += w @ cp.free_h[k, loc]
@@ -207,7 +238,7 @@ def _gradient_information(data: CountData, params: CountParams, sums: GroupSums,
 
 
 def newton_step(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior, *, max_halvings: int = 30,
-                active: np.ndarray | None = None):
+                active: np.ndarray | None = None, Q: np.ndarray | None = None):
     """One Newton step per gene on the ``R``-weighted objective, halved per gene until it does not decrease.
 
     With ``active`` (a boolean mask over genes) the other genes keep their parameters and their
@@ -215,7 +246,7 @@ def newton_step(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior
     Returns the new :class:`CountPass` (at the accepted parameters), the per-gene gain of the
     objective and the absolute size of each gene's step taken (0 for inactive genes).
     """
-    sums = group_sums(data, cp, R)
+    sums = group_sums(data, cp, R, Q)
     grad, info = _gradient_information(data, cp.params, sums, prior)
     step = np.linalg.solve(info, grad[:, :, None])[:, :, 0]
     genes = None
@@ -230,7 +261,7 @@ def newton_step(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior
     for _ in range(max_halvings + 1):
         trial = CountParams.from_theta(theta0 + scale[:, None] * step, K, B)
         new = evaluate(data, trial, genes, cp)
-        after = _objective(data, trial, group_sums(data, new, R), prior)
+        after = _objective(data, trial, group_sums(data, new, R, Q), prior)
         # a step of rounding size (at the optimum) is accepted as it is: halving it only
         # re-evaluates every gene for a change below the objective's own rounding
         worse = ~(after >= before - 1e-12 * np.abs(before)) & (scale * size > 1e-9)
@@ -252,6 +283,7 @@ def fit_given_states(
     init: CountParams | None = None,
     max_iter: int = 100,
     tol: float = 1e-6,
+    Q: np.ndarray | None = None,
 ) -> tuple[CountPass, int, bool]:
     """The count parameters maximising the expected complete-data log posterior given responsibilities ``R``.
 
@@ -269,12 +301,37 @@ def fit_given_states(
     active = np.ones(data.n_genes, bool)
     partial = False
     for it in range(1, max_iter + 1):
-        cp, _, size = newton_step(data, cp, R, prior, active=active if partial else None)
+        cp, _, size = newton_step(data, cp, R, prior, active=active if partial else None, Q=Q)
         active &= size >= tol
         if not active.any():
             return (evaluate(data, cp.params) if partial else cp), it, True
         partial = active.mean() < 0.5  # a full pass is cheaper than gathering most of the columns
     return evaluate(data, cp.params), max_iter, False
+
+
+def fit_marginal(data: CountData, R: np.ndarray, prior: CountPrior, *, init: CountParams | None = None,
+                 max_em: int = 500, tol: float = 1e-6) -> tuple[CountPass, np.ndarray, int, bool]:
+    """The count parameters maximising each gene's marginal log posterior given the fixed state
+    probabilities ``R``: ``sum_i log sum_k r_ik NB(y_ig | k) + log prior`` (per gene, the cells'
+    states integrated out gene by gene), by EM: :func:`entry_posteriors`, then
+    :func:`fit_given_states` with those per-gene weights, until no parameter moves by ``tol``.
+    Returns the pass at the optimum, the per-gene posteriors ``Q`` there, the EM iterations and
+    whether they converged."""
+    cp, _, _ = fit_given_states(data, R, prior, init=init, tol=tol)
+    Q = entry_posteriors(data, cp, R)
+    active = np.ones(data.n_genes, bool)
+    converged = False
+    for it in range(1, max_em + 1):
+        # one Newton step of the M-step per E-step (ECM), on the genes still moving
+        cp, _, size = newton_step(data, cp, R, prior, active=active, Q=Q)
+        genes = np.flatnonzero(active)
+        Q[:, :, genes] = entry_posteriors(data, cp, R, genes)
+        active &= size >= tol
+        if not active.any():
+            converged = True
+            break
+    cp = evaluate(data, cp.params)
+    return cp, entry_posteriors(data, cp, R), it, converged
 
 
 CORRECTIONS = ("imputation", "louis", "none", "sandwich", "robust")
@@ -286,7 +343,8 @@ reports the ``"robust"`` one beside it (``effect_se_robust``)."""
 
 
 def effect_standard_errors(
-    data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior, correction: str = "imputation"
+    data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior, correction: str = "imputation",
+    Q: np.ndarray | None = None,
 ) -> np.ndarray:
     """Standard errors of the state effects ``delta_kg`` (``(K, G)``, row 0 NaN).
 
@@ -316,7 +374,7 @@ def effect_standard_errors(
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}.")
     K, B, G = data.n_states, data.n_batches, data.n_genes
-    sums = group_sums(data, cp, R)
+    sums = group_sums(data, cp, R, Q)
     _, info = _gradient_information(data, cp.params, sums, prior)
     cov_c = np.linalg.inv(info)
     cov = cov_c
@@ -335,7 +393,7 @@ def effect_standard_errors(
         for b, sl in fsegs:
             r = R[data.order[sl]]  # (m, K)
             loc = slice(sl.start - f0, sl.stop - f0)
-            ru = r.T[:, :, None] * u[:, loc]  # r_ik u_ikg
+            ru = (r.T[:, :, None] if Q is None else Q[:, loc]) * u[:, loc]  # r_ik u_ikg
             for k in range(K):
                 for j in range(K):
                     # E[s s^T] - E[s] E[s]^T with s = sum_k z_k u_k a_kb
