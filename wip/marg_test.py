@@ -1,5 +1,5 @@
 import numpy as np, time, warnings, sys
-sys.path.insert(0, "/tmp/pb")
+sys.path.insert(0, "wip")
 from mixfit import mixture_effects
 from scotgm_pp.inference import count_layer as cl, count_fit as cf
 warnings.simplefilter("ignore")

@@ -32,6 +32,8 @@ __all__ = [
     "group_sums",
     "newton_step",
     "fit_given_states",
+    "entry_posteriors",
+    "fit_marginal",
     "effect_standard_errors",
     "sandwich_meat",
     "unshrunk_effects",
@@ -309,29 +311,178 @@ def fit_given_states(
     return evaluate(data, cp.params), max_iter, False
 
 
+def _column_view(data: CountData, genes: np.ndarray) -> CountData:
+    """The counts of the genes ``genes`` only (gathered once), for iterating on a few genes;
+    its ``row_const`` (a sum over all genes) is not valid, so neither is a pass's ``row_loglik``."""
+    out = object.__new__(CountData)
+    out.__dict__.update(data.__dict__)
+    out.n_genes = int(genes.size)
+    out.ya = data.ya[:, genes]
+    out.alpha = data.alpha[:, genes]
+    out.phi = data.phi[..., genes]
+    out.pinned_ysum = data.pinned_ysum[:, :, genes]
+    return out
+
+
+def _column_pass(cp: CountPass, cols: np.ndarray) -> CountPass:
+    p = cp.params
+    params = CountParams(beta=p.beta[cols], delta=p.delta[:, cols], gamma=p.gamma[:, cols])
+    return CountPass(params, cp.pinned_dv[:, :, cols], cp.pinned_h[:, :, cols], cp.pinned_e[:, :, cols],
+                     cp.free_dv[:, :, cols], cp.free_h[:, :, cols], cp.free_e[:, :, cols],
+                     np.full_like(cp.row_loglik, np.nan))
+
+
+def _column_prior(prior: CountPrior, genes: np.ndarray, n_genes: int) -> CountPrior:
+    return replace(prior, beta_mean=np.broadcast_to(np.asarray(prior.beta_mean, float), (n_genes,))[genes])
+
+
+def _free_posteriors(data: CountData, cp: CountPass, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``Q`` of :func:`entry_posteriors` (all genes) and, per gene, the free cells' marginal
+    log-likelihood ``sum_i log sum_k r_ik exp(y_ig lambda_kbg - e_ikg)`` (parameter-free terms dropped)."""
+    K, G = data.n_states, data.n_genes
+    f0, f1, fsegs = data.free
+    lam = cp.params.log_rates()
+    logq = np.empty((K, f1 - f0, G))
+    for b, sl in fsegs:
+        loc = slice(sl.start - f0, sl.stop - f0)
+        with np.errstate(divide="ignore"):
+            logr = np.log(R[data.order[sl]])
+        y = data.ya[sl] - data.alpha[b]
+        for k in range(K):
+            np.multiply(y, lam[k, b], out=logq[k, loc])
+            logq[k, loc] -= cp.free_e[k, loc]
+            logq[k, loc] += logr[:, k, None]
+    top = logq.max(axis=0)
+    logq -= top
+    np.exp(logq, out=logq)
+    norm = logq.sum(axis=0)
+    logq /= norm
+    return logq, (np.log(norm) + top).sum(axis=0)
+
+
+def _score_variance(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray | None = None) -> np.ndarray:
+    """``(G, p, p)``: ``V = sum_i Cov_{z_i}(score_ig)``, the variance of the free cells' complete-data
+    scores over their uncertain states (``z_i ~ R_i``, or per gene ``Q_ig`` when given)."""
+    K, B, G = data.n_states, data.n_batches, data.n_genes
+    f0, f1, fsegs = data.free
+    D = data.design().reshape(K, B, -1)
+    u = data.alpha[data.batch[f0:f1]] * cp.free_dv  # (K, n_free, G): d log NB / d lambda
+    var = np.zeros((G, data.n_theta, data.n_theta))
+    for b, sl in fsegs:
+        r = R[data.order[sl]]  # (m, K)
+        loc = slice(sl.start - f0, sl.stop - f0)
+        ru = (r.T[:, :, None] if Q is None else Q[:, loc]) * u[:, loc]  # r_ik u_ikg
+        for k in range(K):
+            for j in range(K):
+                # E[s s^T] - E[s] E[s]^T with s = sum_k z_k u_k a_kb
+                coef = -np.einsum("ig,ig->g", ru[k], ru[j])
+                if k == j:
+                    coef += np.einsum("ig,ig->g", ru[k], u[k, loc])
+                var += coef[:, None, None] * np.outer(D[k, b], D[j, b])[None]
+    return var
+
+
+def _marginal_objective(data: CountData, params: CountParams, cp: CountPass, free_ll: np.ndarray,
+                        prior: CountPrior) -> np.ndarray:
+    """Per-gene marginal log posterior (up to parameter-free terms): the pinned cells'
+    ``sum_kb [lambda y - E]``, the free cells' ``free_ll`` (:func:`_free_posteriors`) and the log prior."""
+    lam = params.log_rates()
+    pinned = (lam * data.pinned_ysum - cp.pinned_e).sum(axis=(0, 1))
+    return pinned + free_ll + log_prior_per_gene(params.theta(), prior, data.n_states)
+
+
+def _marginal_newton_step(data, cp, R, prior, Q, free_ll, active, max_halvings: int = 30):
+    """One Newton step per gene on the marginal log posterior, with its observed information
+    ``I_c(Q) - V(Q)`` (Louis); where that is not positive definite (away from a maximum) the
+    complete-data information ``I_c(Q)`` (an EM step, an ascent direction). Halved per gene until
+    the marginal log posterior does not decrease. Genes outside ``active`` keep their parameters."""
+    sums = group_sums(data, cp, R, Q)
+    grad, info = _gradient_information(data, cp.params, sums, prior)
+    observed = info - _score_variance(data, cp, R, Q)
+    ok = np.all(np.linalg.eigvalsh(observed) > 0, axis=1)
+    step = np.linalg.solve(np.where(ok[:, None, None], observed, info), grad[:, :, None])[:, :, 0]
+    step[~active] = 0.0
+    theta0 = cp.params.theta()
+    before = _marginal_objective(data, cp.params, cp, free_ll, prior)
+    scale = np.ones(data.n_genes)
+    K, B = data.n_states, data.n_batches
+    size = np.max(np.abs(step), axis=1, initial=0.0)
+    for _ in range(max_halvings + 1):
+        trial = CountParams.from_theta(theta0 + scale[:, None] * step, K, B)
+        new = evaluate(data, trial)
+        Qn, lln = _free_posteriors(data, new, R)
+        after = _marginal_objective(data, trial, new, lln, prior)
+        worse = ~(after >= before - 1e-12 * np.abs(before)) & (scale * size > 1e-9)
+        if not worse.any():
+            break
+        scale[worse] *= 0.5
+    else:  # pragma: no cover - a small enough step of an ascent direction is accepted
+        scale[worse] = 0.0
+        new = evaluate(data, CountParams.from_theta(theta0 + scale[:, None] * step, K, B))
+        Qn, lln = _free_posteriors(data, new, R)
+    return new, Qn, lln, np.max(np.abs(scale[:, None] * step), axis=1, initial=0.0)
+
+
 def fit_marginal(data: CountData, R: np.ndarray, prior: CountPrior, *, init: CountParams | None = None,
-                 max_em: int = 500, tol: float = 1e-6) -> tuple[CountPass, np.ndarray, int, bool]:
+                 max_iter: int = 100, tol: float = 1e-6) -> tuple[CountPass, np.ndarray, int, bool]:
     """The count parameters maximising each gene's marginal log posterior given the fixed state
     probabilities ``R``: ``sum_i log sum_k r_ik NB(y_ig | k) + log prior`` (per gene, the cells'
-    states integrated out gene by gene), by EM: :func:`entry_posteriors`, then
-    :func:`fit_given_states` with those per-gene weights, until no parameter moves by ``tol``.
-    Returns the pass at the optimum, the per-gene posteriors ``Q`` there, the EM iterations and
-    whether they converged."""
-    cp, _, _ = fit_given_states(data, R, prior, init=init, tol=tol)
-    Q = entry_posteriors(data, cp, R)
-    active = np.ones(data.n_genes, bool)
+    states integrated out gene by gene).
+
+    By Newton per gene on that objective (gradient: the complete-data score weighted by the
+    per-gene posteriors ``Q`` of :func:`entry_posteriors`; information: Louis' ``I_c - V``, or
+    ``I_c`` where that is not positive definite), with step-halving so the objective never
+    decreases. A gene stops once its step is below ``tol``; once fewer than half of the genes
+    move, the others' columns are dropped from the passes (gathered once per halving of the set),
+    and a last full pass gives every gene's terms at the optimum. Without free cells it is
+    :func:`fit_given_states`. Returns the pass at the optimum, the per-gene posteriors ``Q``
+    there (``(K, n_free, G)``), the iterations and whether every gene converged."""
+    f0, f1, _ = data.free
+    if f1 == f0:
+        cp, it, ok = fit_given_states(data, R, prior, init=init, tol=tol, max_iter=max_iter)
+        return cp, np.zeros((data.n_states, 0, data.n_genes)), it, ok
+    G, K, B = data.n_genes, data.n_states, data.n_batches
+    cp = evaluate(data, init if init is not None else data.initial_params(prior, R))
+    genes = np.arange(G)  # the working columns
+    wdata, wprior, wcp = data, prior, cp
+    Q, free_ll = _free_posteriors(wdata, wcp, R)
+    full = None  # (pass over all genes, its Q, the first working columns, their parameters then)
+    active = np.ones(G, bool)  # over the working columns
     converged = False
-    for it in range(1, max_em + 1):
-        # one Newton step of the M-step per E-step (ECM), on the genes still moving
-        cp, _, size = newton_step(data, cp, R, prior, active=active, Q=Q)
-        genes = np.flatnonzero(active)
-        Q[:, :, genes] = entry_posteriors(data, cp, R, genes)
+    for it in range(1, max_iter + 1):
+        wcp, Q, free_ll, size = _marginal_newton_step(wdata, wcp, R, wprior, Q, free_ll, active)
         active &= size >= tol
         if not active.any():
             converged = True
             break
-    cp = evaluate(data, cp.params)
-    return cp, entry_posteriors(data, cp, R), it, converged
+        if active.mean() < 0.5:  # iterate on the moving genes' columns only
+            keep = np.flatnonzero(active)
+            if full is None:
+                full = (wcp, Q, genes[keep], _column_pass(wcp, keep).params)
+            else:
+                full[0].params.beta[genes] = wcp.params.beta  # the columns that stop here
+                full[0].params.delta[:, genes] = wcp.params.delta
+                full[0].params.gamma[:, genes] = wcp.params.gamma
+            genes = genes[keep]
+            wdata, wprior = _column_view(data, genes), _column_prior(prior, genes, G)
+            wcp = _column_pass(wcp, keep)
+            Q, free_ll, active = Q[:, :, keep], free_ll[keep], active[keep]
+    if full is None:
+        return wcp, Q, it, converged
+    # the full pass, with the columns that moved after it recomputed at their final values: its
+    # terms and posteriors replaced, its per-cell sums over the genes corrected by the difference
+    cp, Q, first, then = full
+    cp.params.beta[genes] = wcp.params.beta
+    cp.params.delta[:, genes] = wcp.params.delta
+    cp.params.gamma[:, genes] = wcp.params.gamma
+    view = _column_view(data, first)
+    final = CountParams(cp.params.beta[first], cp.params.delta[:, first], cp.params.gamma[:, first])
+    new = evaluate(view, final)
+    cp.row_loglik += new.row_loglik - evaluate(view, then).row_loglik
+    for name in ("pinned_dv", "pinned_h", "pinned_e", "free_dv", "free_h", "free_e"):
+        getattr(cp, name)[:, :, first] = getattr(new, name)
+    Q[:, :, first] = _free_posteriors(view, new, R)[0]
+    return cp, Q, it, converged
 
 
 CORRECTIONS = ("imputation", "louis", "none", "sandwich", "robust")
@@ -387,20 +538,7 @@ def effect_standard_errors(
             model = effect_standard_errors(data, cp, R, prior, correction="imputation")
             return np.fmax(model, _diagonal_se(sandwich, K))
     elif f1 > f0 and correction != "none":
-        D = data.design().reshape(K, B, -1)
-        u = data.alpha[data.batch[f0:f1]] * cp.free_dv  # (K, n_free, G): d log NB / d lambda
-        var = np.zeros((G, data.n_theta, data.n_theta))
-        for b, sl in fsegs:
-            r = R[data.order[sl]]  # (m, K)
-            loc = slice(sl.start - f0, sl.stop - f0)
-            ru = (r.T[:, :, None] if Q is None else Q[:, loc]) * u[:, loc]  # r_ik u_ikg
-            for k in range(K):
-                for j in range(K):
-                    # E[s s^T] - E[s] E[s]^T with s = sum_k z_k u_k a_kb
-                    coef = -(ru[k] * ru[j]).sum(axis=0)
-                    if k == j:
-                        coef += (ru[k] * u[k, loc]).sum(axis=0)
-                    var += coef[:, None, None] * np.outer(D[k, b], D[j, b])[None]
+        var = _score_variance(data, cp, R, Q)
         imputed = cov_c + cov_c @ var @ cov_c
         if correction == "louis":
             corrected = info - var
