@@ -437,10 +437,16 @@ def fit_marginal(data: CountData, R: np.ndarray, prior: CountPrior, *, init: Cou
     and a last full pass gives every gene's terms at the optimum. Without free cells it is
     :func:`fit_given_states`. Returns the pass at the optimum, the per-gene posteriors ``Q``
     there (``(K, n_free, G)``), the iterations and whether every gene converged."""
+    cp, Q, it, moving = _fit_marginal(data, R, prior, init=init, max_iter=max_iter, tol=tol)
+    return cp, Q, it, not moving.any()
+
+
+def _fit_marginal(data, R, prior, *, init=None, max_iter=100, tol=1e-6):
+    """:func:`fit_marginal`, returning per gene whether it was still moving (not converged)."""
     f0, f1, _ = data.free
     if f1 == f0:
         cp, it, ok = fit_given_states(data, R, prior, init=init, tol=tol, max_iter=max_iter)
-        return cp, np.zeros((data.n_states, 0, data.n_genes)), it, ok
+        return cp, np.zeros((data.n_states, 0, data.n_genes)), it, np.full(data.n_genes, not ok)
     G, K, B = data.n_genes, data.n_states, data.n_batches
     cp = evaluate(data, init if init is not None else data.initial_params(prior, R))
     genes = np.arange(G)  # the working columns
@@ -467,8 +473,10 @@ def fit_marginal(data: CountData, R: np.ndarray, prior: CountPrior, *, init: Cou
             wdata, wprior = _column_view(data, genes), _column_prior(prior, genes, G)
             wcp = _column_pass(wcp, keep)
             Q, free_ll, active = Q[:, :, keep], free_ll[keep], active[keep]
+    moving = np.zeros(G, bool)
+    moving[genes[active]] = not converged
     if full is None:
-        return wcp, Q, it, converged
+        return wcp, Q, it, moving
     # the full pass, with the columns that moved after it recomputed at their final values: its
     # terms and posteriors replaced, its per-cell sums over the genes corrected by the difference
     cp, Q, first, then = full
@@ -482,7 +490,7 @@ def fit_marginal(data: CountData, R: np.ndarray, prior: CountPrior, *, init: Cou
     for name in ("pinned_dv", "pinned_h", "pinned_e", "free_dv", "free_h", "free_e"):
         getattr(cp, name)[:, :, first] = getattr(new, name)
     Q[:, :, first] = _free_posteriors(view, new, R)[0]
-    return cp, Q, it, converged
+    return cp, Q, it, moving
 
 
 CORRECTIONS = ("imputation", "louis", "none", "sandwich", "robust")
@@ -521,6 +529,12 @@ def effect_standard_errors(
       truth);
     * ``"robust"``: per parameter the larger of the ``"imputation"`` and ``"sandwich"`` variances:
       never below the model's, and wider where the cells' scores vary more than the model says.
+
+    With ``Q`` (``(K, n_free, G)``, the per-gene state posteriors of the marginal fit,
+    :func:`fit_marginal`) the free cells' weights are ``q_ikg`` for ``r_ik`` in ``I_c`` and ``V``:
+    ``"louis"`` is then the observed information of the marginal likelihood (its right form);
+    ``"sandwich"`` is ``H^-1 M H^-1`` with ``H = I_c - V`` and ``M`` the empirical variance of
+    the cells' marginal scores ``sum_k q_ik s_ik``; ``"robust"`` the larger of ``"louis"`` and that.
     """
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}.")
@@ -531,22 +545,35 @@ def effect_standard_errors(
     cov = cov_c
     f0, f1, fsegs = data.free
     if correction in ("sandwich", "robust"):
-        sandwich = cov_c @ sandwich_meat(data, cp, R) @ cov_c
+        meat = sandwich_meat(data, cp, R, Q)
+        bread = cov_c
+        if Q is not None and f1 > f0:
+            # the marginal likelihood's own sandwich: its cells' scores sbar_i = sum_k q_ik s_ik
+            # (meat minus the imputation variance) inside its observed information I_c - V
+            var = _score_variance(data, cp, R, Q)
+            meat = meat - var
+            bread = _louis_inverse(info, var, cov_c)
+        sandwich = bread @ meat @ bread
         if correction == "sandwich":
             cov = sandwich
         else:
-            model = effect_standard_errors(data, cp, R, prior, correction="imputation")
+            model = effect_standard_errors(data, cp, R, prior, correction="imputation" if Q is None else "louis", Q=Q)
             return np.fmax(model, _diagonal_se(sandwich, K))
     elif f1 > f0 and correction != "none":
         var = _score_variance(data, cp, R, Q)
         imputed = cov_c + cov_c @ var @ cov_c
         if correction == "louis":
-            corrected = info - var
-            ok = np.all(np.linalg.eigvalsh(corrected) > 0, axis=1)
-            cov = np.where(ok[:, None, None], np.linalg.inv(np.where(ok[:, None, None], corrected, info)), imputed)
+            cov = _louis_inverse(info, var, imputed)
         else:
             cov = imputed
     return _diagonal_se(cov, K)
+
+
+def _louis_inverse(info: np.ndarray, var: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """``(I_c - V)^-1`` per gene, ``fallback`` where ``I_c - V`` is not positive definite."""
+    corrected = info - var
+    ok = np.all(np.linalg.eigvalsh(corrected) > 0, axis=1)
+    return np.where(ok[:, None, None], np.linalg.inv(np.where(ok[:, None, None], corrected, info)), fallback)
 
 
 FLAT_DELTA_SD = 1e6
@@ -564,7 +591,7 @@ fold change (e.g. no count of the gene in the state): reported NaN."""
 
 def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior,
                      correction: str = CUT_CORRECTION, *, max_iter: int = 30,
-                     tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+                     tol: float = 1e-6, Q: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The state effects without their ``N(0, delta_sd)`` prior (the maximum-likelihood fold
     changes given the states' posteriors), and their standard errors.
 
@@ -585,6 +612,12 @@ def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: Count
     86-92% of the genes were within 0.0035 of the flat-prior fit run to a tight tolerance, where
     the MAP was up to 0.58 away (``tests/test_count_layer.py``).
 
+    With ``Q`` (``cp`` then the marginal fit of :func:`fit_marginal`, ``Q`` its per-gene
+    posteriors) the objective is the marginal likelihood: the genes reported (the same rule, at
+    the MAP with ``Q``) are refitted by :func:`fit_marginal` with the flat prior from the MAP (on
+    their columns only), and their standard errors are those of that fit (``correction``
+    ``"louis"`` is the marginal likelihood's).
+
     Returns
     -------
     (delta, se)
@@ -592,6 +625,8 @@ def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: Count
     """
     K, B = data.n_states, data.n_batches
     flat = replace(prior, delta_sd=FLAT_DELTA_SD)
+    if Q is not None:
+        return _unshrunk_marginal(data, cp, R, prior, flat, correction, Q, max_iter, tol)
     sums = group_sums(data, cp, R)
     grad, info = _gradient_information(data, cp.params, sums, flat)
     idx = np.arange(1, K)
@@ -631,6 +666,32 @@ def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: Count
     return delta, se
 
 
+def _unshrunk_marginal(data, cp, R, prior, flat, correction, Q, max_iter, tol):
+    """:func:`unshrunk_effects` of the marginal likelihood (refitted on the reported genes)."""
+    K, G = data.n_states, data.n_genes
+    delta = np.full((K, G), np.nan)
+    delta[0] = 0.0
+    se = np.full((K, G), np.nan)
+    _, info = _gradient_information(data, cp.params, group_sums(data, cp, R, Q), flat)
+    idx = np.arange(1, K)
+    weak = info[:, idx, idx].T <= 2e-12
+    se_map = effect_standard_errors(data, cp, R, flat, correction=correction, Q=Q)
+    informed = (se_map[1:] < float(prior.delta_sd)) & ~weak  # (K - 1, G)
+    genes = np.flatnonzero(informed.any(axis=0))
+    if genes.size == 0:
+        return delta, se
+    view = _column_view(data, genes)
+    sub_flat = _column_prior(flat, genes, G)
+    start = _column_pass(cp, genes).params
+    at, Qs, _, moving = _fit_marginal(view, R, sub_flat, init=start, max_iter=max_iter, tol=tol)
+    d = at.params.delta
+    s_ = effect_standard_errors(view, at, R, sub_flat, correction=correction, Q=Qs)
+    keep = informed[:, genes] & (np.abs(d[1:]) <= UNSHRUNK_MAX_ABS) & ~moving[None, :]
+    delta[1:, genes] = np.where(keep, d[1:], np.nan)
+    se[1:, genes] = np.where(keep, s_[1:], np.nan)
+    return delta, se
+
+
 def _diagonal_se(cov: np.ndarray, K: int) -> np.ndarray:
     """``(K, G)`` standard errors of ``delta_k`` (row 0 NaN) from per-gene covariances ``(G, p, p)``."""
     se = np.full((K, cov.shape[0]), np.nan)
@@ -643,13 +704,14 @@ _MEAT_ROWS = 256
 """Free cells per block of :func:`sandwich_meat` (bounds its ``(rows, G, p)`` scores)."""
 
 
-def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray) -> np.ndarray:
+def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray | None = None) -> np.ndarray:
     """``(G, p, p)``: ``sum_i sum_k r_ik s_ik s_ik^T`` per gene, the variance of the cells'
     complete-data scores ``s_ik = alpha (y_i - mu_ik) / t_ik d_kb`` (``d_kb`` the design row of
     state ``k`` and the cell's batch) over the cells and their uncertain states: the empirical
     ``sum_i sbar_i sbar_i^T`` (``sbar_i = sum_k r_ik s_ik``) plus the imputation variance
     ``sum_i Cov_{z ~ R_i}(s_iz)``. Pinned cells (weight 1 on their state) are recomputed in
-    chunks from the counts; free cells read the pass's stored terms."""
+    chunks from the counts; free cells read the pass's stored terms. With ``Q`` (``(K, n_free, G)``,
+    :func:`entry_posteriors`) the free cells' weights are per gene, ``q_ikg`` for ``r_ik``."""
     K, B, G = data.n_states, data.n_batches, data.n_genes
     p = data.n_theta
     D = data.design().reshape(K, B, p)
@@ -676,7 +738,7 @@ def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray) -> np.ndarray:
                 rows = slice(start, min(start + _MEAT_ROWS, sl.stop))
                 r = R[data.order[rows]]  # (m, K)
                 loc = slice(rows.start - f0, rows.stop - f0)
-                ru = r.T[:, :, None] * u[:, loc]  # (K, m, G): r_ik u_ikg
+                ru = (r.T[:, :, None] if Q is None else Q[:, loc]) * u[:, loc]  # (K, m, G): r_ik u_ikg
                 for k in range(K):
                     # the second moment over the states: sum_k r_k u_k^2 d_kb d_kb^T
                     meat += np.einsum("ig,ig->g", ru[k], u[k, loc])[:, None, None] * np.outer(D[k, b], D[k, b])[None]

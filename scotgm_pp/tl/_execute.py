@@ -189,7 +189,7 @@ def _fit_task(payload: TaskPayload, context: ScreenContext) -> TaskResult:
                 regularization=s.regularization, em_regularization=s.em_regularization, random_state=task.seed,
                 coupling_kwargs=s.coupling_kwargs, rank_by=s.rank_by, batch=payload.batch,
                 dispersion=context.dispersion, baseline=needs_baseline, any_effect=False,
-                dispersion_per_batch=s.dispersion_per_batch,
+                dispersion_per_batch=s.dispersion_per_batch, count_likelihood=s.count_likelihood,
             )
     except (InputError, np.linalg.LinAlgError, FloatingPointError) as err:
         return TaskResult(task.perturbation, task.key, skip_reason=f"{type(err).__name__}: {err}")

@@ -29,7 +29,7 @@ from ._core import (
 )
 from ._calls import bh_qvalues, resampling_test
 from ._counts import count_shift, universal_threshold
-from ._effects import SE_METHOD, effect_table, fit_count_layer, library_sizes
+from ._effects import effect_table, fit_count_layer, library_sizes
 from ._posterior import posterior_record
 from ._signature import fit_signature_states, pearson_residuals
 
@@ -56,6 +56,7 @@ def analyse_pair(
     state_space: str = DEFAULT_STATE_SPACE,
     n_resamples: int | None = None,
     dispersion_per_batch: bool = True,
+    count_likelihood: str = "weighted",
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
@@ -94,6 +95,9 @@ def analyse_pair(
         With ``batch`` and ``dispersion=None``: the count layer's dispersion per batch
         (:func:`~scotgm_pp.inference.count_layer.control_dispersion_by_batch`) instead of one
         pooled over batches.
+    count_likelihood
+        ``"weighted"`` (default) or ``"marginal"``: the count layer's likelihood given the state
+        posteriors (see :func:`~scotgm_pp.tl.fit_count_layer`).
     delta_sd
         Prior standard deviation of the state effects (natural-log units; shrinks the effects
         of genes with few counts).
@@ -190,7 +194,7 @@ def analyse_pair(
         count_dispersion = by_batch.take(cols)
     cf = fit_count_layer(y, em.fixed_state, em.responsibilities, size_factors=size_factors,
                          dispersion=count_dispersion, batch=b, delta_sd=delta_sd,
-                         dispersion_per_batch=dispersion_per_batch)
+                         dispersion_per_batch=dispersion_per_batch, count_likelihood=count_likelihood)
     table = effect_table(cf)
     if baseline or rank_by == "lfc_all_guides_bound":
         base = count_shift(y, pair.is_control, batch=b)
@@ -314,10 +318,14 @@ def _posterior_entries(pair, fit, cf, size_factors, batch, regularization) -> di
 
 def _count_record(cf) -> dict:
     return {
-        "count_model": "negative binomial count layer, M-step given the state posteriors (counts do not inform states)",
+        "count_model": ("negative binomial count layer, M-step given the state posteriors (counts do not inform states)"
+                        if cf.count_likelihood != "marginal" else
+                        "negative binomial count layer, per-gene marginal likelihood over the state posteriors "
+                        "(counts do not inform states)"),
+        "count_likelihood": str(cf.count_likelihood),
         "count_n_iter": int(cf.n_iter),
         "count_converged": bool(cf.converged),
-        "effect_se_method": SE_METHOD,
+        "effect_se_method": cf.se_method,
         "dispersion_source": cf.dispersion_source,
         "count_batches": np.asarray(cf.batch_labels, dtype=str),
         "delta_prior_sd": float(cf.prior.delta_sd),

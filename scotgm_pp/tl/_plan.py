@@ -23,6 +23,7 @@ from .._validation import InputError
 from ..pp import PreprocessParams
 from ._calls import N_RESAMPLES
 from ._core import COUPLINGS, DEFAULT_RANK_BY, DEFAULT_STATE_SPACE, RANK_BY, STATE_SPACES
+from ._effects import COUNT_LIKELIHOODS
 
 __all__ = [
     "RunSettings",
@@ -75,6 +76,7 @@ class RunSettings:
     rank_by: str = DEFAULT_RANK_BY
     batch_key: str | None = None
     dispersion_per_batch: bool = True
+    count_likelihood: str = "weighted"
     n_control_cells: int = N_CONTROL_CELLS
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     coupling_kwargs: dict | None = None
@@ -98,6 +100,9 @@ class RunSettings:
             raise InputError(f"escape_model must be True or False, got {self.escape_model!r}.")
         if not isinstance(self.dispersion_per_batch, (bool, np.bool_)):
             raise InputError(f"dispersion_per_batch must be True or False, got {self.dispersion_per_batch!r}.")
+        if self.count_likelihood not in COUNT_LIKELIHOODS:
+            raise InputError(f"unknown count_likelihood {self.count_likelihood!r}; choose one of "
+                             f"{', '.join(COUNT_LIKELIHOODS)}.")
         if self.state_space not in STATE_SPACES:
             raise InputError(f"unknown state_space {self.state_space!r}; choose one of {', '.join(STATE_SPACES)}.")
         reg = self.regularization
@@ -118,11 +123,14 @@ class RunSettings:
             raise InputError(f"coupling_kwargs must be a dict, got {type(self.coupling_kwargs).__name__}.")
 
     def to_dict(self) -> dict:
-        """Plain values (JSON- and HDF5-ready); ``None`` entries are left out."""
+        """Plain values (JSON- and HDF5-ready); ``None`` entries and the default
+        ``count_likelihood="weighted"`` are left out."""
         out = asdict(self)
         out["preprocess"] = {k: v for k, v in self.preprocess.to_dict().items() if v is not None}
         if self.coupling_kwargs is None:
             out.pop("coupling_kwargs")
+        if self.count_likelihood == "weighted":
+            out.pop("count_likelihood")  # the default: left out, so earlier stores' fingerprints hold
         return {k: v for k, v in out.items() if v is not None}
 
 
