@@ -1,6 +1,7 @@
 """Per-batch negative-binomial dispersions against one pooled dispersion per gene, batches of different noise.
 
     python benchmarks/batch_dispersion.py --seeds 6 [--programs 0] [--unbalanced 0.25]
+        [--count-likelihood weighted marginal] [--settings per-batch]
 
 Per seed, one screen from :func:`scotgm_pp.datasets.simulate`: 500 genes, 6 perturbations of 150
 guide cells (30% escaped), 600 controls, two batches (``batch_effect`` 0.3) whose counts are
@@ -13,6 +14,10 @@ own). With ``--unbalanced f`` the design is confounded the way a screen run over
 different quality can be: a random share ``f`` of batch b1's controls and of batch b0's guide
 cells is kept (all the others), so the noisy batch holds most guide cells and the clean one most
 controls.
+With ``--count-likelihood`` (one or more of ``weighted``, the default, and ``marginal``) each
+dispersion setting is run with each count likelihood (``perturbation_response(...,
+count_likelihood=...)``), named ``<setting>/<likelihood>`` when more than one is given;
+``--settings`` keeps only some of the dispersion settings.
 
 The truth is the simulation's: ``uns["simulation"]["log_fold_change"]`` (natural log, the change
 of the gene's rate in perturbed cells). The count layer measures the change of the gene's share
@@ -161,27 +166,34 @@ def main(argv=None) -> pd.DataFrame:
                     help="simulate's n_programs (0: no program noise, the counts' overdispersion is the NB's alone)")
     ap.add_argument("--unbalanced", type=float, default=1.0,
                     help="keep this share of b1's controls and of b0's guide cells (1: the balanced screen)")
+    ap.add_argument("--count-likelihood", nargs="+", default=["weighted"], choices=["weighted", "marginal"],
+                    help="the count layer's likelihood(s) (perturbation_response count_likelihood); each is run")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                    help="the dispersion settings to run")
     args = ap.parse_args(argv)
+    runs = {(name if len(args.count_likelihood) == 1 else f"{name}/{lik}"): (SETTINGS[name], lik)
+            for name in args.settings for lik in args.count_likelihood}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = []
     for seed in seeds:
         adata = unbalance(screen(seed, args.genes, tuple(args.sizes), args.programs), args.unbalanced, seed)
-        for name, per_batch in SETTINGS.items():
+        for name, (per_batch, likelihood) in runs.items():
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sg.tl.perturbation_response(adata, "perturbation", "control", batch_key="batch",
-                                            dispersion_per_batch=per_batch, key_added=name, random_state=seed,
-                                            n_jobs=1)
-            row = {"seed": seed, "setting": name, "seconds": time.perf_counter() - t, **evaluate(adata, name)}
-            resp = sg.tl.get_responses(adata, name)
+                                            dispersion_per_batch=per_batch, count_likelihood=likelihood,
+                                            key_added=name.replace("/", "_"), random_state=seed, n_jobs=1)
+            key = name.replace("/", "_")
+            row = {"seed": seed, "setting": name, "seconds": time.perf_counter() - t, **evaluate(adata, key)}
+            resp = sg.tl.get_responses(adata, key)
             if "dispersion_screen" in resp.var:
                 row["phi_pooled"] = float(np.nanmedian(resp.var["dispersion_screen"]))
             if "dispersion_screen_batch" in resp.varm:
                 d = pd.DataFrame(resp.varm["dispersion_screen_batch"])
                 row |= {f"phi_{c}": float(np.nanmedian(d[c])) for c in d.columns}
             rows.append(row)
-            print(f"seed {seed} {name:>9}: z_sd {row['z_sd']:.3f}, cover95 {row['cover95']:.3f}, "
+            print(f"seed {seed} {name:>18}: err_target {row['err_target']:.3f}, z_sd {row['z_sd']:.3f}, cover95 {row['cover95']:.3f}, "
                   f"null>1.96 {row['null_z>1.96']:.3f}, top1 {row['top1']:.2f}, lfsr F1 {row['lfsr_f1']:.3f} "
                   f"({row['seconds']:.0f} s)", flush=True)
     df = pd.DataFrame(rows)
@@ -190,7 +202,7 @@ def main(argv=None) -> pd.DataFrame:
           f"({args.first_seed}-{args.first_seed + args.seeds - 1}), 6 perturbations each, b1's controls and b0's guide "
           f"cells kept at {args.unbalanced:g}: mean over seeds (worst seed)")
     cols = {}
-    for name in SETTINGS:
+    for name in runs:
         g = df[df["setting"] == name]
         cells = {}
         for m, ideal in IDEAL.items():
