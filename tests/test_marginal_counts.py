@@ -167,3 +167,13 @@ def test_count_likelihood_validated():
         RunSettings("perturbation", "control", count_likelihood="mixture")
     assert "count_likelihood" not in RunSettings("perturbation", "control").to_dict()
     assert RunSettings("perturbation", "control", count_likelihood="marginal").to_dict()["count_likelihood"] == "marginal"
+
+
+def test_benchmark_method_marginal_suffix():
+    from scotgm_pp.benchmark._methods import resolve_methods, scotgm_method
+
+    funcs = resolve_methods(["scotgm-ot:effect_shrunk", "scotgm-ot:effect_shrunk_marginal"])
+    assert funcs["scotgm-ot:effect_shrunk_marginal"].__name__ == "scotgm_ot_effect_shrunk_marginal"
+    assert scotgm_method("ot", score="effect_bound_marginal").__name__ == "scotgm_ot_effect_bound_marginal"
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_methods(["scotgm-ot:mu_sigma_marginal"])

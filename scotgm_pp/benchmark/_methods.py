@@ -50,7 +50,19 @@ DEFAULT_METHODS = ("scotgm-ot:effect_shrunk", "scotgm-ot:effect_bound", "nb-all-
 SCOTGM_SCORES = ("effect_bound", "effect_shrunk", "mu_sigma", "state_t", "state_shift")
 """What a ``scotgm-<coupling>:<score>`` row ranks by: the count layer's perturbed-state effect
 bound, its empirical-Bayes posterior mean, the paper's ``mu / sigma`` (also the bare
-``scotgm-<coupling>``), and two gene-space statistics of the fitted states."""
+``scotgm-<coupling>``), and two gene-space statistics of the fitted states. The count layer's
+scores take a suffix ``_marginal`` (``scotgm-ot:effect_shrunk_marginal``): the same score with
+``analyse_pair(..., count_likelihood="marginal")``."""
+
+MARGINAL_SUFFIX = "_marginal"
+_COUNT_SCORES = ("effect_bound", "effect_shrunk")
+
+
+def _split_score(score: str) -> tuple[str, str]:
+    """``(score, count_likelihood)`` of a score name with the optional ``_marginal`` suffix."""
+    if score.endswith(MARGINAL_SUFFIX) and score[: -len(MARGINAL_SUFFIX)] in _COUNT_SCORES:
+        return score[: -len(MARGINAL_SUFFIX)], "marginal"
+    return score, "weighted"
 
 _RENAMED = {
     "lfc_bound": "the model-free NB test of all guide cells is now the row 'nb-all-guides' (it does not use "
@@ -228,6 +240,7 @@ def scotgm_method(
     score: str = "effect_shrunk",
     coupling_kwargs: dict | None = None,
     state_space: str = DEFAULT_STATE_SPACE,
+    count_likelihood: str = "weighted",
 ) -> Callable[[Pair], pd.Series]:
     """sc-OTGM on the pair through :func:`scotgm_pp.tl.analyse_pair` (fitted once per pair and coupling).
 
@@ -248,7 +261,15 @@ def scotgm_method(
         state, in log-normalised units (see ``_state_shift``).
         ``"state_t"``: the Welch statistic of the fitted perturbed state against the basal state
         in gene space, cells weighted by their posterior ``p_perturbed`` (see ``_state_t``).
+        ``"effect_bound_marginal"`` / ``"effect_shrunk_marginal"``: those with
+        ``count_likelihood="marginal"``.
+    count_likelihood
+        Passed to ``analyse_pair`` (``"weighted"`` or ``"marginal"``).
     """
+    name = score
+    score, marginal = _split_score(score)
+    if marginal == "marginal":
+        count_likelihood = marginal
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
     if score in _RENAMED:
@@ -260,12 +281,14 @@ def scotgm_method(
 
     def run(pair: Pair) -> pd.Series:
         prm = params or pair.params
-        key = ("scotgm", coupling, escape_model, prm, regularization, repr(coupling_kwargs), state_space)
+        key = ("scotgm", coupling, escape_model, prm, regularization, repr(coupling_kwargs), state_space,
+               count_likelihood)
         if key not in pair.cache:
             pair.cache[key] = analyse_pair(pair.counts, pair.is_control, params=prm, coupling=coupling,
                                            escape_model=escape_model, regularization=regularization,
                                            random_state=pair.seed, coupling_kwargs=coupling_kwargs,
-                                           batch=pair.batch, baseline=False, state_space=state_space)
+                                           batch=pair.batch, baseline=False, state_space=state_space,
+                                           count_likelihood=count_likelihood)
         _, genes, p = pair.cache[key]
         if score == "effect_bound":
             return _effect_bound(genes)
@@ -277,7 +300,7 @@ def scotgm_method(
             return _state_shift(pair, p)
         return pd.Series(genes["score"].to_numpy(float), index=genes["gene"].astype(str).to_numpy())
 
-    run.__name__ = f"scotgm_{coupling}_{score}" + ("" if state_space == DEFAULT_STATE_SPACE else f"_{state_space}")
+    run.__name__ = f"scotgm_{coupling}_{name}" + ("" if state_space == DEFAULT_STATE_SPACE else f"_{state_space}")
     return run
 
 
@@ -307,7 +330,7 @@ def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
             coupling, _, score = spec.partition(":")
             if score in _RENAMED:
                 raise ValueError(f"method {name!r} was renamed: {_RENAMED[score]}.")
-            if coupling not in COUPLINGS or (score and score not in SCOTGM_SCORES) or (
+            if coupling not in COUPLINGS or (score and _split_score(score)[0] not in SCOTGM_SCORES) or (
                     space and space not in STATE_SPACES):
                 raise ValueError(f"unknown method {name!r}; scotgm methods are scotgm-<coupling>[:<score>][@<space>] "
                                  f"with coupling in {COUPLINGS}, score in {SCOTGM_SCORES} and space in {STATE_SPACES}.")
