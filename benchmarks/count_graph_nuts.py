@@ -7,8 +7,9 @@ n_genes=20)`` is fitted three ways on the target and the 19 genes the screen ran
 * EM with ``count_evidence="cut"`` (the screen's rule): the largest |effect - screen effect| over
   the 20 genes;
 * EM with ``count_evidence="joint"`` (the mode of the joint density);
-* NUTS (``--draws``/``--tune``, 2 chains) on the default graph, the cut (the count layer weighted
-  by the states' probabilities from the scores, the graph the screen answers with): its time, the
+* NUTS (``--draws``/``--tune``, 2 chains) on the default graph, the cut (each gene's count
+  likelihood with the cell's state integrated out over its probabilities from the scores, the
+  graph the screen answers with): its time, the
   largest R-hat of ``delta``, and the target's posterior mean and sd, with its distance in
   posterior sds from the screen's effect;
 * with ``--joint-nuts``, NUTS on the joint graph too (``count_evidence="joint"``): its distance
@@ -61,6 +62,7 @@ def one(adata, P: str, draws: int, tune: int, seed: int, joint_nuts: bool) -> di
     truth = float(sim["log_fold_change"][list(sim["perturbations"]).index(P), list(adata.var_names).index(P)])
     screen_row = sg.tl.get_responses(adata)[P].to_df(layer="effect").iloc[0]
     screen_effect = float(screen_row[P])
+    screen_se = float(sg.tl.get_responses(adata)[P].to_df(layer="effect_se").iloc[0][P])
     cut = sg.tl.get_model(adata, P, counts=True, n_genes=20)
     table = cut.effects()
     genes = table["gene"].tolist()
@@ -69,6 +71,7 @@ def one(adata, P: str, draws: int, tune: int, seed: int, joint_nuts: bool) -> di
     mean, sd, rhat, seconds = nuts_fit(adata, P, genes, draws, tune, seed, "cut")
     row = {"seed": seed, "perturbation": P, "em_cut_max_abs_diff": em_diff, "nuts_seconds": seconds,
            "rhat_delta_max": rhat, "nuts_target_mean": mean, "nuts_target_sd": sd, "screen_effect": screen_effect,
+           "screen_se": screen_se,
            "sds_from_screen": abs(mean - screen_effect) / sd, "joint_em_effect": joint, "truth": truth}
     if joint_nuts:
         jm, jsd, jr, js = nuts_fit(adata, P, genes, draws, tune, seed, "joint")
@@ -104,6 +107,8 @@ def main(argv=None) -> pd.DataFrame:
               f"worst {df.joint_sds_from_joint_em.max():.2f} sd; R-hat worst {df.joint_rhat_delta_max.max():.3f}")
     print(f"  |target - truth|: screen {np.abs(df.screen_effect - df.truth).mean():.3f}, joint EM "
           f"{np.abs(df.joint_em_effect - df.truth).mean():.3f}, NUTS (cut) {np.abs(df.nuts_target_mean - df.truth).mean():.3f}")
+    print(f"  NUTS posterior sd / screen effect_se (target): mean {(df.nuts_target_sd / df.screen_se).mean():.2f}, "
+          f"range {(df.nuts_target_sd / df.screen_se).min():.2f}-{(df.nuts_target_sd / df.screen_se).max():.2f}")
     print(f"  NUTS seconds: mean {df.nuts_seconds.mean():.1f}, worst {df.nuts_seconds.max():.1f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -289,17 +289,18 @@ for name, rows in [("control", ~guide), ("perturbed", guide & called), ("escaped
 md("""Cells called perturbed have at least one log unit less STAT1 than the controls; cells called
 escaped are closer to the controls than to the perturbed cells: the perturbed state is the
 knockout, found without looking at STAT1's own expression in the model."""),
-md("""## The count graph: STAT1's effect on 20 genes, sampled by NUTS
+md("""## The count graph: STAT1's effect on 10 genes, sampled by NUTS
 
-`get_model(..., counts=True)` adds the negative-binomial count layer for the target and the 19
+`get_model(..., counts=True)` adds the negative-binomial count layer for the target and the 9
 genes the screen ranked highest, with the screen's library sizes and dispersions. By default
 (`count_evidence="cut"`, the screen's rule) the graph is the cut: the states come from the
-scores, and each cell's count log-likelihood in a state is weighted by its probability of that
-state, so the counts inform the effects and not the states. EM of this graph reproduces the
+scores, and each gene's count likelihood integrates the cell's state out over its probabilities
+of the states, `sum_g log sum_k r_ik NB(y_ig | k)`, so the counts inform the effects and not the
+states. EM of this graph reproduces the
 screen's effects, and NUTS samples the same graph. With `count_evidence="joint"` the graph is
 the joint density instead, in which each cell's counts inform its state too; its EM mode is
 printed beside it."""),
-"""cut = sg.tl.get_model(screen, "STAT1", counts=True, n_genes=20)
+"""cut = sg.tl.get_model(screen, "STAT1", counts=True, n_genes=10)
 genes = cut.effects()["gene"].tolist()
 screen_effect = sg.tl.get_responses(screen)["STAT1"].to_df(layer="effect").iloc[0]
 print(f"RESULT count_em_vs_screen_max_abs = {np.abs(cut.effects()['effect'].to_numpy() - screen_effect.reindex(genes).to_numpy()).max():.1e}")
@@ -312,7 +313,7 @@ print(f"RESULT count_screen_stat1 = {screen_effect['STAT1']:.3f}")
 print(f"RESULT count_joint_em_stat1 = {joint.effect('STAT1')['effect']:.3f}")
 print(f"RESULT count_sds_from_screen = {abs(row['effect'] - screen_effect['STAT1']) / row['effect_se']:.2f}")
 count_nuts.effects().head(8).round(3)""",
-md("""The cut EM matches the screen's effects to within 1e-4 on all 20 genes. NUTS converges (the
+md("""The cut EM matches the screen's effects to within 1e-4 on all 10 genes. NUTS converges (the
 largest R-hat of the effects is below 1.05), and its STAT1 effect lies within 2 posterior
 standard deviations of the screen's: the graph sampled is the graph the screen answers with. The
 distance is printed above, with the joint graph's mode for comparison."""),

@@ -74,6 +74,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pooled-dispersion", action="store_true",
                    help="with --batch-key: one dispersion per gene pooled over the batches in the count layer "
                         "instead of one per batch")
+    g.add_argument("--count-likelihood", default="marginal", choices=["marginal", "weighted"],
+                   help="the count layer's likelihood of each gene given the cells' state probabilities: each cell's "
+                        "state integrated out gene by gene (marginal, default) or each state's log-likelihood "
+                        "weighted by its probability (weighted; attenuates a knock-down's effect)")
     g.add_argument("--n-control-cells", type=positive_int, default=None,
                    help="control cells each perturbation is compared with (at least 10; default 1000)")
     g.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
@@ -114,6 +118,7 @@ def _settings(args, perturbation_key: str, control: str):
         rank_by=args.rank_by,
         batch_key=args.batch_key,
         dispersion_per_batch=not args.pooled_dispersion,
+        count_likelihood=args.count_likelihood,
         n_control_cells=args.n_control_cells or N_CONTROL_CELLS,
         preprocess=params,
         random_state=args.seed,

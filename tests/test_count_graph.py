@@ -127,3 +127,34 @@ def test_graph_draws_synthetic_cells_forward(screen):
     rate = counts[..., 0][perturbed].sum() / (s[perturbed].sum() * 0.02)
     assert rate == pytest.approx(np.exp(-1.0), rel=0.05)
     assert np.all(counts == np.round(counts)) and counts.min() >= 0
+
+
+def test_the_cut_graph_is_the_marginal_count_likelihood_and_its_em_is_its_map(screen):
+    """The cut graph (``count_evidence="cut"``, the screen's): PyMC's log density equals
+    ``joint_log_density`` for both count likelihoods, and the gradient of the default (marginal)
+    graph vanishes at the cut EM's point (``fit_marginal``), not at the weighted fit's."""
+    X, y, kw = screen["X"], screen["y"], screen["kw"]
+    fits = {lik: fit_joint_em(X, y, evidence="gaussian", max_iter=3000, tol=1e-15, count_likelihood=lik, **kw)
+            for lik in ("marginal", "weighted")}
+    R = fits["marginal"].gaussian.responsibilities
+    np.testing.assert_array_equal(R, fits["weighted"].gaussian.responsibilities)
+    grads = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lik in ("marginal", "weighted"):
+            model = build_model(X, counts=y, coords={"gene": [f"g{j}" for j in range(y.shape[1])]},
+                                count_evidence="cut", state_probability=R, count_likelihood=lik, **kw)
+            logp = model.compile_logp(jacobian=False)
+            for at, fit in fits.items():
+                lp = float(logp(_point(model, fit)))
+                g = fit.gaussian
+                closed = joint_log_density(X, y, weights=g.weights, means=g.means, covariances=g.covariances,
+                                           params=fit.counts, state_probability=R, count_likelihood=lik, **kw)
+                assert lp == pytest.approx(closed, rel=1e-10)
+            if lik == "marginal":
+                dlogp = model.compile_dlogp(jacobian=False)
+                grads = {at: np.linalg.norm(dlogp(_point(model, fit))) for at, fit in fits.items()}
+    print(f"|grad| of the marginal cut graph at its EM point {grads['marginal']:.2e}, "
+          f"at the weighted fit {grads['weighted']:.2e}")
+    assert grads["marginal"] < 1e-4
+    assert grads["weighted"] > 1.0

@@ -78,7 +78,7 @@ def test_record_says_which_graph_produced_each_number(small_sim, state_space):
             assert isinstance(value, (np.ndarray, np.generic, str, int, float, bool)), key
     assert rec["state_model"] in ("tied", "pinned") and rec["state_space"] == state_space
     assert rec["state_evidence"] == {"pca": "pca scores", "signature": "signature score"}[state_space]
-    assert rec["effect_se_method"] == "imputation" and rec["count_converged"]
+    assert rec["effect_se_method"] == "louis" and rec["count_likelihood"] == "marginal" and rec["count_converged"]
     assert rec["rank_by"] == "effect_shrunk" and rec["dispersion_source"] == "controls"
     assert rec["llr"] == pytest.approx(rec["llr_gaussian"] + rec["llr_counts"])
     assert list(genes.columns[:16]) == ["gene", "effect", "effect_se", "effect_z", "effect_bound", "effect_pvalue",

@@ -91,7 +91,7 @@ def test_posterior_diagnostics(papalexi):
     ctrl, pert, esc = (_f(r, f"stat1_{k}") for k in ("control", "perturbed", "escaped"))
     assert pert <= ctrl - 1
     assert abs(esc - ctrl) < abs(esc - pert)
-    # the count graph: "the cut EM matches the screen's effects to within 1e-4 on all 20 genes";
+    # the count graph: "the cut EM matches the screen's effects to within 1e-4 on all 10 genes";
     # "largest R-hat of the effects below 1.05"; STAT1 "within 2 posterior standard deviations of
     # the screen's"
     assert _f(r, "count_em_vs_screen_max_abs") <= 1e-4

@@ -51,18 +51,18 @@ SCOTGM_SCORES = ("effect_bound", "effect_shrunk", "mu_sigma", "state_t", "state_
 """What a ``scotgm-<coupling>:<score>`` row ranks by: the count layer's perturbed-state effect
 bound, its empirical-Bayes posterior mean, the paper's ``mu / sigma`` (also the bare
 ``scotgm-<coupling>``), and two gene-space statistics of the fitted states. The count layer's
-scores take a suffix ``_marginal`` (``scotgm-ot:effect_shrunk_marginal``): the same score with
-``analyse_pair(..., count_likelihood="marginal")``."""
+scores take a suffix ``_weighted`` (``scotgm-ot:effect_shrunk_weighted``): the same score with
+``analyse_pair(..., count_likelihood="weighted")`` in place of the default marginal likelihood."""
 
-MARGINAL_SUFFIX = "_marginal"
+WEIGHTED_SUFFIX = "_weighted"
 _COUNT_SCORES = ("effect_bound", "effect_shrunk")
 
 
 def _split_score(score: str) -> tuple[str, str]:
-    """``(score, count_likelihood)`` of a score name with the optional ``_marginal`` suffix."""
-    if score.endswith(MARGINAL_SUFFIX) and score[: -len(MARGINAL_SUFFIX)] in _COUNT_SCORES:
-        return score[: -len(MARGINAL_SUFFIX)], "marginal"
-    return score, "weighted"
+    """``(score, count_likelihood)`` of a score name with the optional ``_weighted`` suffix."""
+    if score.endswith(WEIGHTED_SUFFIX) and score[: -len(WEIGHTED_SUFFIX)] in _COUNT_SCORES:
+        return score[: -len(WEIGHTED_SUFFIX)], "weighted"
+    return score, "marginal"
 
 _RENAMED = {
     "lfc_bound": "the model-free NB test of all guide cells is now the row 'nb-all-guides' (it does not use "
@@ -240,7 +240,7 @@ def scotgm_method(
     score: str = "effect_shrunk",
     coupling_kwargs: dict | None = None,
     state_space: str = DEFAULT_STATE_SPACE,
-    count_likelihood: str = "weighted",
+    count_likelihood: str = "marginal",
 ) -> Callable[[Pair], pd.Series]:
     """sc-OTGM on the pair through :func:`scotgm_pp.tl.analyse_pair` (fitted once per pair and coupling).
 
@@ -261,15 +261,15 @@ def scotgm_method(
         state, in log-normalised units (see ``_state_shift``).
         ``"state_t"``: the Welch statistic of the fitted perturbed state against the basal state
         in gene space, cells weighted by their posterior ``p_perturbed`` (see ``_state_t``).
-        ``"effect_bound_marginal"`` / ``"effect_shrunk_marginal"``: those with
-        ``count_likelihood="marginal"``.
+        ``"effect_bound_weighted"`` / ``"effect_shrunk_weighted"``: those with
+        ``count_likelihood="weighted"``.
     count_likelihood
-        Passed to ``analyse_pair`` (``"weighted"`` or ``"marginal"``).
+        Passed to ``analyse_pair`` (``"marginal"``, the default, or ``"weighted"``).
     """
     name = score
-    score, marginal = _split_score(score)
-    if marginal == "marginal":
-        count_likelihood = marginal
+    score, likelihood = _split_score(score)
+    if likelihood == "weighted":
+        count_likelihood = likelihood
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}.")
     if score in _RENAMED:

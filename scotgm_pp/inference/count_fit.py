@@ -625,8 +625,9 @@ def unshrunk_effects(data: CountData, cp: CountPass, R: np.ndarray, prior: Count
     """
     K, B = data.n_states, data.n_batches
     flat = replace(prior, delta_sd=FLAT_DELTA_SD)
-    if Q is not None:
+    if Q is not None and data.free[1] > data.free[0]:
         return _unshrunk_marginal(data, cp, R, prior, flat, correction, Q, max_iter, tol)
+    # without free cells the marginal likelihood is the weighted one (and no state is uncertain)
     sums = group_sums(data, cp, R)
     grad, info = _gradient_information(data, cp.params, sums, flat)
     idx = np.arange(1, K)

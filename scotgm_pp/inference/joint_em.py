@@ -10,8 +10,11 @@ counts (untransformed space, PyMC's ``jacobian=False``)::
 E-step: the posterior of each free cell's state uses both its PCA scores and its counts
 (``evidence="joint"``), or its PCA scores only (``evidence="gaussian"``: a *cut*, in which the
 counts are fitted given states they do not inform; the density then reported is that of the
-Gaussian graph, and the count parameters maximise the expected complete-data log posterior given
-its responsibilities: the M-step with the states fixed).
+Gaussian graph). Given the cut's state probabilities ``r_ik``, the count parameters maximise
+each gene's marginal log posterior ``sum_i log sum_k r_ik NB(y_ig | k)``
+(``count_likelihood="marginal"``, the default; :func:`~scotgm_pp.inference.count_fit.fit_marginal`)
+or the expected complete-data log posterior ``sum_i sum_k r_ik log NB(y_ig | k)``
+(``"weighted"``: the M-step with the states fixed).
 M-step: the closed-form Normal-Wishart-Dirichlet maximiser for the Gaussian part
 (:mod:`scotgm_pp.inference.em`) and one Newton step per gene with step-halving for the count part
 (:mod:`scotgm_pp.inference.count_fit`): a generalised EM whose every step raises the
@@ -43,6 +46,7 @@ from .em import (
 )
 
 __all__ = [
+    "COUNT_LIKELIHOODS",
     "EVIDENCE",
     "JointEMResult",
     "fit_joint_em",
@@ -52,6 +56,10 @@ __all__ = [
 ]
 
 EVIDENCE = ("joint", "gaussian")
+COUNT_LIKELIHOODS = ("marginal", "weighted")
+"""How the cut (``evidence="gaussian"``) fits the counts given the state probabilities ``r_ik``:
+``"marginal"`` ``sum_i log sum_k r_ik NB(y_ig | k)`` per gene, ``"weighted"``
+``sum_i sum_k r_ik log NB(y_ig | k)``."""
 
 
 @dataclass
@@ -138,6 +146,7 @@ def fit_joint_em(
     tol: float = 1e-10,
     init_responsibilities: np.ndarray | None = None,
     count_data: cl.CountData | None = None,
+    count_likelihood: str = "marginal",
 ) -> JointEMResult:
     """MAP of the joint graph (Gaussian states + count layer) by generalised EM.
 
@@ -176,6 +185,10 @@ def fit_joint_em(
     count_data
         A prepared :class:`~scotgm_pp.inference.count_layer.CountData` of the same cells (to
         reuse it between fits); built from the arguments when ``None``.
+    count_likelihood
+        With ``evidence="gaussian"``: ``"marginal"`` (default) or ``"weighted"``
+        (:data:`COUNT_LIKELIHOODS`); its standard errors are Louis' (marginal) or the imputation
+        correction (weighted), :func:`~scotgm_pp.inference.count_fit.effect_standard_errors`.
 
     Returns
     -------
@@ -185,6 +198,8 @@ def fit_joint_em(
     n, d = X.shape
     if evidence not in EVIDENCE:
         raise ValueError(f"evidence must be one of {EVIDENCE}, got {evidence!r}.")
+    if count_likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(f"count_likelihood must be one of {COUNT_LIKELIHOODS}, got {count_likelihood!r}.")
     tied = _check_covariance(covariance)
     fixed = validate_fixed_state(fixed_state, n, int(n_states))
     K = int(n_states)
@@ -215,9 +230,13 @@ def fit_joint_em(
                        init_responsibilities=None if init_responsibilities is None else R0)
         R = gauss.responsibilities
     if evidence == "gaussian":
-        # The cut: the count layer's M-step given the Gaussian graph's converged states.
-        cp, _, _ = cf.fit_given_states(data, R, count_prior)
-        se = cf.effect_standard_errors(data, cp, R, count_prior, correction=cf.CUT_CORRECTION)
+        # The cut: the count layer given the Gaussian graph's converged state probabilities.
+        if count_likelihood == "marginal":
+            cp, Q, _, _ = cf.fit_marginal(data, R, count_prior)
+            se = cf.effect_standard_errors(data, cp, R, count_prior, correction="louis", Q=Q)
+        else:
+            cp, _, _ = cf.fit_given_states(data, R, count_prior)
+            se = cf.effect_standard_errors(data, cp, R, count_prior, correction=cf.CUT_CORRECTION)
         return JointEMResult(gaussian=gauss, counts=cp.params, effect_se=se, logp_trace=gauss.logp_trace,
                              n_iter=gauss.n_iter, converged=gauss.converged, evidence=evidence, covariance=covariance,
                              count_prior=count_prior, dispersion=data.phi.copy(), count_loglik=cp.row_loglik)
@@ -260,11 +279,13 @@ def joint_log_density(
     batch: np.ndarray | None = None,
     covariance: str = "tied",
     state_probability: np.ndarray | None = None,
+    count_likelihood: str = "marginal",
 ) -> float:
     """Log density of the joint graph at given parameters (untransformed space): the number
     ``build_model(X, counts=..., ...).compile_logp(jacobian=False)`` returns. With
     ``state_probability`` (``(n, K)``), the cut graph's (``count_evidence="cut"``): the scores'
-    mixture density plus ``sum_ik r_ik log p(y_i | k)``."""
+    mixture density plus ``sum_ig log sum_k r_ik NB(y_ig | k)`` (``count_likelihood="marginal"``)
+    or ``sum_ik r_ik log p(y_i | k)`` (``"weighted"``)."""
     X = validate_scores(X)
     n = X.shape[0]
     K = len(weights)
@@ -279,8 +300,30 @@ def joint_log_density(
     else:
         r = np.asarray(state_probability, float)
         loglik, _ = _mixture_terms(logN, np.asarray(weights, float), fixed < 0, fixed)
-        loglik += float(np.sum(np.where(r > 0, r * np.nan_to_num(cp.row_loglik, nan=0.0), 0.0)))
+        if count_likelihood == "marginal":
+            with np.errstate(divide="ignore"):
+                terms = np.log(r)[:, :, None] + _entry_loglik(data, params)  # (n, K, G)
+            top = terms.max(axis=1, keepdims=True)
+            loglik += float(np.sum(np.log(np.exp(terms - top).sum(axis=1)) + top[:, 0]))
+        else:
+            loglik += float(np.sum(np.where(r > 0, r * np.nan_to_num(cp.row_loglik, nan=0.0), 0.0)))
     return loglik + log_prior + cl.count_log_prior(params, count_prior)
+
+
+def _entry_loglik(data: cl.CountData, params: cl.CountParams) -> np.ndarray:
+    """``(n, K, G)``: ``log NB(y_ig | state k)`` of every cell (original order), gene and state."""
+    from scipy.special import gammaln
+
+    codes = np.empty(data.n_cells, int)
+    codes[data.order] = data.batch
+    y = np.empty_like(data.ya)
+    y[data.order] = data.ya
+    alpha = data.alpha[codes]  # (n, G)
+    y -= alpha
+    mu = data.size_factors[:, None, None] * np.exp(params.log_rates()[:, codes].transpose(1, 0, 2))
+    log_t = np.log(mu + alpha[:, None])
+    const = gammaln(y + alpha) - gammaln(alpha) - gammaln(y + 1.0) + alpha * np.log(alpha)
+    return const[:, None] + y[:, None] * np.log(mu) - (y + alpha)[:, None] * log_t
 
 
 def conditional_full_m_step(

@@ -252,6 +252,7 @@ def build_model(
     design_count_sd: float = 1.0,
     count_evidence: str = "joint",
     state_probability: np.ndarray | None = None,
+    count_likelihood: str = "marginal",
 ) -> pm.Model:
     """Declare the sc-OTGM mixture as a PyMC model, optionally with the count observation layer.
 
@@ -318,15 +319,21 @@ def build_model(
     count_evidence
         With counts: ``"joint"`` (default here) declares the joint density, the counts informing
         every cell's state; ``"cut"`` declares the cut the screen answers with: the scores'
-        mixture density times the counts' likelihood in each state raised to the cell's fixed
-        state probability, ``sum_k r_ik sum_g log NB(y_ig | k)``, with ``r`` the data
-        ``state_probability`` (``cell, state``). The counts then inform the count layer's
-        parameters and not the states; EM's cut (the count M-step given ``r``) is this graph's
-        MAP, and NUTS samples it.
+        mixture density times, for every gene, the counts' likelihood with the cell's state
+        integrated out gene by gene over its fixed state probabilities,
+        ``sum_g log sum_k r_ik NB(y_ig | k)`` (``count_likelihood="marginal"``), with ``r`` the
+        data ``state_probability`` (``cell, state``). The counts then inform the count layer's
+        parameters and not the states; EM's cut (:func:`~scotgm_pp.inference.count_fit.fit_marginal`
+        given ``r``) is this graph's MAP, and NUTS samples it.
     state_probability
         ``(n, K)`` state probabilities of the cut (rows summing to 1, zero where a state is not
         allowed); default: the allowed states in equal shares (set the EM's responsibilities
         with ``pm.set_data`` before sampling, as :meth:`scotgm_pp.models.ScOTGM.fit` does).
+    count_likelihood
+        The cut's count density: ``"marginal"`` (default) ``sum_g log sum_k r_ik NB(y_ig | k)``;
+        ``"weighted"`` ``sum_k r_ik sum_g log NB(y_ig | k)`` (each state's log-likelihood
+        weighted by the cell's probability of it; escaped cells then keep weight in the
+        perturbed state and a knock-down's effect is estimated too weak). Ignored by the joint.
 
     Returns
     -------
@@ -392,6 +399,8 @@ def build_model(
     Y = _check_counts(counts, n, size_factors, dispersion)
     if count_evidence not in ("joint", "cut"):
         raise ValueError(f"count_evidence must be 'joint' or 'cut', got {count_evidence!r}.")
+    if count_likelihood not in ("marginal", "weighted"):
+        raise ValueError(f"count_likelihood must be 'marginal' or 'weighted', got {count_likelihood!r}.")
     R_cut = None
     if Y is not None and count_evidence == "cut":
         R_cut = check_state_probability(state_probability, mask)
@@ -491,7 +500,7 @@ def build_model(
             r_t = None if R_cut is None else pm.Data("state_probability", R_cut, dims=("cell", "state"))
             cells_joint("XY", means=means_t, precisions=precisions_t, log_weights=log_w, layer=layer,
                         observed=np.hstack([X, Y]), d=d, n_states=n_states, dims=("cell", "feature"),
-                        cell_shift=cell_shift, state_probability=r_t)
+                        cell_shift=cell_shift, state_probability=r_t, count_likelihood=count_likelihood)
     return model
 
 

@@ -80,6 +80,7 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "dirichlet": 1.0,
     "regularization": 0.01,
     "count_evidence": "cut",
+    "count_likelihood": "marginal",
     "delta_sd": 0.5,
     "beta_sd": 5.0,
     "gamma_sd": 1.0,
@@ -96,10 +97,12 @@ grows with the number of cells, so its prior predictive is far wider than the da
 prior pseudo-count of the state means; ``extra_dof``: Wishart degrees of freedom above the
 dimension (an integer); ``dirichlet``: concentration of the weights; ``covariance``: ``"full"``
 (one per state) or ``"tied"`` (shared). With counts (:meth:`ScOTGM.fit` ``counts=``):
-``count_evidence`` (``"cut"``: the graph infers the states from the scores alone and weights each
-cell's count log-likelihood in a state by its probability of that state, as the screen does;
-EM, MAP and NUTS all fit this graph; ``"joint"``: the joint density, the counts informing the
-states too) and the count
+``count_evidence`` (``"cut"``: the graph infers the states from the scores alone and, per gene,
+integrates each cell's state out of its count's likelihood over its probabilities of the states,
+as the screen does; EM, MAP and NUTS all fit this graph; ``"joint"``: the joint density, the
+counts informing the states too), ``count_likelihood`` (the cut's count density: ``"marginal"``,
+``sum_g log sum_k r_ik NB(y_ig | k)``, or ``"weighted"``, ``sum_k r_ik log p(y_i | k)``, as
+:func:`~scotgm_pp.tl.perturbation_response` takes it) and the count
 layer's prior standard deviations ``delta_sd`` (state effects), ``beta_sd`` (basal log rates),
 ``gamma_sd`` (batch offsets).
 
@@ -177,6 +180,8 @@ def _check_model_config(config: dict) -> dict:
     c["extra_dof"] = int(dof)
     if c["count_evidence"] not in COUNT_EVIDENCE:
         raise ValueError(f"count_evidence must be one of {COUNT_EVIDENCE}, got {c['count_evidence']!r}.")
+    if c["count_likelihood"] not in ("marginal", "weighted"):
+        raise ValueError(f"count_likelihood must be 'marginal' or 'weighted', got {c['count_likelihood']!r}.")
     for key in ("kappa", "regularization", "delta_sd", "beta_sd", "gamma_sd"):
         if not float(c[key]) > 0:
             raise ValueError(f"{key} must be > 0, got {c[key]!r}.")
@@ -470,7 +475,7 @@ class ScOTGM:
                 data["X"], allowed_states=data["mask"], n_states=self.n_states, prior=data["prior"],
                 state_names=self.state_names, coords=coords, covariance=self.model_config["covariance"],
                 counts=counts.Y, size_factors=counts.size_factors, dispersion=counts.dispersion, batch=counts.batch,
-                count_prior=counts.prior, count_evidence=c["count_evidence"],
+                count_prior=counts.prior, count_evidence=c["count_evidence"], count_likelihood=c["count_likelihood"],
                 state_probability=data.get("state_probability") if c["count_evidence"] == "cut" else None, **options,
             )
         if loadings is not None:
@@ -677,6 +682,7 @@ class ScOTGM:
                                      dispersion=counts_in.dispersion, fixed_state=fixed, n_states=K,
                                      batch=counts_in.batch, prior=prior, count_prior=counts_in.prior,
                                      covariance=cov_type, evidence=evidence, regularization=s["m_step"],
+                                     count_likelihood=self.model_config["count_likelihood"],
                                      max_iter=em_kwargs["max_iter"], tol=em_kwargs["tol"])
             em = count_fit.gaussian
             if self.model_config["count_evidence"] == "cut":
@@ -815,7 +821,8 @@ class ScOTGM:
                                        prior=data["prior"], count_prior=c.prior, fixed_state=data["fixed"],
                                        batch=c.batch, covariance=self.model_config["covariance"],
                                        state_probability=data.get("state_probability")
-                                       if self.model_config["count_evidence"] == "cut" else None))
+                                       if self.model_config["count_evidence"] == "cut" else None,
+                                       count_likelihood=self.model_config["count_likelihood"]))
 
     def _dispersed_starts(self, em, rng, chains: int, X: np.ndarray | None = None) -> list:
         """Chain 0 starts at the EM solution; every other chain at the EM solution reached from
@@ -1174,7 +1181,7 @@ class ScOTGM:
         pandas.DataFrame
             One row per non-basal state and gene: ``effect`` (natural-log fold change against the
             basal state: the point estimate of EM / MAP, the posterior mean of a sampled fit),
-            ``effect_se`` (EM: the screen's standard error, imputation-corrected for the cut,
+            ``effect_se`` (EM: the screen's standard error, Louis' for the marginal cut, imputation-corrected for the weighted cut,
             Louis' for the joint fit; MAP and samplers: the posterior standard deviation of
             the draws, or, for MAP, of the normal approximation at EM; NaN for a MAP of a graph
             EM does not fit, with ``mean_parametrization="shift"`` or a design), ``effect_z``,

@@ -22,10 +22,10 @@ from ._counts import universal_threshold
 
 __all__ = ["COUNT_LIKELIHOODS", "CountFit", "fit_count_layer", "effect_table", "library_sizes"]
 
-COUNT_LIKELIHOODS = ("weighted", "marginal")
+COUNT_LIKELIHOODS = ("marginal", "weighted")
 """The count layer's likelihood of a gene given the states' posteriors ``R`` (see
-:func:`fit_count_layer`): ``"weighted"`` (default) ``sum_i sum_k r_ik log NB(y_ig | k)``;
-``"marginal"`` ``sum_i log sum_k r_ik NB(y_ig | k)``."""
+:func:`fit_count_layer`): ``"marginal"`` (default) ``sum_i log sum_k r_ik NB(y_ig | k)``;
+``"weighted"`` ``sum_i sum_k r_ik log NB(y_ig | k)``."""
 
 MARGINAL_SE_METHOD = "louis"
 """``effect_se`` of the marginal count likelihood: its observed information (Louis)."""
@@ -40,9 +40,10 @@ SE_METHOD = count_fit.CUT_CORRECTION
 class CountFit:
     """The count layer of one experiment, fitted given the state posteriors.
 
-    Its parameters maximise the expected complete-data log posterior
-    ``sum_i sum_k R_ik log NB(y_i | k) + log prior`` (the EM M-step with ``R`` fixed): the counts
-    do not move the states (a cut).
+    Its parameters maximise, gene by gene, the marginal log posterior
+    ``sum_i log sum_k R_ik NB(y_ig | k) + log prior`` (``count_likelihood="marginal"``) or the
+    expected complete-data one ``sum_i sum_k R_ik log NB(y_i | k) + log prior`` (``"weighted"``,
+    the EM M-step with ``R`` fixed): either way the counts do not move the states (a cut).
 
     Attributes
     ----------
@@ -88,7 +89,7 @@ class CountFit:
     effect_se_robust: np.ndarray | None = None
     effect_unshrunk: np.ndarray | None = None
     effect_unshrunk_se: np.ndarray | None = None
-    count_likelihood: str = "weighted"
+    count_likelihood: str = "marginal"
 
     @property
     def se_method(self) -> str:
@@ -131,7 +132,7 @@ def fit_count_layer(
     beta_sd: float = 5.0,
     gamma_sd: float = 1.0,
     dispersion_per_batch: bool = True,
-    count_likelihood: str = "weighted",
+    count_likelihood: str = "marginal",
 ) -> CountFit:
     """Fit the count layer given the states' posteriors (the M-step of :class:`CountFit`).
 
@@ -161,15 +162,16 @@ def fit_count_layer(
     delta_sd, beta_sd, gamma_sd
         Prior standard deviations (:class:`~scotgm_pp.inference.count_layer.CountPrior`).
     count_likelihood
-        ``"weighted"`` (default): each gene's likelihood weights every guide cell's
-        ``log NB`` in each state by the cell's state probability,
-        ``sum_i sum_k r_ik log NB(y_ig | k)`` (the EM M-step with ``R`` fixed); escaped guide
-        cells keep weight in the perturbed state, so a knock-down's effect is measured too weak
-        (``effect_unshrunk`` 0.4-0.6 above the truth on simulated screens). ``"marginal"``: the
-        per-gene marginal likelihood ``sum_i log sum_k r_ik NB(y_ig | k)``, the cells' states
-        integrated out gene by gene (:func:`~scotgm_pp.inference.count_fit.fit_marginal`), with
-        the Louis standard error (``"louis"``; the sandwich of the marginal scores for
-        ``effect_se_robust``) and ``effect_unshrunk`` refitted with the flat prior. Opt-in.
+        ``"marginal"`` (default): each gene's marginal likelihood given the state
+        probabilities, ``sum_i log sum_k r_ik NB(y_ig | k)``, every guide cell's state integrated
+        out gene by gene (:func:`~scotgm_pp.inference.count_fit.fit_marginal`), with the Louis
+        standard error (``"louis"``; the sandwich of the marginal scores for
+        ``effect_se_robust``) and ``effect_unshrunk`` refitted with the flat prior. ``"weighted"``:
+        every guide cell's ``log NB`` in each state weighted by its state probability,
+        ``sum_i sum_k r_ik log NB(y_ig | k)`` (the EM M-step with ``R`` fixed), with the
+        imputation standard error; escaped guide cells then keep weight in the perturbed state,
+        so a knock-down's effect is measured too weak (``effect_unshrunk`` of the targets 0.58
+        above the truth on average on simulated screens, ``benchmarks/batch_dispersion.py``).
 
     Returns
     -------

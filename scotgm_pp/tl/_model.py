@@ -53,7 +53,8 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
         the graph of the states and every chosen gene's negative-binomial counts, with the
         screen's library sizes (each cell's total count), dispersions (as data), batches and
         count priors. With ``method="em"`` and ``count_evidence="cut"`` (the screen's rule: the
-        states from the state model's score, the counts given them) its effects are the screen's
+        states from the state model's score, the counts given them, with the screen's
+        ``count_likelihood``) its effects are the screen's
         ``effect`` of those genes, and NUTS and MAP sample and maximise that same cut graph
         (``"joint"``: the joint density, the counts informing the states). ``adata`` must hold the
         screen's raw counts (in ``.X`` or ``layer``).
@@ -94,7 +95,9 @@ def get_model(adata: AnnData, perturbation: str, method: str = "em", *, key: str
     d = scores.shape[1]
     config = _state_prior_config(record, covariance)
     if counts:
-        config.update(count_evidence=count_evidence, delta_sd=float(record["delta_prior_sd"]),
+        # the screen's count likelihood (records written before it was recorded: the weighted one)
+        config.update(count_evidence=count_evidence, count_likelihood=str(record.get("count_likelihood", "weighted")),
+                      delta_sd=float(record["delta_prior_sd"]),
                       beta_sd=float(record["beta_prior_sd"]), gamma_sd=float(record["gamma_prior_sd"]))
     if model_config:
         if not isinstance(model_config, dict):

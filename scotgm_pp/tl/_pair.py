@@ -56,7 +56,7 @@ def analyse_pair(
     state_space: str = DEFAULT_STATE_SPACE,
     n_resamples: int | None = None,
     dispersion_per_batch: bool = True,
-    count_likelihood: str = "weighted",
+    count_likelihood: str = "marginal",
 ) -> tuple[dict, pd.DataFrame, pd.Series]:
     """Preprocess, fit and rank one experiment (raw counts of its control and guide cells).
 
@@ -96,7 +96,7 @@ def analyse_pair(
         (:func:`~scotgm_pp.inference.count_layer.control_dispersion_by_batch`) instead of one
         pooled over batches.
     count_likelihood
-        ``"weighted"`` (default) or ``"marginal"``: the count layer's likelihood given the state
+        ``"marginal"`` (default) or ``"weighted"``: the count layer's likelihood given the state
         posteriors (see :func:`~scotgm_pp.tl.fit_count_layer`).
     delta_sd
         Prior standard deviation of the state effects (natural-log units; shrinks the effects
@@ -318,7 +318,8 @@ def _posterior_entries(pair, fit, cf, size_factors, batch, regularization) -> di
 
 def _count_record(cf) -> dict:
     return {
-        "count_model": ("negative binomial count layer, M-step given the state posteriors (counts do not inform states)"
+        "count_model": ("negative binomial count layer, weighted M-step given the state posteriors "
+                        "(counts do not inform states)"
                         if cf.count_likelihood != "marginal" else
                         "negative binomial count layer, per-gene marginal likelihood over the state posteriors "
                         "(counts do not inform states)"),

@@ -76,7 +76,7 @@ class RunSettings:
     rank_by: str = DEFAULT_RANK_BY
     batch_key: str | None = None
     dispersion_per_batch: bool = True
-    count_likelihood: str = "weighted"
+    count_likelihood: str = "marginal"
     n_control_cells: int = N_CONTROL_CELLS
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     coupling_kwargs: dict | None = None
@@ -123,14 +123,11 @@ class RunSettings:
             raise InputError(f"coupling_kwargs must be a dict, got {type(self.coupling_kwargs).__name__}.")
 
     def to_dict(self) -> dict:
-        """Plain values (JSON- and HDF5-ready); ``None`` entries and the default
-        ``count_likelihood="weighted"`` are left out."""
+        """Plain values (JSON- and HDF5-ready); ``None`` entries are left out."""
         out = asdict(self)
         out["preprocess"] = {k: v for k, v in self.preprocess.to_dict().items() if v is not None}
         if self.coupling_kwargs is None:
             out.pop("coupling_kwargs")
-        if self.count_likelihood == "weighted":
-            out.pop("count_likelihood")  # the default: left out, so earlier stores' fingerprints hold
         return {k: v for k, v in out.items() if v is not None}
 
 

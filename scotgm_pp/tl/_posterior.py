@@ -23,7 +23,8 @@ given the state posteriors ``R``: a cut). Its draws are the declared graph's pos
   record's quantiles). The dispersion stays the plug-in constant of the graph.
 
 Uncertainty in which cells are perturbed enters through ``R`` (soft counts) and the count
-layer's imputation-corrected standard errors, not by redrawing the states: the draws are not
+layer's standard errors (Louis' observed information of the per-gene marginal likelihood, or the
+imputation correction with ``count_likelihood="weighted"``), not by redrawing the states: the draws are not
 the joint posterior of states and parameters (``ScOTGM.fit(method="mcmc")`` samples that for the
 Gaussian part). Compute only.
 """

@@ -366,7 +366,7 @@ def perturbation_response(
     rank_by: str = DEFAULT_RANK_BY,
     batch_key: str | None = None,
     dispersion_per_batch: bool = True,
-    count_likelihood: str = "weighted",
+    count_likelihood: str = "marginal",
     n_control_cells: int = N_CONTROL_CELLS,
     layer: str | None = None,
     key_added: str = "scotgm",
@@ -425,8 +425,9 @@ def perturbation_response(
         ``escape_model`` says which and why.
     rank_by
         ``"effect_shrunk"`` (default): the model's answer. The count layer of the state model
-        gives each gene's natural-log effect ``effect`` in the perturbed state (guide cells
-        weighted by their posterior of being perturbed) with its standard error; a prior learned
+        gives each gene's natural-log effect ``effect`` in the perturbed state (each guide
+        cell's state integrated out over its posterior, ``count_likelihood``) with its standard
+        error; a prior learned
         across the experiment's genes (a point mass at 0 and zero-centred normals) shrinks them,
         and genes are ranked by the posterior mean ``effect_shrunk`` (no ties;
         :func:`~scotgm_pp.tl.effect_table`). ``"effect_bound"``: ``sign * max(|effect| -
@@ -451,14 +452,13 @@ def perturbation_response(
         either way; ``responses.varm["dispersion_screen_batch"]`` holds the batches'.
     count_likelihood
         The count layer's likelihood of each gene given the guide cells' state probabilities
-        ``r_ik`` (:func:`~scotgm_pp.tl.fit_count_layer`). ``"weighted"`` (default):
-        ``sum_i sum_k r_ik log NB(y_ig | k)``, every cell's log-likelihood weighted by its state
-        probability; escaped cells keep weight in the perturbed state, so a knock-down's effect is
-        measured too weak (``effect_unshrunk`` of the targets 0.42-0.58 above the truth on
-        simulated screens). ``"marginal"`` (opt-in): ``sum_i log sum_k r_ik NB(y_ig | k)``, each
-        cell's state integrated out gene by gene, with the Louis standard error; it costs about
-        1.1-1.4x the weighted fit. The PyMC count graph (``posterior_draws``) keeps the weighted
-        density either way.
+        ``r_ik`` (:func:`~scotgm_pp.tl.fit_count_layer`). ``"marginal"`` (default):
+        ``sum_i log sum_k r_ik NB(y_ig | k)``, each cell's state integrated out gene by gene, with
+        the Louis standard error. ``"weighted"``: ``sum_i sum_k r_ik log NB(y_ig | k)``, every
+        cell's log-likelihood weighted by its state probability, with the imputation standard
+        error; escaped cells keep weight in the perturbed state, so a knock-down's effect is
+        measured too weak. The PyMC count graph rebuilt by :func:`~scotgm_pp.tl.get_model`
+        declares the same likelihood.
     n_control_cells
         Controls each perturbation is compared with (default 1,000; all when there are
         fewer). The cost of a perturbation then depends on its own cells, not on the screen.
