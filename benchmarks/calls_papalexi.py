@@ -7,7 +7,9 @@
 2. The 60-vs-300 protocol (the benchmark's draws, seeds given): power = share of the 90
    target experiments where the target gene is a discovery at q < fdr (BH within the
    experiment), for the package's calls (``pval``/``qval``, the resampling test run by the
-   pipeline on the experiment's cells) and for scanpy's Wilcoxon (BH-adjusted, same cells).
+   pipeline on the experiment's cells), for the model's own Wald calls on the count layer's
+   ``effect`` (``model-wald``: ``effect_qvalue``; ``model-wald-robust``: Benjamini-Hochberg over
+   ``effect_pvalue_robust``) and for scanpy's Wilcoxon (BH-adjusted, same cells).
 3. DEG table: for all 25 perturbations x seeds, the discoveries at q < fdr against the known
    DEGs from all cells (scanpy Wilcoxon, BH < 0.05, as in the benchmark): signed F1, precision,
    recall; the same for Wilcoxon's discoveries.
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
+from scipy import stats
 
 import scotgm_pp as sg
 from scotgm_pp._labels import label_key
@@ -146,7 +149,16 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 de = deseq2_pseudobulk(X[rows], np.isin(rows, ctrl), reps, adata.var_names)
-            methods = [("scotgm", ours), ("wilcoxon", theirs)]
+            gv = res.gene_values
+            eff = pd.Series(gv["effect"], index=genes)
+            p_rob = np.asarray(gv["effect_pvalue_robust"], float)
+            q_rob = np.ones_like(p_rob)
+            fin = np.isfinite(p_rob)
+            q_rob[fin] = stats.false_discovery_control(p_rob[fin])
+            model = {name: {g: eff[g] for g in genes[mask]} for name, mask in (
+                ("model-wald", np.asarray(gv["effect_qvalue"], float) < args.fdr),
+                ("model-wald-robust", q_rob < args.fdr))}
+            methods = [("scotgm", ours), *model.items(), ("wilcoxon", theirs)]
             if de is not None:
                 padj = de["padj"].fillna(1.0)
                 methods.append(("deseq2-pseudobulk",

@@ -496,9 +496,10 @@ def _fit_marginal(data, R, prior, *, init=None, max_iter=100, tol=1e-6):
 CORRECTIONS = ("imputation", "louis", "none", "sandwich", "robust")
 
 CUT_CORRECTION = "imputation"
-"""The correction of the cut's effect standard errors (the screen's ``effect_se``, and a count
-graph's EM with ``count_evidence="cut"``); see :func:`effect_standard_errors`. The screen
-reports the ``"robust"`` one beside it (``effect_se_robust``)."""
+"""The correction of the weighted cut's effect standard errors (``count_likelihood="weighted"``:
+the screen's ``effect_se`` and a count graph's EM with ``count_evidence="cut"``); the default
+marginal cut uses ``"louis"`` (see :func:`effect_standard_errors`). The screen reports the
+``"robust"`` one beside it (``effect_se_robust``)."""
 
 
 def effect_standard_errors(

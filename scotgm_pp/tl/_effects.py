@@ -31,7 +31,7 @@ MARGINAL_SE_METHOD = "louis"
 """``effect_se`` of the marginal count likelihood: its observed information (Louis)."""
 
 SE_METHOD = count_fit.CUT_CORRECTION
-"""How ``effect_se`` treats uncertain states (see
+"""How ``effect_se`` of the weighted count likelihood treats uncertain states (see
 :func:`scotgm_pp.inference.count_fit.effect_standard_errors`); ``effect_se_robust`` is the
 ``"robust"`` correction (the larger of that and the sandwich standard error)."""
 
