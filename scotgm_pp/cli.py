@@ -312,7 +312,8 @@ def cmd_calibrate(args) -> int:
             adata, args.perturbation_key, args.control, n_null=args.n_null, null_size=args.null_size,
             guide_key=args.guide_key, n_control_cells=args.n_control_cells or 300, batch_key=args.batch_key,
             fdr=args.fdr, random_state=args.seed, n_jobs=args.n_workers, client=args.client,
-            progress=not args.quiet,
+            progress=not args.quiet, dispersion_per_batch=not args.pooled_dispersion,
+            count_likelihood=args.count_likelihood,
         )
     write_csv(res.table, out / ".calibration.csv.tmp")
     Path(out / ".calibration.csv.tmp").replace(out / "calibration.csv")
@@ -416,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--n-control-cells", type=positive_int, default=None,
                      help="controls each null set is compared with (default 300)")
     cal.add_argument("--batch-key", default=None)
+    cal.add_argument("--pooled-dispersion", action="store_true",
+                     help="with --batch-key: one dispersion per gene pooled over the batches, as scotgm run's option")
+    cal.add_argument("--count-likelihood", default="marginal", choices=["marginal", "weighted"],
+                     help="the count layer's likelihood whose Wald p-values are checked (as scotgm run's option)")
     cal.add_argument("--fdr", type=number_arg(0.0, 1.0, what="a level"), default=0.1,
                      help="Benjamini-Hochberg level of the counted discoveries, in (0, 1] (default 0.1)")
     cal.add_argument("--layer", default=None)

@@ -153,6 +153,22 @@ def test_the_screen_fits_a_dispersion_per_batch_and_get_model_reproduces_it(batc
     back = ScOTGM.load(fit.save(tmp_path / "fit.nc"))
     assert back.idata.constant_data["dispersion"].dims == ("batch", "gene")
     np.testing.assert_allclose(back.effects()["effect"].to_numpy(), fit.effects()["effect"].to_numpy(), atol=1e-12)
+    assert fit.model_config["count_likelihood"] == back.model_config["count_likelihood"] == "marginal"
+    # a file written before the count likelihood was a setting was fitted with the weighted one
+    import json
+
+    import xarray as xr
+
+    from scotgm_pp.models._persist import DIGEST_ATTR, digest
+
+    tree = xr.load_datatree(str(tmp_path / "fit.nc"), engine="h5netcdf")
+    config = json.loads(tree.attrs["model_config"])
+    del config["count_likelihood"]
+    tree.attrs["model_config"] = json.dumps(config)
+    tree.attrs.pop(DIGEST_ATTR)
+    tree.attrs[DIGEST_ATTR] = digest(tree)
+    tree.to_netcdf(str(tmp_path / "old.nc"), engine="h5netcdf")
+    assert ScOTGM.load(tmp_path / "old.nc").model_config["count_likelihood"] == "weighted"
     # synthetic cells and posterior predictive draws read the batches' dispersions too
     cells = sg.tl.sample_cells(a, P, 30, random_state=0)
     assert cells.shape[0] == 30 and np.all(np.asarray(cells.X.sum(axis=1)).ravel() >= 0)

@@ -196,3 +196,47 @@ def test_the_cli_chooses_the_count_likelihood(tmp_path):
     with pytest.raises(SystemExit):
         main(["run", str(path), "--perturbation-key", "perturbation", "--control", "control",
               "--out", str(tmp_path / "bad"), "--count-likelihood", "mixture"])
+
+
+def test_the_calibration_cli_fits_the_likelihood_and_dispersion_it_is_asked_for(tmp_path, monkeypatch):
+    import scotgm_pp as sg
+    import scotgm_pp.tl._pair as pair
+    from scotgm_pp.cli import main
+
+    seen = []
+    fit = pair.fit_count_layer
+
+    def spy(*args, **kwargs):
+        out = fit(*args, **kwargs)
+        seen.append((out.count_likelihood, out.dispersion.shape))
+        return out
+
+    monkeypatch.setattr(pair, "fit_count_layer", spy)
+    adata = sg.datasets.simulate(n_genes=60, n_perturbations=2, n_control=300, n_cells_per_perturbation=80,
+                                 n_batches=2, random_state=0)
+    path = tmp_path / "screen.h5ad"
+    adata.write_h5ad(path)
+    common = ["calibrate", str(path), "--perturbation-key", "perturbation", "--control", "control", "--n-null", "2",
+              "--null-size", "60", "--batch-key", "batch", "--n-workers", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert seen and all(s == ("marginal", (2, 60)) for s in seen)
+    seen.clear()
+    assert main([*common, "--out", str(tmp_path / "b"), "--count-likelihood", "weighted", "--pooled-dispersion"]) == 0
+    assert seen and all(s == ("weighted", (60,)) for s in seen)
+
+
+def test_an_unknown_count_likelihood_is_refused_before_any_fit():
+    import scotgm_pp as sg
+    from scotgm_pp.benchmark._methods import scotgm_method
+    from scotgm_pp.pp import PreprocessParams
+    from scotgm_pp.tl._pair import analyse_pair
+
+    adata = sg.datasets.simulate(n_genes=30, n_perturbations=1, n_control=60, n_cells_per_perturbation=30,
+                                 random_state=0)
+    ctrl = (adata.obs["perturbation"] == "control").to_numpy()
+    with pytest.raises(ValueError, match="count_likelihood"):
+        analyse_pair(adata, ctrl, params=PreprocessParams(), coupling="ot", escape_model=True, regularization=0.01,
+                     count_likelihood="mixture")
+    # a weighted method is named so, however it was asked for
+    assert scotgm_method("ot", count_likelihood="weighted").__name__ == "scotgm_ot_effect_shrunk_weighted"
+    assert scotgm_method("ot").__name__ == "scotgm_ot_effect_shrunk"

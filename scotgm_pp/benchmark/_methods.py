@@ -300,6 +300,8 @@ def scotgm_method(
             return _state_shift(pair, p)
         return pd.Series(genes["score"].to_numpy(float), index=genes["gene"].astype(str).to_numpy())
 
+    if count_likelihood == "weighted" and not name.endswith(WEIGHTED_SUFFIX):
+        name += WEIGHTED_SUFFIX  # the name says which likelihood however it was asked for
     run.__name__ = f"scotgm_{coupling}_{name}" + ("" if state_space == DEFAULT_STATE_SPACE else f"_{state_space}")
     return run
 
@@ -333,7 +335,8 @@ def resolve_methods(methods) -> dict[str, Callable[[Pair], pd.Series]]:
             if coupling not in COUPLINGS or (score and _split_score(score)[0] not in SCOTGM_SCORES) or (
                     space and space not in STATE_SPACES):
                 raise ValueError(f"unknown method {name!r}; scotgm methods are scotgm-<coupling>[:<score>][@<space>] "
-                                 f"with coupling in {COUPLINGS}, score in {SCOTGM_SCORES} and space in {STATE_SPACES}.")
+                                 f"with coupling in {COUPLINGS}, score in {SCOTGM_SCORES} (effect_bound and "
+                                 f"effect_shrunk also with the suffix {WEIGHTED_SUFFIX}) and space in {STATE_SPACES}.")
             out[name] = scotgm_method(coupling, score=score or "mu_sigma", state_space=space or DEFAULT_STATE_SPACE)
         else:
             valid = ["nb-all-guides", "t-test", "wilcoxon", "van-elteren", "logfc"] + [

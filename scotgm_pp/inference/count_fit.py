@@ -1,8 +1,12 @@
-"""Fitting the count layer: its log-likelihood terms, the Newton M-step and the effects' standard errors.
+"""Fitting the count layer: its log-likelihood terms, the Newton fits and the effects' standard errors.
 
-Given state responsibilities ``R`` the M-step maximises, for every gene separately, the
-``R``-weighted NB log-likelihood plus the log prior over ``theta_g = (beta_g, delta_1g..,
-gamma_1g..)`` (:mod:`scotgm_pp.inference.count_layer`). It is a Newton iteration vectorised over
+Given state probabilities ``R`` the screen's default (:func:`fit_marginal`) maximises, for every
+gene separately, the marginal NB log-likelihood ``sum_i log sum_k r_ik NB(y_ig | k)`` plus the log
+prior, by Newton with Louis' information. The M-step (:func:`fit_given_states`, the
+``count_likelihood="weighted"`` fit and the joint EM's step) maximises the ``R``-weighted NB
+log-likelihood ``sum_i sum_k r_ik log NB(y_ig | k)`` plus the log prior over
+``theta_g = (beta_g, delta_1g.., gamma_1g..)`` (:mod:`scotgm_pp.inference.count_layer`). Both are
+Newton iterations vectorised over
 genes (one small ``p x p`` system per gene, ``p = K + B - 1``) with step-halving per gene, so
 the objective never decreases.
 

@@ -286,6 +286,8 @@ def joint_log_density(
     ``state_probability`` (``(n, K)``), the cut graph's (``count_evidence="cut"``): the scores'
     mixture density plus ``sum_ig log sum_k r_ik NB(y_ig | k)`` (``count_likelihood="marginal"``)
     or ``sum_ik r_ik log p(y_i | k)`` (``"weighted"``)."""
+    if count_likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(f"count_likelihood must be one of {COUNT_LIKELIHOODS}, got {count_likelihood!r}.")
     X = validate_scores(X)
     n = X.shape[0]
     K = len(weights)

@@ -5,9 +5,10 @@ The graph is :func:`scotgm_pp.models.build_model` with ``counts`` (every cell's 
 state with its scores, :mod:`scotgm_pp.models.count_graph`). Which evidence informs the states
 is ``model_config["count_evidence"]``, and it decides the graph every method fits:
 
-* ``"cut"`` (default): the graph weights each cell's count log-likelihood in a state by the
-  cell's probability of that state from the scores alone (data ``state_probability``: EM's
-  responsibilities of the scores), as the screen does (:func:`scotgm_pp.tl.perturbation_response`):
+* ``"cut"`` (default): the graph integrates each cell's state out of each gene's count
+  likelihood over the cell's probabilities of the states from the scores alone (data
+  ``state_probability``: EM's responsibilities of the scores; ``model_config["count_likelihood"]``
+  ``"weighted"`` weights each state's log-likelihood by them instead), as the screen does (:func:`scotgm_pp.tl.perturbation_response`):
   EM reproduces the screen's effects for the same cells and genes, and MAP and NUTS maximise and
   sample that graph;
 * ``"joint"``: the joint density, the counts informing the states too (EM, MAP and NUTS).

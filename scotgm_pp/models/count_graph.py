@@ -226,6 +226,8 @@ def cells_joint(name: str, *, means, precisions, log_weights, layer: dict, obser
     fixed state probabilities of the cut (the counts then do not inform the states), else
     ``None`` (the joint density); ``count_likelihood`` the cut's count density (``"marginal"``
     or ``"weighted"``, :func:`~scotgm_pp.models.build_model`)."""
+    if count_likelihood not in ("marginal", "weighted"):
+        raise ValueError(f"count_likelihood must be 'marginal' or 'weighted', got {count_likelihood!r}.")
     cut = state_probability is not None
     inputs = [means, precisions, log_weights, layer["state_log_rate"], layer["cell_offset"], layer["alpha"]]
     signature = "(k,d),(k,d,d),(k),(k,g),(g),(g)"

@@ -741,7 +741,7 @@ class ScOTGM:
 
     def _set_state_probability(self, R: np.ndarray) -> None:
         """Give the cut graph (and an extension of it) the state probabilities its count layer is
-        weighted by."""
+        weighted by (the weighted likelihood) or integrated over (the marginal one)."""
         import pymc as pm
 
         self._data["state_probability"] = np.asarray(R, float)
@@ -1465,6 +1465,8 @@ class ScOTGM:
             raise ValueError(f"{path} is not a readable netCDF file written by ScOTGM.save ({err}).") from err
         config = verify(idata, path)
         upgrade(idata)
+        # a file saved before the count likelihood was a setting was fitted with the weighted one
+        config["model_config"].setdefault("count_likelihood", "weighted")
         model = cls(model_config=config["model_config"], sampler_config=config["sampler_config"],
                     **config["settings"])
         model.idata = idata

@@ -29,7 +29,7 @@ from ._core import (
 )
 from ._calls import bh_qvalues, resampling_test
 from ._counts import count_shift, universal_threshold
-from ._effects import effect_table, fit_count_layer, library_sizes
+from ._effects import COUNT_LIKELIHOODS, effect_table, fit_count_layer, library_sizes
 from ._posterior import posterior_record
 from ._signature import fit_signature_states, pearson_residuals
 
@@ -149,6 +149,8 @@ def analyse_pair(
             )
     if state_space not in STATE_SPACES:
         raise ValueError(f"unknown state_space {state_space!r}; choose one of {', '.join(STATE_SPACES)}.")
+    if count_likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(f"count_likelihood must be one of {COUNT_LIKELIHOODS}, got {count_likelihood!r}.")
     pair = prepare_pair(counts, is_control, params)
     rows = counts.obs_names.get_indexer(pair.obs_names)
     cols = counts.var_names.get_indexer(pair.var_names)
