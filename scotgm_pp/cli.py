@@ -16,6 +16,10 @@ import numpy as np
 from ._arguments import MAX_INT, MAX_PCS, Parser, fraction, int_arg, number_arg, positive_int, seed, storage_error
 from ._workers import SCHEDULER_TIMEOUT
 
+COUNT_LIKELIHOODS_CLI = ("marginal", "weighted")
+"""``inference.joint_em.COUNT_LIKELIHOODS``, spelled out so that the parser does not import the
+modelling stack (a test checks they are equal)."""
+
 DESCRIPTION = """\
 sc-OTGM for single-cell CRISPR screens (Perturb-seq, CROP-seq, ECCITE-seq).
 
@@ -74,7 +78,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pooled-dispersion", action="store_true",
                    help="with --batch-key: one dispersion per gene pooled over the batches in the count layer "
                         "instead of one per batch")
-    g.add_argument("--count-likelihood", default="marginal", choices=["marginal", "weighted"],
+    g.add_argument("--count-likelihood", default="marginal", choices=COUNT_LIKELIHOODS_CLI,
                    help="the count layer's likelihood of each gene given the cells' state probabilities: each cell's "
                         "state integrated out gene by gene (marginal, default) or each state's log-likelihood "
                         "weighted by its probability (weighted; attenuates a knock-down's effect)")
@@ -419,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--batch-key", default=None)
     cal.add_argument("--pooled-dispersion", action="store_true",
                      help="with --batch-key: one dispersion per gene pooled over the batches, as scotgm run's option")
-    cal.add_argument("--count-likelihood", default="marginal", choices=["marginal", "weighted"],
+    cal.add_argument("--count-likelihood", default="marginal", choices=COUNT_LIKELIHOODS_CLI,
                      help="the count layer's likelihood whose Wald p-values are checked (as scotgm run's option)")
     cal.add_argument("--fdr", type=number_arg(0.0, 1.0, what="a level"), default=0.1,
                      help="Benjamini-Hochberg level of the counted discoveries, in (0, 1] (default 0.1)")

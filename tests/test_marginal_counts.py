@@ -164,6 +164,10 @@ def test_count_likelihood_validated():
     with pytest.raises(InputError, match="count_likelihood"):
         RunSettings("perturbation", "control", count_likelihood="mixture")
     assert RunSettings("perturbation", "control").to_dict()["count_likelihood"] == "marginal"
+    from scotgm_pp.cli import COUNT_LIKELIHOODS_CLI
+    from scotgm_pp.inference.joint_em import COUNT_LIKELIHOODS
+
+    assert COUNT_LIKELIHOODS_CLI == COUNT_LIKELIHOODS
     assert RunSettings("perturbation", "control", count_likelihood="weighted").to_dict()["count_likelihood"] == "weighted"
 
 

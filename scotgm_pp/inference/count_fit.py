@@ -172,22 +172,10 @@ def entry_posteriors(data: CountData, cp: CountPass, R: np.ndarray, genes: np.nd
     gene's count alone and the fixed state probabilities ``R``: ``q_kig ~ r_ik NB(y_ig | k)``
     (the E-step of the per-gene marginal likelihood ``sum_i log sum_k r_ik NB(y_ig | k)``).
     With ``genes``, only those columns (``(K, n_free, len(genes))``)."""
-    K = data.n_states
-    cols = np.arange(data.n_genes) if genes is None else np.asarray(genes)
-    f0, f1, fsegs = data.free
-    lam = cp.params.log_rates()[:, :, cols]
-    logq = np.empty((K, f1 - f0, cols.size))
-    for b, sl in fsegs:
-        loc = slice(sl.start - f0, sl.stop - f0)
-        r = R[data.order[sl]]
-        y = data.ya[sl][:, cols] - data.alpha[b, cols]
-        for k in range(K):
-            with np.errstate(divide="ignore"):
-                logq[k, loc] = np.log(r[:, k])[:, None] + y * lam[k, b] - cp.free_e[k, loc][:, cols]
-    top = logq.max(axis=0, keepdims=True)
-    q = np.exp(logq - top)
-    q /= q.sum(axis=0, keepdims=True)
-    return q
+    if genes is None:
+        return _free_posteriors(data, cp, R)[0]
+    cols = np.asarray(genes)
+    return _free_posteriors(_column_view(data, cols), _column_pass(cp, cols), R)[0]
 
 
 def group_sums(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray | None = None) -> GroupSums:
@@ -244,7 +232,7 @@ def _gradient_information(data: CountData, params: CountParams, sums: GroupSums,
 
 
 def newton_step(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior, *, max_halvings: int = 30,
-                active: np.ndarray | None = None, Q: np.ndarray | None = None):
+                active: np.ndarray | None = None):
     """One Newton step per gene on the ``R``-weighted objective, halved per gene until it does not decrease.
 
     With ``active`` (a boolean mask over genes) the other genes keep their parameters and their
@@ -252,7 +240,7 @@ def newton_step(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior
     Returns the new :class:`CountPass` (at the accepted parameters), the per-gene gain of the
     objective and the absolute size of each gene's step taken (0 for inactive genes).
     """
-    sums = group_sums(data, cp, R, Q)
+    sums = group_sums(data, cp, R)
     grad, info = _gradient_information(data, cp.params, sums, prior)
     step = np.linalg.solve(info, grad[:, :, None])[:, :, 0]
     genes = None
@@ -267,7 +255,7 @@ def newton_step(data: CountData, cp: CountPass, R: np.ndarray, prior: CountPrior
     for _ in range(max_halvings + 1):
         trial = CountParams.from_theta(theta0 + scale[:, None] * step, K, B)
         new = evaluate(data, trial, genes, cp)
-        after = _objective(data, trial, group_sums(data, new, R, Q), prior)
+        after = _objective(data, trial, group_sums(data, new, R), prior)
         # a step of rounding size (at the optimum) is accepted as it is: halving it only
         # re-evaluates every gene for a change below the objective's own rounding
         worse = ~(after >= before - 1e-12 * np.abs(before)) & (scale * size > 1e-9)
@@ -289,7 +277,6 @@ def fit_given_states(
     init: CountParams | None = None,
     max_iter: int = 100,
     tol: float = 1e-6,
-    Q: np.ndarray | None = None,
 ) -> tuple[CountPass, int, bool]:
     """The count parameters maximising the expected complete-data log posterior given responsibilities ``R``.
 
@@ -307,7 +294,7 @@ def fit_given_states(
     active = np.ones(data.n_genes, bool)
     partial = False
     for it in range(1, max_iter + 1):
-        cp, _, size = newton_step(data, cp, R, prior, active=active if partial else None, Q=Q)
+        cp, _, size = newton_step(data, cp, R, prior, active=active if partial else None)
         active &= size >= tol
         if not active.any():
             return (evaluate(data, cp.params) if partial else cp), it, True
@@ -334,6 +321,13 @@ def _column_pass(cp: CountPass, cols: np.ndarray) -> CountPass:
     return CountPass(params, cp.pinned_dv[:, :, cols], cp.pinned_h[:, :, cols], cp.pinned_e[:, :, cols],
                      cp.free_dv[:, :, cols], cp.free_h[:, :, cols], cp.free_e[:, :, cols],
                      np.full_like(cp.row_loglik, np.nan))
+
+
+def _set_columns(params: CountParams, cols: np.ndarray, values: CountParams) -> None:
+    """Write ``values`` (parameters of the genes ``cols`` only) into ``params``, in place."""
+    params.beta[cols] = values.beta
+    params.delta[:, cols] = values.delta
+    params.gamma[:, cols] = values.gamma
 
 
 def _column_prior(prior: CountPrior, genes: np.ndarray, n_genes: int) -> CountPrior:
@@ -470,9 +464,7 @@ def _fit_marginal(data, R, prior, *, init=None, max_iter=100, tol=1e-6):
             if full is None:
                 full = (wcp, Q, genes[keep], _column_pass(wcp, keep).params)
             else:
-                full[0].params.beta[genes] = wcp.params.beta  # the columns that stop here
-                full[0].params.delta[:, genes] = wcp.params.delta
-                full[0].params.gamma[:, genes] = wcp.params.gamma
+                _set_columns(full[0].params, genes, wcp.params)  # the columns that stop here
             genes = genes[keep]
             wdata, wprior = _column_view(data, genes), _column_prior(prior, genes, G)
             wcp = _column_pass(wcp, keep)
@@ -484,9 +476,7 @@ def _fit_marginal(data, R, prior, *, init=None, max_iter=100, tol=1e-6):
     # the full pass, with the columns that moved after it recomputed at their final values: its
     # terms and posteriors replaced, its per-cell sums over the genes corrected by the difference
     cp, Q, first, then = full
-    cp.params.beta[genes] = wcp.params.beta
-    cp.params.delta[:, genes] = wcp.params.delta
-    cp.params.gamma[:, genes] = wcp.params.gamma
+    _set_columns(cp.params, genes, wcp.params)
     view = _column_view(data, first)
     final = CountParams(cp.params.beta[first], cp.params.delta[:, first], cp.params.gamma[:, first])
     new = evaluate(view, final)

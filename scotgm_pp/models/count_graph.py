@@ -61,6 +61,7 @@ import pytensor.tensor as pt
 from pytensor.tensor.type_other import NoneTypeT
 
 from ..inference.count_layer import PHI_MIN, CountPrior, batch_codes
+from ..inference.joint_em import COUNT_LIKELIHOODS
 
 __all__ = ["count_coords", "add_count_layer", "cells_joint", "joint_state_terms", "count_state_terms"]
 
@@ -226,8 +227,8 @@ def cells_joint(name: str, *, means, precisions, log_weights, layer: dict, obser
     fixed state probabilities of the cut (the counts then do not inform the states), else
     ``None`` (the joint density); ``count_likelihood`` the cut's count density (``"marginal"``
     or ``"weighted"``, :func:`~scotgm_pp.models.build_model`)."""
-    if count_likelihood not in ("marginal", "weighted"):
-        raise ValueError(f"count_likelihood must be 'marginal' or 'weighted', got {count_likelihood!r}.")
+    if count_likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(f"count_likelihood must be one of {COUNT_LIKELIHOODS}, got {count_likelihood!r}.")
     cut = state_probability is not None
     inputs = [means, precisions, log_weights, layer["state_log_rate"], layer["cell_offset"], layer["alpha"]]
     signature = "(k,d),(k,d,d),(k),(k,g),(g),(g)"

@@ -75,6 +75,7 @@ from pymc.logprob.transforms import Transform
 from pytensor.tensor.type_other import NoneTypeT
 
 from ..inference.count_layer import CountPrior, default_count_prior
+from ..inference.joint_em import COUNT_LIKELIHOODS
 from ..inference.em import NormalWishartPrior, default_prior, validate_allowed_states, validate_scores
 from .count_graph import add_count_layer, cells_joint, count_coords
 
@@ -399,8 +400,8 @@ def build_model(
     Y = _check_counts(counts, n, size_factors, dispersion)
     if count_evidence not in ("joint", "cut"):
         raise ValueError(f"count_evidence must be 'joint' or 'cut', got {count_evidence!r}.")
-    if count_likelihood not in ("marginal", "weighted"):
-        raise ValueError(f"count_likelihood must be 'marginal' or 'weighted', got {count_likelihood!r}.")
+    if count_likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(f"count_likelihood must be one of {COUNT_LIKELIHOODS}, got {count_likelihood!r}.")
     R_cut = None
     if Y is not None and count_evidence == "cut":
         R_cut = check_state_probability(state_probability, mask)

@@ -59,6 +59,7 @@ from ..inference.em import (
     scaled_prior,
     validate_allowed_states,
 )
+from ..inference.joint_em import COUNT_LIKELIHOODS
 from .graph import MEAN_PARAMETRIZATIONS, default_contrasts, default_state_names
 
 __all__ = ["ScOTGM", "PerturbationDistribution", "ConvergenceWarning", "DEFAULT_MODEL_CONFIG",
@@ -180,8 +181,8 @@ def _check_model_config(config: dict) -> dict:
     c["extra_dof"] = int(dof)
     if c["count_evidence"] not in COUNT_EVIDENCE:
         raise ValueError(f"count_evidence must be one of {COUNT_EVIDENCE}, got {c['count_evidence']!r}.")
-    if c["count_likelihood"] not in ("marginal", "weighted"):
-        raise ValueError(f"count_likelihood must be 'marginal' or 'weighted', got {c['count_likelihood']!r}.")
+    if c["count_likelihood"] not in COUNT_LIKELIHOODS:
+        raise ValueError(f"count_likelihood must be one of {COUNT_LIKELIHOODS}, got {c['count_likelihood']!r}.")
     for key in ("kappa", "regularization", "delta_sd", "beta_sd", "gamma_sd"):
         if not float(c[key]) > 0:
             raise ValueError(f"{key} must be > 0, got {c[key]!r}.")

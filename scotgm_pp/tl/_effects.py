@@ -18,15 +18,11 @@ from scipy import stats
 
 from ..inference import count_fit
 from ..inference import count_layer as cl
+from ..inference.joint_em import COUNT_LIKELIHOODS
 from ..inference.normal_means import normal_means
 from ._counts import universal_threshold
 
 __all__ = ["COUNT_LIKELIHOODS", "CountFit", "fit_count_layer", "effect_table", "library_sizes"]
-
-COUNT_LIKELIHOODS = ("marginal", "weighted")
-"""The count layer's likelihood of a gene given the states' posteriors ``R`` (see
-:func:`fit_count_layer`): ``"marginal"`` (default) ``sum_i log sum_k r_ik NB(y_ig | k)``;
-``"weighted"`` ``sum_i sum_k r_ik log NB(y_ig | k)``."""
 
 MARGINAL_SE_METHOD = "louis"
 """``effect_se`` of the marginal count likelihood: its observed information (Louis)."""
