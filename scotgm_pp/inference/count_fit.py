@@ -38,6 +38,8 @@ __all__ = [
     "fit_given_states",
     "entry_posteriors",
     "fit_marginal",
+    "fit_cut",
+    "cut_correction",
     "effect_standard_errors",
     "sandwich_meat",
     "unshrunk_effects",
@@ -485,6 +487,26 @@ def _fit_marginal(data, R, prior, *, init=None, max_iter=100, tol=1e-6):
         getattr(cp, name)[:, :, first] = getattr(new, name)
     Q[:, :, first] = _free_posteriors(view, new, R)[0]
     return cp, Q, it, moving
+
+
+def fit_cut(data: CountData, R: np.ndarray, prior: CountPrior, count_likelihood: str = "marginal", *,
+            tol: float = 1e-6) -> tuple[CountPass, np.ndarray | None, int, bool, str]:
+    """The count layer given the state probabilities ``R`` (the cut), with either likelihood:
+    ``"marginal"`` (:func:`fit_marginal`) or ``"weighted"`` (:func:`fit_given_states`). Returns
+    the pass, the per-gene posteriors ``Q`` (``None`` for the weighted fit), the iterations,
+    whether every gene converged and the :func:`effect_standard_errors` correction that belongs to
+    the likelihood (:func:`cut_correction`)."""
+    if count_likelihood == "marginal":
+        cp, Q, it, ok = fit_marginal(data, R, prior, tol=tol)
+    else:
+        (cp, it, ok), Q = fit_given_states(data, R, prior, tol=tol), None
+    return cp, Q, it, ok, cut_correction(count_likelihood)
+
+
+def cut_correction(count_likelihood: str) -> str:
+    """The :func:`effect_standard_errors` correction of the cut's fit: ``"louis"`` (the observed
+    information) for the marginal likelihood, :data:`CUT_CORRECTION` for the weighted one."""
+    return "louis" if count_likelihood == "marginal" else CUT_CORRECTION
 
 
 CORRECTIONS = ("imputation", "louis", "none", "sandwich", "robust")

@@ -231,12 +231,8 @@ def fit_joint_em(
         R = gauss.responsibilities
     if evidence == "gaussian":
         # The cut: the count layer given the Gaussian graph's converged state probabilities.
-        if count_likelihood == "marginal":
-            cp, Q, _, _ = cf.fit_marginal(data, R, count_prior)
-            se = cf.effect_standard_errors(data, cp, R, count_prior, correction="louis", Q=Q)
-        else:
-            cp, _, _ = cf.fit_given_states(data, R, count_prior)
-            se = cf.effect_standard_errors(data, cp, R, count_prior, correction=cf.CUT_CORRECTION)
+        cp, Q, _, _, method = cf.fit_cut(data, R, count_prior, count_likelihood)
+        se = cf.effect_standard_errors(data, cp, R, count_prior, correction=method, Q=Q)
         return JointEMResult(gaussian=gauss, counts=cp.params, effect_se=se, logp_trace=gauss.logp_trace,
                              n_iter=gauss.n_iter, converged=gauss.converged, evidence=evidence, covariance=covariance,
                              count_prior=count_prior, dispersion=data.phi.copy(), count_loglik=cp.row_loglik)

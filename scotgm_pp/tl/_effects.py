@@ -24,14 +24,6 @@ from ._counts import universal_threshold
 
 __all__ = ["COUNT_LIKELIHOODS", "CountFit", "fit_count_layer", "effect_table", "library_sizes"]
 
-MARGINAL_SE_METHOD = "louis"
-"""``effect_se`` of the marginal count likelihood: its observed information (Louis)."""
-
-SE_METHOD = count_fit.CUT_CORRECTION
-"""How ``effect_se`` of the weighted count likelihood treats uncertain states (see
-:func:`scotgm_pp.inference.count_fit.effect_standard_errors`); ``effect_se_robust`` is the
-``"robust"`` correction (the larger of that and the sandwich standard error)."""
-
 
 @dataclass
 class CountFit:
@@ -91,7 +83,7 @@ class CountFit:
     @property
     def se_method(self) -> str:
         """The correction of ``effect_se`` (:func:`~scotgm_pp.inference.count_fit.effect_standard_errors`)."""
-        return MARGINAL_SE_METHOD if self.count_likelihood == "marginal" else SE_METHOD
+        return count_fit.cut_correction(self.count_likelihood)
 
     @property
     def batch_labels(self) -> list[str]:
@@ -193,12 +185,7 @@ def fit_count_layer(
         source = "given per batch"
     prior = cl.default_count_prior(counts, size_factors, beta_sd=beta_sd, delta_sd=delta_sd, gamma_sd=gamma_sd)
     data = cl.CountData(counts, size_factors, dispersion, fixed, R.shape[1], batch)
-    if count_likelihood == "marginal":
-        cp, Q, n_iter, converged = count_fit.fit_marginal(data, R, prior, tol=NEWTON_TOL)
-        method = MARGINAL_SE_METHOD
-    else:
-        cp, n_iter, converged = count_fit.fit_given_states(data, R, prior, tol=NEWTON_TOL)
-        Q, method = None, SE_METHOD
+    cp, Q, n_iter, converged, method = count_fit.fit_cut(data, R, prior, count_likelihood, tol=NEWTON_TOL)
     se = count_fit.effect_standard_errors(data, cp, R, prior, correction=method, Q=Q)
     robust = np.fmax(se, count_fit.effect_standard_errors(data, cp, R, prior, correction="sandwich", Q=Q))
     unshrunk, unshrunk_se = count_fit.unshrunk_effects(data, cp, R, prior, correction=method, Q=Q)
