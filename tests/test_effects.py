@@ -89,10 +89,15 @@ def test_record_says_which_graph_produced_each_number(small_sim, state_space):
     shown = genes["effect_unshrunk"].notna()
     assert shown.mean() > 0.5 and np.array_equal(genes["effect_unshrunk_se"].notna(), shown)
     assert np.all(np.abs(genes.loc[shown, "effect_unshrunk"]) >= np.abs(genes.loc[shown, "effect"]) - 1e-9)
-    # the robust SE is never below the model's; its p-value is its Wald p
+    # the Wald test is of the maximum-likelihood effect where it is reported, else of the MAP;
+    # the robust SE is never below the model's, and its p-value is the MAP's Wald p with it
     assert np.all(genes["effect_se_robust"] >= genes["effect_se"])
+    z_ml = genes["effect_unshrunk"] / genes["effect_unshrunk_se"]
+    np.testing.assert_allclose(genes["effect_pvalue"],
+                               2 * stats.norm.sf(np.abs(np.where(shown, z_ml, genes["effect_z"]))), rtol=1e-12)
     np.testing.assert_allclose(genes["effect_pvalue_robust"],
                                2 * stats.norm.sf(np.abs(genes["effect"] / genes["effect_se_robust"])), rtol=1e-12)
+    np.testing.assert_allclose(genes["effect_qvalue"], stats.false_discovery_control(genes["effect_pvalue"]))
     assert {"lfc_all_guides", "lfc_all_guides_se", "lfc_all_guides_z", "lfc_all_guides_bound", "mu", "sigma",
             "score", "shift", "rank", "abs_rank"} <= set(genes.columns)
     order = genes.sort_values("rank")

@@ -130,9 +130,11 @@ def effects_frame(genes, state_names, delta: np.ndarray, se: np.ndarray, *, draw
                   ci: float = 0.9) -> pd.DataFrame:
     """One row per (non-basal state, gene): ``effect`` (natural-log fold change against the basal
     state), ``effect_se``, ``effect_z``, ``effect_bound`` (the screen's ranking key,
-    ``sign * max(|effect| - sqrt(2 ln G) se, 0)``), ``effect_pvalue`` (Wald, two-sided) and the
-    ``ci`` interval (``lower``, ``upper``: normal for a point fit, quantiles of the draws for a
-    sampled one)."""
+    ``sign * max(|effect| - sqrt(2 ln G) se, 0)``), ``effect_pvalue`` (two-sided, of ``effect_z``:
+    the posterior's effect over its SD, so under the ``delta`` prior a conservative test; the
+    screen's ``effect_pvalue`` tests the maximum-likelihood effect instead, see
+    :func:`scotgm_pp.tl._effects.effect_table`) and the ``ci`` interval (``lower``, ``upper``:
+    normal for a point fit, quantiles of the draws for a sampled one)."""
     genes = [str(g) for g in genes]
     G = len(genes)
     lam = np.sqrt(2.0 * np.log(max(G, 2)))
