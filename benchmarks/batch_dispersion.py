@@ -39,7 +39,8 @@ of each seed together:
 * ``top1``: the target ranked first (``rank`` 1: the strongest knock-down by ``effect_shrunk``);
 * DE detection, signed against ``de_genes``: the model's empirical-Bayes calls
   ``effect_lfsr < 0.05`` (sign of ``effect_shrunk``) and its Wald calls ``effect_qvalue < 0.1``
-  (sign of ``effect``), and the same with the robust SE (``wald_robust``: Benjamini-Hochberg
+  (the test of ``effect_unshrunk`` where reported, else of ``effect``; sign of ``effect``), and
+  the MAP's Wald calls with the robust SE (``wald_robust``: Benjamini-Hochberg
   over ``effect_pvalue_robust``): power (recall), false-discovery proportion and F1; and the screen's
   resampling calls ``sg.tl.call_hits(fdr=0.1)`` (their statistic uses the pooled dispersion
   either way, so they should not move);

@@ -7,9 +7,10 @@
 2. The 60-vs-300 protocol (the benchmark's draws, seeds given): power = share of the 90
    target experiments where the target gene is a discovery at q < fdr (BH within the
    experiment), for the package's calls (``pval``/``qval``, the resampling test run by the
-   pipeline on the experiment's cells), for the model's own Wald calls on the count layer's
-   ``effect`` (``model-wald``: ``effect_qvalue``; ``model-wald-robust``: Benjamini-Hochberg over
-   ``effect_pvalue_robust``) and for scanpy's Wilcoxon (BH-adjusted, same cells); ``any method``
+   pipeline on the experiment's cells), for the model's own Wald calls (``model-wald``:
+   ``effect_qvalue``, the test of ``effect_unshrunk`` where reported, else of ``effect``;
+   ``model-wald-robust``: Benjamini-Hochberg over ``effect_pvalue_robust``, the MAP's with the
+   robust SE; signs of ``effect``) and for scanpy's Wilcoxon (BH-adjusted, same cells); ``any method``
    is the share of experiments in which at least one of them did (what choosing the best method
    afresh for every experiment would reach: a ceiling for each of them on these cells).
 3. DEG table: for all 25 perturbations x seeds, the discoveries at q < fdr against the known

@@ -12,8 +12,9 @@ method sees the same cells:
   and caps from one pass), calls at ``qval < fdr``; ranks by its default ``effect_shrunk`` and by
   ``effect_bound``;
 * scanpy's Wilcoxon on log-normalised counts (BH);
-* the model's own Wald calls on the count layer's ``effect`` (``scotgm:model-wald``:
-  ``effect_qvalue``; ``scotgm:model-wald-robust``: BH over ``effect_pvalue_robust``);
+* the model's own Wald calls (``scotgm:model-wald``: ``effect_qvalue``, the test of
+  ``effect_unshrunk`` where reported, else of ``effect``; ``scotgm:model-wald-robust``: BH over
+  ``effect_pvalue_robust``; signs of ``effect``);
 * pydeseq2 on pseudobulk samples (condition x batch, design ``~rep + condition``), when installed;
 * ``any method``: at least one of the methods ranked the target first / found it (a ceiling for
   each of them on these cells).

@@ -244,7 +244,8 @@ def test_calibration_check_on_a_null_of_simulated_controls():
     assert 0.035 <= table.loc["scotgm", "frac_p_below_0.05"] <= 0.065
     assert 0.004 <= table.loc["scotgm", "frac_p_below_0.01"] <= 0.016
     assert table.loc["scotgm", "sets_with_discovery"] <= 4
-    # the model's Wald test holds its level too (0.060 and 1 set here; 0.045 testing the MAP)
+    # the model's Wald test holds its level too (0.060 and 1 set here): a level check only, the MAP
+    # test gives 0.045 on these genes; the Papalexi test below tells the two apart
     assert 0.035 <= table.loc["model-wald", "frac_p_below_0.05"] <= 0.075
     assert table.loc["model-wald", "sets_with_discovery"] <= 4
     assert (res.sets["n_controls"] == 300).all()
@@ -263,6 +264,6 @@ def test_the_model_wald_test_of_the_maximum_likelihood_effect_on_papalexi_nulls(
         res = sg.tl.calibration_check(papalexi, "target", "non-targeting", n_null=20, null_size=60,
                                       n_control_cells=300, baselines=(), random_state=0)
     wald = res.table.set_index("method").loc["model-wald"]
-    assert wald["n_tests"] == 5616
+    assert wald["n_tests"] > 5000
     assert 0.021 <= wald["frac_p_below_0.05"] <= 0.06
-    assert wald["sets_with_discovery"] == 0
+    assert wald["sets_with_discovery"] <= 2

@@ -149,6 +149,23 @@ def test_given_dispersion_and_library_sizes(small_sim):
     cf = fit_count_layer(X[:, kept], np.where(ctrl, 0, 1), np.eye(2)[np.where(ctrl, 0, 1)],
                          size_factors=library_sizes(X), dispersion=phi[kept])
     np.testing.assert_allclose(genes["effect"], cf.params.delta[1], rtol=1e-8, atol=1e-10)
+    # the Wald test falls back to the MAP's z wherever no maximum-likelihood effect is usable
+    # (none in the fit, a zero SE, an infinite one) and is the unshrunk effect's elsewhere
+    from dataclasses import replace
+
+    from scotgm_pp.tl._effects import effect_table
+
+    map_p = 2 * stats.norm.sf(np.abs(cf.params.delta[1] / cf.effect_se[1]))
+    np.testing.assert_allclose(effect_table(replace(cf, effect_unshrunk=None, effect_unshrunk_se=None))["effect_pvalue"],
+                               map_p, rtol=1e-12)
+    se = cf.effect_unshrunk_se.copy()
+    shown = np.flatnonzero(np.isfinite(se[1]))
+    se[1, shown[:2]] = [0.0, np.inf]
+    table = effect_table(replace(cf, effect_unshrunk_se=se))
+    np.testing.assert_allclose(table["effect_pvalue"].to_numpy()[shown[:2]], map_p[shown[:2]], rtol=1e-12)
+    ml_p = 2 * stats.norm.sf(np.abs(cf.effect_unshrunk[1] / se[1]))
+    np.testing.assert_allclose(table["effect_pvalue"].to_numpy()[shown[2:]], ml_p[shown[2:]], rtol=1e-12)
+    assert np.all(np.isfinite(table["effect_qvalue"]))
     with pytest.raises(ValueError, match="dispersion must hold one finite non-negative value per gene"):
         analyse_pair(sub, ctrl, escape_model=False, dispersion=phi[:-1], **KW)
     with pytest.raises(ValueError, match="rank_by must be one of"):

@@ -212,8 +212,9 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     support after clearing the largest ``|z|`` expected among ``G`` null genes),
     ``effect_pvalue`` (two-sided Wald test of no change: of the maximum-likelihood effect,
     ``effect_unshrunk / effect_unshrunk_se``, where that is reported, and of ``effect_z`` where
-    it is not, i.e. where the counts carry less information on the effect than the prior, which
-    makes that test conservative), ``effect_qvalue`` (Benjamini-Hochberg over the genes),
+    it is not: where the counts carry less information on the effect than the prior, which
+    makes that test conservative, or the likelihood has no maximum, e.g. a gene without counts
+    in the state), ``effect_qvalue`` (Benjamini-Hochberg over the genes),
     ``log_rate_basal`` (``beta``) and ``dispersion`` (per batch: its average over the
     experiment's cells; :attr:`CountFit.dispersion` holds the batches').
 
@@ -237,8 +238,9 @@ def effect_table(fit: CountFit, *, state: int = 1, threshold: float | None = Non
     all). Where the negative binomial does not hold the variance, it calls too much (see the
     README). ``effect_se_robust`` (when the fit has it) is the larger of ``effect_se`` and the
     sandwich standard error, and ``effect_pvalue_robust`` the Wald test of ``effect`` (the MAP)
-    with it: conservative twice over (the prior's pull and the larger SE), the p-value to read
-    when calls must survive a wrong variance.
+    with it: more conservative than ``effect_pvalue`` (the prior's pull and the larger SE), the
+    p-value to read when calls must survive a wrong variance (on confounded simulated batches its
+    false-discovery proportion is still above the nominal, see the README).
 
     The ranking and the empirical Bayes columns use the model-based ``effect_se``: on Papalexi
     (60 guide cells vs 300 controls, seeds 0-19; measured with the weighted likelihood) ranking by

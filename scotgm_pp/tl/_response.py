@@ -513,7 +513,8 @@ def perturbation_response(
         read, and ``dispersion_screen``, the controls' shrunk dispersion), one layer per gene
         statistic (NaN for genes an experiment did not keep): the model's ``effect``,
         ``effect_se``, ``effect_z``, ``effect_bound``, ``effect_pvalue``, ``effect_qvalue``
-        (Wald, of ``effect_unshrunk`` where it is reported, else of ``effect``), ``effect_shrunk``, ``effect_shrunk_sd``, ``effect_lfsr`` (empirical Bayes across
+        (Wald, of ``effect_unshrunk`` where it is reported, else of ``effect``),
+        ``effect_shrunk``, ``effect_shrunk_sd``, ``effect_lfsr`` (empirical Bayes across
         the genes), ``effect_unshrunk`` and ``effect_unshrunk_se`` (without the count layer's
         prior), ``effect_se_robust`` and ``effect_pvalue_robust`` (the larger of ``effect_se`` and
         the sandwich SE), ``log_rate_basal``, ``dispersion``; the model-free ``lfc_all_guides``, ``_se``, ``_z``, ``_bound``; the paper's ``mu``,
