@@ -57,9 +57,9 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 import scotgm_pp as sg
+from scotgm_pp.tl._calls import bh_qvalues
 
 LFSR = 0.05
 QVAL = 0.1
@@ -134,10 +134,7 @@ def evaluate(adata, key: str) -> dict:
         top1.append(float(r["rank"].idxmin() == sim["target_gene"][p]))
         det["lfsr"].append(signed_detection(r["effect_lfsr"] < LFSR, r["effect_shrunk"], known))
         det["wald"].append(signed_detection(r["effect_qvalue"] < QVAL, r["effect"], known))
-        p_rob = r["effect_pvalue_robust"].to_numpy()
-        q_rob = np.full(p_rob.shape, np.nan)
-        fin = np.isfinite(p_rob)
-        q_rob[fin] = stats.false_discovery_control(p_rob[fin])
+        q_rob = bh_qvalues(r["effect_pvalue_robust"].to_numpy())
         det["wald_robust"].append(signed_detection(pd.Series(q_rob < QVAL, index=r.index), r["effect"], known))
         h = hits[hits["perturbation"] == p].set_index("gene")
         det["calls"].append(signed_detection(pd.Series(True, index=h.index),

@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
-from scipy import stats
 
 import scotgm_pp as sg
 from scotgm_pp._labels import label_key
 from scotgm_pp._screen import scan_counts, screen_from_anndata
 from scotgm_pp.benchmark import known_degs
 from scotgm_pp.pp import normalize_log
+from scotgm_pp.tl._calls import bh_qvalues
 from scotgm_pp.tl._execute import ScreenContext, TaskPayload, run_task
 from scotgm_pp.tl._plan import RunSettings, Task, screen_labels
 
@@ -155,10 +155,7 @@ def main() -> None:
                 de = deseq2_pseudobulk(X[rows], np.isin(rows, ctrl), reps, adata.var_names)
             gv = res.gene_values
             eff = pd.Series(gv["effect"], index=genes)
-            p_rob = np.asarray(gv["effect_pvalue_robust"], float)
-            q_rob = np.ones_like(p_rob)
-            fin = np.isfinite(p_rob)
-            q_rob[fin] = stats.false_discovery_control(p_rob[fin])
+            q_rob = bh_qvalues(gv["effect_pvalue_robust"])
             model = {name: {g: eff[g] for g in genes[mask]} for name, mask in (
                 ("model-wald", np.asarray(gv["effect_qvalue"], float) < args.fdr),
                 ("model-wald-robust", q_rob < args.fdr))}

@@ -34,13 +34,13 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
-from scipy import stats
 from calls_papalexi import deseq2_pseudobulk, f1_row
 
 import scotgm_pp as sg
 from scotgm_pp._labels import label_key
 from scotgm_pp._screen import scan_counts, screen_from_anndata
 from scotgm_pp.pp import normalize_log
+from scotgm_pp.tl._calls import bh_qvalues
 from scotgm_pp.tl._counts import bound_order_score
 from scotgm_pp.tl._execute import ScreenContext, TaskPayload, run_task
 from scotgm_pp.tl._plan import RunSettings, Task, screen_labels
@@ -83,10 +83,7 @@ def one_seed(seed: int, n_genes: int, fdr: float) -> list[dict]:
         calls = {"scotgm": {g: lfc[g] for g in q.index[q < fdr]}}
         # the model's own Wald calls on the count layer's effect (BH within the experiment)
         eff = pd.Series(v["effect"], index=genes)
-        p_rob = np.asarray(v["effect_pvalue_robust"], float)
-        q_rob = np.ones_like(p_rob)
-        fin = np.isfinite(p_rob)
-        q_rob[fin] = stats.false_discovery_control(p_rob[fin])
+        q_rob = bh_qvalues(v["effect_pvalue_robust"])
         for name, mask in (("scotgm:model-wald", np.asarray(v["effect_qvalue"], float) < fdr),
                            ("scotgm:model-wald-robust", q_rob < fdr)):
             calls[name] = {g: eff[g] for g in genes[mask]}
