@@ -20,7 +20,8 @@ method sees the same cells:
   each of them on these cells).
 
 Printed: top-1 (the target ranked first as the strongest knock-down), target power (the target a
-down discovery at q < fdr), and signed F1 of the discoveries against the simulated DEGs; mean over
+down discovery at q < fdr), signed F1 of the discoveries against the simulated DEGs, and
+``null05``, the share of p-values below 0.05 among the genes the simulation leaves alone; mean over
 seeds and the worst seed.
 """
 
@@ -104,8 +105,13 @@ def one_seed(seed: int, n_genes: int, fdr: float) -> list[dict]:
             padj = de["padj"].fillna(1.0)
             calls["deseq2-pseudobulk"] = {g: de.loc[g, "log2FoldChange"] for g in de.index[padj < fdr]}
             top1["deseq2-pseudobulk"] = de["stat"].fillna(0.0).idxmin() == target
+        # the genes the simulation leaves alone: the share of their p-values below 0.05
+        null = ~np.isin(genes, list(known) + [target])
+        null05 = {"scotgm": np.mean(np.asarray(v["pval"])[null] < 0.05),
+                  "wilcoxon": np.mean(w["pvals"].reindex(genes[null]).dropna().to_numpy() < 0.05)}
         for method in sorted(set(calls) | set(top1)):
-            row = {"seed": seed, "perturbation": pert, "method": method, "top1": top1.get(method, np.nan)}
+            row = {"seed": seed, "perturbation": pert, "method": method, "top1": top1.get(method, np.nan),
+                   "null05": float(null05.get(method, np.nan))}
             if method in calls:
                 c = calls[method]
                 row["power"] = bool(target in c and c[target] < 0)
@@ -127,7 +133,7 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         rows += one_seed(seed, args.genes, args.fdr)
     df = pd.DataFrame(rows)
-    cols = ["top1", "power", "precision", "recall", "f1"]
+    cols = ["top1", "power", "precision", "recall", "f1", "null05"]
     df[["top1", "power"]] = df[["top1", "power"]].astype(float)
     # a ceiling for any one method: at least one method ranked the target first / found it
     best = df.groupby(["seed", "perturbation"])[["top1", "power"]].max().reset_index().assign(method="any method")
@@ -137,8 +143,10 @@ def main() -> None:
           f"({time.perf_counter() - t0:.0f} s); calls at q < {args.fdr}; mean over seeds (worst seed)")
     mean = per_seed.groupby("method").mean()
     worst = per_seed.groupby("method").min()
+    worst["null05"] = per_seed.groupby("method")["null05"].max()  # the worst null is the highest share
     table = mean.round(3).astype(str) + " (" + worst.round(3).astype(str) + ")"
     print(table.to_string())
+    print("null05: the share of the p-values of the genes the simulation leaves alone below 0.05")
 
 
 if __name__ == "__main__":
