@@ -73,6 +73,17 @@ def deseq2_pseudobulk(X, is_control: np.ndarray, reps: np.ndarray, genes) -> pd.
 MEASURED = ["CMTM6", "IFNGR2", "JAK2", "NFKBIA", "STAT1", "STAT2", "STAT3", "TNFRSF14", "UBE2L6"]
 
 
+def model_wald_calls(values: dict, genes: np.ndarray, fdr: float) -> dict:
+    """The model's own Wald calls of one experiment (gene -> ``effect``, whose sign is the call's
+    direction): ``model-wald`` at ``effect_qvalue < fdr`` and ``model-wald-robust`` at
+    Benjamini-Hochberg over ``effect_pvalue_robust`` below ``fdr``; ``values`` are a task's gene
+    columns, ``genes`` their names."""
+    eff = pd.Series(values["effect"], index=genes)
+    masks = {"model-wald": np.asarray(values["effect_qvalue"], float) < fdr,
+             "model-wald-robust": bh_qvalues(values["effect_pvalue_robust"]) < fdr}
+    return {name: {g: eff[g] for g in genes[mask]} for name, mask in masks.items()}
+
+
 def f1_row(calls: dict, known: dict) -> dict:
     tp = sum(1 for g, s in calls.items() if g in known and np.sign(s) == np.sign(known[g]))
     prec = tp / len(calls) if calls else np.nan
@@ -153,12 +164,7 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 de = deseq2_pseudobulk(X[rows], np.isin(rows, ctrl), reps, adata.var_names)
-            gv = res.gene_values
-            eff = pd.Series(gv["effect"], index=genes)
-            q_rob = bh_qvalues(gv["effect_pvalue_robust"])
-            model = {name: {g: eff[g] for g in genes[mask]} for name, mask in (
-                ("model-wald", np.asarray(gv["effect_qvalue"], float) < args.fdr),
-                ("model-wald-robust", q_rob < args.fdr))}
+            model = model_wald_calls(res.gene_values, genes, args.fdr)
             methods = [("scotgm", ours), *model.items(), ("wilcoxon", theirs)]
             if de is not None:
                 padj = de["padj"].fillna(1.0)

@@ -35,13 +35,12 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
-from calls_papalexi import deseq2_pseudobulk, f1_row
+from calls_papalexi import deseq2_pseudobulk, f1_row, model_wald_calls
 
 import scotgm_pp as sg
 from scotgm_pp._labels import label_key
 from scotgm_pp._screen import scan_counts, screen_from_anndata
 from scotgm_pp.pp import normalize_log
-from scotgm_pp.tl._calls import bh_qvalues
 from scotgm_pp.tl._counts import bound_order_score
 from scotgm_pp.tl._execute import ScreenContext, TaskPayload, run_task
 from scotgm_pp.tl._plan import RunSettings, Task, screen_labels
@@ -83,11 +82,7 @@ def one_seed(seed: int, n_genes: int, fdr: float) -> list[dict]:
         bound = pd.Series(bound_order_score(v["effect_bound"], v["effect_z"]), index=genes)
         calls = {"scotgm": {g: lfc[g] for g in q.index[q < fdr]}}
         # the model's own Wald calls on the count layer's effect (BH within the experiment)
-        eff = pd.Series(v["effect"], index=genes)
-        q_rob = bh_qvalues(v["effect_pvalue_robust"])
-        for name, mask in (("scotgm:model-wald", np.asarray(v["effect_qvalue"], float) < fdr),
-                           ("scotgm:model-wald-robust", q_rob < fdr)):
-            calls[name] = {g: eff[g] for g in genes[mask]}
+        calls.update({f"scotgm:{name}": c for name, c in model_wald_calls(v, genes, fdr).items()})
         top1 = {"scotgm": shrunk.idxmin() == target, "scotgm:effect_bound": bound.idxmin() == target}
         ln, _ = normalize_log(AnnData(X=X[rows], obs=pd.DataFrame(index=adata.obs_names[rows]),
                                       var=pd.DataFrame(index=adata.var_names)), settings.preprocess,
