@@ -52,6 +52,25 @@ def test_ks_check_flags_the_shifted_component():
     assert (ks["ks_gaussian_padj"] > 0.01).all()
 
 
+def test_ks_check_equals_one_scipy_test_per_component():
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    scores = rng.standard_t(4, size=(180, 6))
+    is_control = rng.random(180) < 0.7
+    scores[~is_control, 2] += 0.8
+    ks = ks_check(scores, is_control)
+    a, b = scores[is_control], scores[~is_control]
+    for k in range(6):
+        shift = stats.ks_2samp(b[:, k], a[:, k])
+        z = (a[:, k] - a[:, k].mean()) / a[:, k].std(ddof=1)
+        gauss = stats.kstest(z, "norm")
+        assert ks.loc[k, "ks_shift_statistic"] == shift.statistic
+        assert ks.loc[k, "ks_shift_pvalue"] == shift.pvalue
+        assert ks.loc[k, "ks_gaussian_statistic"] == gauss.statistic
+        assert ks.loc[k, "ks_gaussian_pvalue"] == gauss.pvalue
+
+
 def test_prepare_pair_works_on_a_copy_and_records_its_steps(small_sim):
     before = small_sim.X.copy()
     labels = small_sim.obs["perturbation"].astype(str).to_numpy()

@@ -15,8 +15,10 @@ Everything reduces to sums over groups of cells with the same linear predictor
 derivatives of ``log NB`` in ``lambda`` are ``alpha (y - mu) / t`` and
 ``-alpha mu (y + alpha) / t^2``, and ``log NB = C + y log mu + alpha log alpha - (y + alpha) log t``
 with ``C`` free of parameters. Cells pinned to a state (controls) enter with weight 1 and are
-summed at once, in cache-sized chunks; only the free cells' terms are kept, to be reweighted
-when the responsibilities change.
+summed at once: where their counts are sparse (at most a quarter non-zero) from the non-zero
+counts and series in the library size (:mod:`scotgm_pp.inference._pinned_sums`, to rounding of
+the per-entry sums), otherwise entry by entry in cache-sized chunks; only the free cells' terms
+are kept, to be reweighted when the responsibilities change.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import _pinned_sums
 from .count_layer import CountData, CountParams, CountPrior, log_prior_per_gene, prior_scales
 
 __all__ = [
@@ -92,6 +95,47 @@ def _segment_terms(data: CountData, sl: slice, b: int, lam_b: np.ndarray, cols: 
     return v, t, e, ya @ lam_b - alpha @ lam_b
 
 
+def _sparse_block(data: CountData, sl: slice, b: int):
+    """The pinned rows ``sl`` (all of batch ``b``) prepared for the series sums
+    (:mod:`scotgm_pp.inference._pinned_sums`), or ``None`` where their counts are too dense for
+    it to pay (more than :data:`~scotgm_pp.inference._pinned_sums.SPARSE_MAX_DENSITY` non-zero)."""
+    key = (sl.start, sl.stop)
+    blocks = data.sparse_blocks
+    if key not in blocks:
+        y = data.y_sorted[sl]
+        dense = y.nnz > _pinned_sums.SPARSE_MAX_DENSITY * y.shape[0] * max(y.shape[1], 1)
+        blocks[key] = None if dense else _pinned_sums.sparse_rows(y, np.exp(data.log_s[sl]), data.alpha[b])
+    return blocks[key]
+
+
+def _pinned_terms(data: CountData, seg: slice, b: int, lam_b: np.ndarray, cols: np.ndarray | None = None,
+                  want_rows: bool = True):
+    """Sums over the pinned rows ``seg`` (all of batch ``b``) under log rates ``lam_b`` (of the
+    genes ``cols``, all when ``None``): per gene ``sum dv``, ``sum h``, ``sum e`` and, with
+    ``want_rows``, per row ``sum_g e`` and ``sum_g y lambda``. Sparse counts by the series of
+    :mod:`~scotgm_pp.inference._pinned_sums` (work in their non-zeros), dense ones entry by
+    entry in cache-sized chunks."""
+    sparse = _sparse_block(data, seg, b)
+    if sparse is not None:
+        return _pinned_sums.series_sums(sparse, lam_b, cols, want_rows=want_rows)
+    G = lam_b.size
+    chunk = max(1, _CHUNK_ENTRIES // max(G, 1))
+    dv_sum, h_sum, e_sum = np.zeros(G), np.zeros(G), np.zeros(G)
+    n = seg.stop - seg.start
+    e_row, ylam = (np.empty(n), np.empty(n)) if want_rows else (None, None)
+    for start in range(seg.start, seg.stop, chunk):
+        sl = slice(start, min(start + chunk, seg.stop))
+        dv, h, e, yl = _segment_terms(data, sl, b, lam_b, cols)
+        dv_sum += dv.sum(axis=0)
+        h_sum += h.sum(axis=0)
+        e_sum += e.sum(axis=0)
+        if want_rows:
+            loc = slice(sl.start - seg.start, sl.stop - seg.start)
+            e_row[loc] = e.sum(axis=1)
+            ylam[loc] = yl
+    return dv_sum, h_sum, e_sum, e_row, ylam
+
+
 def evaluate(data: CountData, params: CountParams, genes: np.ndarray | None = None,
              previous: CountPass | None = None) -> CountPass:
     """All terms of the count log-likelihood at ``params`` (one pass over the counts).
@@ -104,7 +148,6 @@ def evaluate(data: CountData, params: CountParams, genes: np.ndarray | None = No
     if genes is not None:
         return _evaluate_genes(data, params, np.asarray(genes), previous)
     K, B, G = data.n_states, data.n_batches, data.n_genes
-    _CHUNK = max(1, _CHUNK_ENTRIES // max(G, 1))
     lam = params.log_rates()
     f0, f1, fsegs = data.free
     pdv, ph, pe = (np.zeros((K, B, G)) for _ in range(3))
@@ -113,15 +156,13 @@ def evaluate(data: CountData, params: CountParams, genes: np.ndarray | None = No
     base = data.row_const
     for k in range(K):
         for b, seg in data.pinned[k]:
-            # Pinned rows are summed at once, in chunks small enough to stay in cache.
-            for start in range(seg.start, seg.stop, _CHUNK):
-                sl = slice(start, min(start + _CHUNK, seg.stop))
-                dv, h, e, ylam = _segment_terms(data, sl, b, lam[k, b])
-                pdv[k, b] += dv.sum(axis=0)
-                ph[k, b] += h.sum(axis=0)
-                pe[k, b] += e.sum(axis=0)
-                idx = data.order[sl]
-                rows[idx, k] = base[idx] + ylam - e.sum(axis=1)
+            # Pinned rows are summed at once (:func:`_pinned_terms`).
+            dv, h, e, e_row, ylam = _pinned_terms(data, seg, b, lam[k, b])
+            pdv[k, b] += dv
+            ph[k, b] += h
+            pe[k, b] += e
+            idx = data.order[seg]
+            rows[idx, k] = base[idx] + ylam - e_row
         for b, sl in fsegs:
             dv, h, e, ylam = _segment_terms(data, sl, b, lam[k, b])
             loc = slice(sl.start - f0, sl.stop - f0)
@@ -133,8 +174,6 @@ def evaluate(data: CountData, params: CountParams, genes: np.ndarray | None = No
 
 def _evaluate_genes(data: CountData, params: CountParams, genes: np.ndarray, previous: CountPass) -> CountPass:
     K, B = data.n_states, data.n_batches
-    J = genes.size
-    _CHUNK = max(1, _CHUNK_ENTRIES // max(J, 1))
     lam = params.log_rates()[:, :, genes]
     f0, f1, fsegs = data.free
     pdv, ph, pe = previous.pinned_dv.copy(), previous.pinned_h.copy(), previous.pinned_e.copy()
@@ -144,12 +183,10 @@ def _evaluate_genes(data: CountData, params: CountParams, genes: np.ndarray, pre
     pe[:, :, genes] = 0.0
     for k in range(K):
         for b, seg in data.pinned[k]:
-            for start in range(seg.start, seg.stop, _CHUNK):
-                sl = slice(start, min(start + _CHUNK, seg.stop))
-                dv, h, e, _ = _segment_terms(data, sl, b, lam[k, b], genes)
-                pdv[k, b, genes] += dv.sum(axis=0)
-                ph[k, b, genes] += h.sum(axis=0)
-                pe[k, b, genes] += e.sum(axis=0)
+            dv, h, e, _, _ = _pinned_terms(data, seg, b, lam[k, b], genes, want_rows=False)
+            pdv[k, b, genes] += dv
+            ph[k, b, genes] += h
+            pe[k, b, genes] += e
         for b, sl in fsegs:
             dv, h, e, _ = _segment_terms(data, sl, b, lam[k, b], genes)
             loc = np.arange(sl.start - f0, sl.stop - f0)[:, None]
@@ -314,6 +351,8 @@ def _column_view(data: CountData, genes: np.ndarray) -> CountData:
     out.alpha = data.alpha[:, genes]
     out.phi = data.phi[..., genes]
     out.pinned_ysum = data.pinned_ysum[:, :, genes]
+    out.y_sorted = data.y_sorted[:, genes]
+    out.sparse_blocks = {}
     return out
 
 
@@ -739,10 +778,11 @@ def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray |
     chunk = max(1, _CHUNK_ENTRIES // max(G, 1))
     for k in range(K):
         for b, seg in data.pinned[k]:
-            dv2 = np.zeros(G)
+            sparse = _sparse_block(data, seg, b)
+            dv2 = np.zeros(G) if sparse is None else _pinned_sums.series_square_sums(sparse, lam[k, b])
             rate = np.exp(lam[k, b])
             ab = a[b]
-            for start in range(seg.start, seg.stop, chunk):
+            for start in range(seg.start, seg.stop, chunk) if sparse is None else ():
                 sl = slice(start, min(start + chunk, seg.stop))
                 mu = np.multiply.outer(np.exp(data.log_s[sl]), rate)
                 dv = (data.ya[sl] - ab - mu) / (mu + ab)

@@ -331,7 +331,8 @@ def _nb_constant(vals: np.ndarray, cols: np.ndarray, alpha: np.ndarray) -> np.nd
     """
     y = vals.astype(np.int64)
     small = y <= _TABLE_MAX
-    steps = np.log(alpha[:, None] + np.arange(_TABLE_MAX)[None, :]) - np.log(np.arange(1, _TABLE_MAX + 1))[None, :]
+    top = int(min(_TABLE_MAX, y.max(initial=1)))  # the table only as long as the counts need
+    steps = np.log(alpha[:, None] + np.arange(top)[None, :]) - np.log(np.arange(1, top + 1))[None, :]
     table = np.concatenate([np.zeros((len(alpha), 1)), np.cumsum(steps, axis=1)], axis=1)
     out = np.empty(len(vals))
     out[small] = table[cols[small], y[small]]
@@ -384,9 +385,12 @@ class CountData:
     """
 
     def __init__(self, counts, size_factors, dispersion, fixed_state, n_states: int, batch=None):
-        y = _dense(counts)
-        n, G = y.shape
-        if not np.all(np.isfinite(y)) or (y < 0).any():
+        # sparse counts stay sparse until they are put in the sorted order (one dense copy)
+        csr = sp.csr_matrix(counts, dtype=float) if sp.issparse(counts) else None
+        y = None if csr is not None else _dense(counts)
+        n, G = csr.shape if csr is not None else y.shape
+        entries = csr.data if csr is not None else y
+        if not np.all(np.isfinite(entries)) or (entries < 0).any():
             raise ValueError("counts must be finite and non-negative.")
         s = np.asarray(size_factors, float)
         if s.shape != (n,) or not np.all(np.isfinite(s)) or (s <= 0).any():
@@ -426,7 +430,7 @@ class CountData:
         # C_i + log(s_i) sum_g y_ig, with C_i = sum_g [lgamma(y + alpha) - lgamma(alpha) - lgamma(y + 1)]
         # (0 wherever y = 0) plus sum_g alpha log alpha: the parameter-free part of each cell's
         # log-likelihood.
-        rows, cols, vals = _nonzero(counts, y)
+        rows, cols, vals = _nonzero(csr if csr is not None else counts, y)
         if self.per_batch_dispersion:
             const = np.empty(len(vals))
             for b in range(B):
@@ -435,11 +439,15 @@ class CountData:
         else:
             const = _nb_constant(vals, cols, self.alpha[0])
         alpha_log_alpha = np.sum(self.alpha * np.log(self.alpha), axis=1)  # (B,)
-        self.row_const = (np.bincount(rows, weights=const, minlength=n) + y.sum(axis=1) * np.log(s)
-                          + alpha_log_alpha[codes])
+        self.row_const = (np.bincount(rows, weights=const, minlength=n)
+                          + np.bincount(rows, weights=vals, minlength=n) * np.log(s) + alpha_log_alpha[codes])
         self.order = np.lexsort((codes, fixed))  # free cells (-1) first, then state 0, 1, ...
         self.batch = codes[self.order]
-        self.ya = y[self.order]
+        #: the counts in the sorted order, sparse: the pinned cells' sums read only their non-zeros
+        self.y_sorted = csr[self.order] if csr is not None else sp.csr_matrix(y[self.order])
+        #: per pinned block of rows, its :class:`~scotgm_pp.inference._pinned_sums.SparseRows` (built on first use)
+        self.sparse_blocks = {}
+        self.ya = self.y_sorted.toarray() if csr is not None else y[self.order]
         self.ya += self.alpha[self.batch] if self.per_batch_dispersion else self.alpha[0]
         self.log_s = np.log(s)[self.order]
         self._set_blocks(fixed[self.order], self.n_states)
