@@ -761,13 +761,30 @@ _MEAT_ROWS = 256
 """Free cells per block of :func:`sandwich_meat` (bounds its ``(rows, G, p)`` scores)."""
 
 
+def _pinned_square_sums(data: CountData, seg: slice, b: int, lam_b: np.ndarray, chunk: int) -> np.ndarray:
+    """``sum_i dv_i^2`` per gene over the pinned rows ``seg`` (all of batch ``b``): by the series
+    where their counts are sparse, otherwise entry by entry in chunks of ``chunk`` rows."""
+    sparse = _sparse_block(data, seg, b)
+    if sparse is not None:
+        return _pinned_sums.series_square_sums(sparse, lam_b)
+    rate = np.exp(lam_b)
+    ab = data.alpha[b]
+    dv2 = np.zeros(lam_b.size)
+    for start in range(seg.start, seg.stop, chunk):
+        sl = slice(start, min(start + chunk, seg.stop))
+        mu = np.multiply.outer(np.exp(data.log_s[sl]), rate)
+        dv = (data.ya[sl] - ab - mu) / (mu + ab)
+        dv2 += np.einsum("ij,ij->j", dv, dv)
+    return dv2
+
+
 def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray | None = None) -> np.ndarray:
     """``(G, p, p)``: ``sum_i sum_k r_ik s_ik s_ik^T`` per gene, the variance of the cells'
     complete-data scores ``s_ik = alpha (y_i - mu_ik) / t_ik d_kb`` (``d_kb`` the design row of
     state ``k`` and the cell's batch) over the cells and their uncertain states: the empirical
     ``sum_i sbar_i sbar_i^T`` (``sbar_i = sum_k r_ik s_ik``) plus the imputation variance
-    ``sum_i Cov_{z ~ R_i}(s_iz)``. Pinned cells (weight 1 on their state) are recomputed in
-    chunks from the counts; free cells read the pass's stored terms. With ``Q`` (``(K, n_free, G)``,
+    ``sum_i Cov_{z ~ R_i}(s_iz)``. Pinned cells (weight 1 on their state) are recomputed from
+    the counts (:func:`_pinned_square_sums`); free cells read the pass's stored terms. With ``Q`` (``(K, n_free, G)``,
     :func:`entry_posteriors`) the free cells' weights are per gene, ``q_ikg`` for ``r_ik``."""
     K, B, G = data.n_states, data.n_batches, data.n_genes
     p = data.n_theta
@@ -778,16 +795,8 @@ def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray |
     chunk = max(1, _CHUNK_ENTRIES // max(G, 1))
     for k in range(K):
         for b, seg in data.pinned[k]:
-            sparse = _sparse_block(data, seg, b)
-            dv2 = np.zeros(G) if sparse is None else _pinned_sums.series_square_sums(sparse, lam[k, b])
-            rate = np.exp(lam[k, b])
-            ab = a[b]
-            for start in range(seg.start, seg.stop, chunk) if sparse is None else ():
-                sl = slice(start, min(start + chunk, seg.stop))
-                mu = np.multiply.outer(np.exp(data.log_s[sl]), rate)
-                dv = (data.ya[sl] - ab - mu) / (mu + ab)
-                dv2 += np.einsum("ij,ij->j", dv, dv)
-            meat += (ab**2 * dv2)[:, None, None] * np.outer(D[k, b], D[k, b])[None]
+            dv2 = _pinned_square_sums(data, seg, b, lam[k, b], chunk)
+            meat += (a[b] ** 2 * dv2)[:, None, None] * np.outer(D[k, b], D[k, b])[None]
     f0, f1, fsegs = data.free
     if f1 > f0:
         u = a[data.batch[f0:f1]] * cp.free_dv  # (K, n_free, G)
