@@ -761,12 +761,13 @@ _MEAT_ROWS = 256
 """Free cells per block of :func:`sandwich_meat` (bounds its ``(rows, G, p)`` scores)."""
 
 
-def _pinned_square_sums(data: CountData, seg: slice, b: int, lam_b: np.ndarray, chunk: int) -> np.ndarray:
+def _pinned_square_sums(data: CountData, seg: slice, b: int, lam_b: np.ndarray) -> np.ndarray:
     """``sum_i dv_i^2`` per gene over the pinned rows ``seg`` (all of batch ``b``): by the series
-    where their counts are sparse, otherwise entry by entry in chunks of ``chunk`` rows."""
+    where their counts are sparse, otherwise entry by entry in cache-sized chunks."""
     sparse = _sparse_block(data, seg, b)
     if sparse is not None:
         return _pinned_sums.series_square_sums(sparse, lam_b)
+    chunk = max(1, _CHUNK_ENTRIES // max(lam_b.size, 1))
     rate = np.exp(lam_b)
     ab = data.alpha[b]
     dv2 = np.zeros(lam_b.size)
@@ -784,18 +785,18 @@ def sandwich_meat(data: CountData, cp: CountPass, R: np.ndarray, Q: np.ndarray |
     state ``k`` and the cell's batch) over the cells and their uncertain states: the empirical
     ``sum_i sbar_i sbar_i^T`` (``sbar_i = sum_k r_ik s_ik``) plus the imputation variance
     ``sum_i Cov_{z ~ R_i}(s_iz)``. Pinned cells (weight 1 on their state) are recomputed from
-    the counts (:func:`_pinned_square_sums`); free cells read the pass's stored terms. With ``Q`` (``(K, n_free, G)``,
-    :func:`entry_posteriors`) the free cells' weights are per gene, ``q_ikg`` for ``r_ik``."""
+    the counts (:func:`_pinned_square_sums`); free cells read the pass's stored terms. With
+    ``Q`` (``(K, n_free, G)``, :func:`entry_posteriors`) the free cells' weights are per gene,
+    ``q_ikg`` for ``r_ik``."""
     K, B, G = data.n_states, data.n_batches, data.n_genes
     p = data.n_theta
     D = data.design().reshape(K, B, p)
     a = data.alpha
     lam = cp.params.log_rates()
     meat = np.zeros((G, p, p))
-    chunk = max(1, _CHUNK_ENTRIES // max(G, 1))
     for k in range(K):
         for b, seg in data.pinned[k]:
-            dv2 = _pinned_square_sums(data, seg, b, lam[k, b], chunk)
+            dv2 = _pinned_square_sums(data, seg, b, lam[k, b])
             meat += (a[b] ** 2 * dv2)[:, None, None] * np.outer(D[k, b], D[k, b])[None]
     f0, f1, fsegs = data.free
     if f1 > f0:
