@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
 
 __all__ = ["QUIET_MONITORS", "WORKER_PRELOAD", "SCHEDULER_TIMEOUT", "LocalWorkers", "connect_scheduler",
-           "local_cluster", "start_fork_server", "worker_environ"]
+           "WORKER_HEAP", "local_cluster", "start_fork_server", "worker_environ"]
 
 WORKER_PRELOAD = ("scotgm_pp.tl._execute", "scotgm_pp.tl._store")
 """Modules a local worker of a screen run needs, imported once by the fork server the workers
@@ -39,16 +39,30 @@ _lock = threading.Lock()
 _method: str | None = None
 
 
+WORKER_HEAP = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+"""glibc heap settings of local workers: one arena; arrays up to 1 GiB come from the heap, and up
+to 1 GiB of freed memory stays there for the next one. A task's large temporaries (the dense
+counts, residuals and PCA input of an experiment, tens of MB each) are otherwise each mapped
+afresh and zeroed page by page by the kernel at first touch (glibc maps anything above 32 MB, and
+a worker's task thread has its own arena, whose heaps hold at most 64 MB). A worker's resident
+memory then stays near its largest task's peak between tasks, instead of falling back after
+each. Measured (``benchmarks/README.md``): 3.5% less wall time on a 30,000-cell screen of
+8,000 genes with two workers, two runs each way."""
+
+
 def worker_environ() -> dict:
     """The environment of local workers: one BLAS/OpenMP thread each (Dask's defaults), and
-    glibc's own heap policy: Dask's default ``MALLOC_TRIM_THRESHOLD_`` also switches off glibc's
-    adaptive mmap threshold, so every array above 128 kB is mapped and unmapped afresh
-    (measured: 30 s of system time in a 44 s run)."""
+    :data:`WORKER_HEAP` in place of Dask's ``MALLOC_TRIM_THRESHOLD_`` (which also switches off
+    glibc's adaptive mmap threshold, so that every array above 128 kB is mapped and unmapped
+    afresh; measured: 30 s of system time in a 44 s run). A heap setting already in this
+    process's environment is kept."""
     import dask
     import distributed  # noqa: F401 - registers the distributed.* config defaults
 
-    return {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
-            if k != "MALLOC_TRIM_THRESHOLD_"}
+    env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+           if k != "MALLOC_TRIM_THRESHOLD_"}
+    env.update({k: os.environ.get(k, v) for k, v in WORKER_HEAP.items()})
+    return env
 
 
 def start_fork_server(preload: tuple = ()) -> str:

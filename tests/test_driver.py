@@ -3,6 +3,7 @@ sampled per perturbation; files are read lazily; runs resume; labels are keys, n
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import anndata as ad
@@ -124,7 +125,7 @@ def test_workers_started_early_read_their_own_rows_of_a_file(small_sim, serial, 
     the tasks carry only row numbers, each worker reads its cells from the file, and the results
     are those of the serial in-memory run."""
     from scotgm_pp._screen import screen_from_h5ad
-    from scotgm_pp._workers import LocalWorkers
+    from scotgm_pp._workers import WORKER_HEAP, LocalWorkers
     from scotgm_pp.tl._plan import RunSettings
     from scotgm_pp.tl._response import _Payloads, annotate, execute_plan, plan_screen, start_workers
 
@@ -150,6 +151,9 @@ def test_workers_started_early_read_their_own_rows_of_a_file(small_sim, serial, 
         assert isinstance(workers, LocalWorkers)
         run = execute_plan(plan, n_jobs=2, client=workers)
         assert len(workers.client.scheduler_info()["workers"]) == 2
+        # the workers run with the heap policy of WORKER_HEAP (none of it set in this process)
+        heap = workers.client.run(lambda: {k: os.environ.get(k) for k in WORKER_HEAP})
+        assert list(heap.values()) == [WORKER_HEAP, WORKER_HEAP]
     out = ad.AnnData(obs=screen.obs.copy(), var=pd.DataFrame(index=screen.var_names))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

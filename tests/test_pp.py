@@ -92,3 +92,30 @@ def test_preprocess_returns_a_new_object_with_named_slots(small_sim):
     assert np.allclose(np.expm1(out.X.toarray()).sum(1), 1e4, rtol=1e-3)
     with pytest.raises(ValueError, match="raw UMI counts"):
         sg.pp.preprocess(out)  # log-normalised input is refused
+
+
+def test_randomized_pcs_match_the_exact_decomposition():
+    """Above EXACT_PCA_MAX the PCs come from the randomized range finder (Cholesky QR between
+    power iterations, the small SVD from a Gram matrix): leading variances and directions against
+    numpy's eigen-decomposition of the same matrix, and orthonormal directions."""
+    from scotgm_pp.pp import EXACT_PCA_MAX, _leading_pcs, _orthonormal_columns
+
+    rng = np.random.default_rng(3)
+    n, g, k = EXACT_PCA_MAX + 100, EXACT_PCA_MAX + 300, 12
+    scales = np.array([40.0, 30.0, 22.0, 16.0, 12.0, 9.0])
+    Z = rng.normal(size=(n, g)) + (rng.normal(size=(n, 6)) * scales) @ rng.normal(size=(6, g)) / np.sqrt(g) * 8
+    Z -= Z.mean(axis=0)
+    V, var = _leading_pcs(Z, k, np.random.default_rng(0))
+    vals, U = np.linalg.eigh(Z @ Z.T)
+    order = np.argsort(vals)[::-1][:6]
+    exact_V = Z.T @ U[:, order] / np.sqrt(vals[order])
+    assert np.max(np.abs(var[:6] / vals[order] - 1)) < 1e-5
+    assert np.min(np.abs(np.sum(V[:, :6] * exact_V, axis=0))) > 1 - 1e-8
+    assert np.max(np.abs(V.T @ V - np.eye(k))) < 1e-10
+    # the Cholesky QR: orthonormal columns spanning the input's columns
+    Y = rng.normal(size=(g, 20)).astype(np.float32) * np.geomspace(1, 100, 20).astype(np.float32)
+    Q = _orthonormal_columns(Y)
+    assert Q.dtype == np.float32
+    assert np.max(np.abs(Q.T.astype(float) @ Q - np.eye(20))) < 1e-5
+    residual = Y - Q @ (Q.T @ Y)
+    assert np.linalg.norm(residual) / np.linalg.norm(Y) < 1e-5

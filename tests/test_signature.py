@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
@@ -76,6 +77,43 @@ def test_residuals_are_in_basal_units_and_ignore_library_size(null_pair):
     # with the library-size trend removed, the share of genes with |t| > 2 is about the 5% of a null
     print(f"share |t| > 2 between thinned and full-depth cells: {np.mean(np.abs(t) > 2):.3f}")
     assert np.mean(np.abs(t) > 2) < 0.1
+
+
+def _residuals_reference(Y, lib, ctrl, batch, phi, clip=2.0):
+    """The residuals of pearson_residuals' docstring, written out on whole arrays in double precision."""
+    Z = np.zeros(Y.shape)
+    for b in np.unique(batch):
+        rows = batch == b
+        rate = Y[rows & ctrl].sum(axis=0) / lib[rows & ctrl].sum()
+        mu = lib[rows, None] * rate[None, :]
+        Z[rows] = np.clip((Y[rows] - mu) / np.sqrt(mu * (1 + phi * mu) + 1e-12), -clip, clip)
+    x = np.log(lib) - np.log(lib[ctrl]).mean()
+    Z -= x[:, None] * ((x[ctrl] @ Z[ctrl]) / (x[ctrl] @ x[ctrl]))[None, :]
+    return (Z - Z[ctrl].mean(axis=0)) / Z[ctrl].std(axis=0, ddof=1)
+
+
+def test_residuals_equal_their_formula_in_batches_and_from_sparse_counts(null_pair):
+    """Residuals computed a block of rows at a time (views for one batch, copies written back for
+    interleaved batches), from dense or sparse counts, against the formula on whole arrays."""
+    from scotgm_pp.tl._signature import _column_mean_sd
+
+    rng = np.random.default_rng(5)
+    Y = null_pair.X.toarray().astype(float)
+    n = Y.shape[0]
+    lib = Y.sum(axis=1)
+    ctrl = rng.random(n) < 0.8
+    batch = np.where(rng.random(n) < 0.5, "a", "b")  # interleaved rows
+    Y = Y[:, (Y[ctrl] > 0).sum(axis=0) >= 5]  # the genes pearson_residuals keeps
+    phi = rng.uniform(0.0, 0.5, Y.shape[1])
+    for b in (None, batch):
+        ref = _residuals_reference(Y, lib, ctrl, np.zeros(n) if b is None else b, phi)
+        for counts in (Y, sp.csr_matrix(Y)):
+            Z, used = pearson_residuals(counts, lib, ctrl, batch=b, dispersion=phi)
+            assert used.size == Y.shape[1] and Z.dtype == np.float32
+            assert np.max(np.abs(Z - ref)) < 2e-4  # single precision
+    m, sd = _column_mean_sd(Z, np.flatnonzero(ctrl))
+    np.testing.assert_allclose(m, Z[ctrl].astype(float).mean(axis=0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(sd, Z[ctrl].astype(float).std(axis=0, ddof=1), rtol=1e-12)
 
 
 def test_basal_factors_reproduce_the_controls_covariance():

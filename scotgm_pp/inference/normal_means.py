@@ -106,7 +106,9 @@ def normal_means(
     grid = _grid(d, se, grid_multiplier) if grid is None else np.asarray(grid, float)
     if grid.ndim != 1 or grid.size < 2 or grid[0] != 0 or np.any(np.diff(grid) <= 0):
         raise ValueError("grid must start at 0 and increase, with at least one positive value.")
-    var = grid[None, :] ** 2 + se[:, None] ** 2  # (G, K) marginal variances
+    # (G, K) marginal variances and likelihoods, stored gene-fastest (column-major): both of the
+    # EM's products below then read them contiguously
+    var = (grid[:, None] ** 2 + se[None, :] ** 2).T
     loglik = -0.5 * (d[:, None] ** 2 / var + np.log(var))
     lik = np.exp(loglik - loglik.max(axis=1, keepdims=True))
     K = grid.size

@@ -44,7 +44,7 @@ from scipy import stats
 from ..inference.count_layer import control_dispersion
 from ..inference.em import EMResult, fit_em, scaled_prior
 from ..inference.normal_means import normal_means
-from ..pp import _leading_pcs
+from ..pp import _leading_pcs, _row_blocks
 
 __all__ = [
     "SignatureFit",
@@ -162,25 +162,31 @@ def pearson_residuals(
     else:
         phi = np.asarray(dispersion, float)[used]
     phi = np.maximum(np.nan_to_num(phi, nan=0.0), 0.0).astype(np.float32)
-    Z = np.asarray(Y.toarray() if sp.issparse(Y) else Y, dtype=np.float32)  # the counts, then in place
+    # the counts in single precision (exact: integers far below 2^24), then in place
+    Ys = Y.astype(np.float32) if sp.issparse(Y) else None
+    Z = Ys.toarray() if Ys is not None else np.array(Y, dtype=np.float32)
     codes = np.zeros(len(lib), int) if batch is None else pd.factorize(np.asarray(batch))[0]
-    overall = Z[ctrl].sum(axis=0, dtype=np.float64) / max(lib[ctrl].sum(), 1e-300)
+
+    def control_sums(rows):  # of the single-precision counts, from the sparse ones where given
+        return np.asarray((Z if Ys is None else Ys)[rows].sum(axis=0, dtype=np.float64)).ravel()
+
+    overall = control_sums(np.flatnonzero(ctrl)) / max(lib[ctrl].sum(), 1e-300)
     for b in np.unique(codes):
         rows = np.flatnonzero(codes == b)
         cb = ctrl[rows]
         total = lib[rows][cb].sum()
-        rate = Z[rows[cb]].sum(axis=0, dtype=np.float64) / total if cb.any() and total > 0 else overall
+        rate = control_sums(rows[cb]) / total if cb.any() and total > 0 else overall
         rate = np.where(rate > 0, rate, overall).astype(np.float32)
-        mu = lib[rows, None].astype(np.float32) * rate[None, :]
-        block = Z if rows.size == len(Z) else Z[rows]  # one batch: in place, no copy
-        block -= mu
-        mu *= 1.0 + phi[None, :] * mu  # the NB variance, in place
-        mu += 1e-12
-        np.sqrt(mu, out=mu)
-        block /= mu
-        np.clip(block, -clip, clip, out=block)
-        if block is not Z:
-            Z[rows] = block
+        for block_rows, block in _row_blocks(Z, rows):
+            mu = lib[block_rows, None].astype(np.float32) * rate[None, :]
+            block -= mu
+            mu *= 1.0 + phi[None, :] * mu  # the NB variance, in place
+            mu += 1e-12
+            np.sqrt(mu, out=mu)
+            block /= mu
+            np.clip(block, -clip, clip, out=block)
+            if not np.shares_memory(block, Z):
+                Z[block_rows] = block
     # A clipped residual's mean still depends on the cell's library size (the clip is not linear),
     # so a difference in library sizes between guide cells and controls would shift thousands of
     # genes at once: remove each gene's linear trend in log library size, fitted on the controls.
@@ -189,14 +195,33 @@ def pearson_residuals(
     xx = float(x[ctrl] @ x[ctrl])
     if ctrl.sum() > 2 and xx > 0:
         slope = (x[ctrl] @ Z[ctrl]) / xx  # x is centred over the controls
-        Z -= x[:, None] * slope[None, :]
-    Zc = Z[ctrl]
-    m = Zc.mean(axis=0, dtype=np.float64)
-    sd = Zc.std(axis=0, ddof=1, dtype=np.float64) if ctrl.sum() > 1 else np.ones(Z.shape[1])
+        for block_rows, block in _row_blocks(Z):
+            block -= x[block_rows, None] * slope[None, :]
+    m, sd = _column_mean_sd(Z, np.flatnonzero(ctrl))
     sd = np.where(sd > 1e-6, sd, 1.0)
-    Z -= m.astype(np.float32)
-    Z /= sd.astype(np.float32)
+    m, sd = m.astype(np.float32), sd.astype(np.float32)
+    for _, block in _row_blocks(Z):
+        block -= m
+        block /= sd
     return Z, used
+
+
+def _column_mean_sd(Z: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (``ddof=1``; ones below two rows) of each column of ``Z[rows]``
+    in double precision, two passes over blocks of rows (no double-precision copy of ``Z``)."""
+    g = Z.shape[1]
+    total = np.zeros(g)
+    for _, block in _row_blocks(Z, rows):
+        total += block.sum(axis=0, dtype=np.float64)
+    m = total / max(rows.size, 1)
+    if rows.size < 2:
+        return m, np.ones(g)
+    ss = np.zeros(g)
+    for _, block in _row_blocks(Z, rows):
+        dev = block.astype(np.float64)
+        dev -= m
+        ss += np.einsum("ij,ij->j", dev, dev)
+    return m, np.sqrt(ss / (rows.size - 1))
 
 
 def basal_factors(Zc: np.ndarray, rank: int = BASAL_RANK, random_state=0) -> tuple[np.ndarray, np.ndarray]:
@@ -366,11 +391,11 @@ def fit_signature_states(
     n, G = Z.shape
     k = int(max(2, min(n_folds, ctrl.sum(), (~ctrl).sum())))
     fold = _folds(ctrl, k, rng)
-    L, psi = basal_factors(Z[ctrl] - Z[ctrl].mean(axis=0), rank, random_state=int(rng.integers(2**32)))
     Z = np.asarray(Z, np.float32)
+    Zc, Zg = Z[ctrl], Z[~ctrl]
+    L, psi = basal_factors(Zc - Zc.mean(axis=0), rank, random_state=int(rng.integers(2**32)))
     one_hot = np.zeros((k, n), np.float32)
     one_hot[fold, np.arange(n)] = 1.0
-    Zc, Zg = Z[ctrl], Z[~ctrl]
     c_sum = (one_hot[:, ctrl] @ Zc).astype(np.float64)
     c_sq = (one_hot[:, ctrl] @ np.square(Zc)).astype(np.float64)
     c_n = one_hot[:, ctrl].sum(axis=1, dtype=np.float64)
