@@ -151,9 +151,10 @@ def test_workers_started_early_read_their_own_rows_of_a_file(small_sim, serial, 
         assert isinstance(workers, LocalWorkers)
         run = execute_plan(plan, n_jobs=2, client=workers)
         assert len(workers.client.scheduler_info()["workers"]) == 2
-        # the workers run with the heap policy of WORKER_HEAP (none of it set in this process)
+        # the workers run with the heap policy of WORKER_HEAP (a value set in this process wins)
         heap = workers.client.run(lambda: {k: os.environ.get(k) for k in WORKER_HEAP})
-        assert list(heap.values()) == [WORKER_HEAP, WORKER_HEAP]
+        expected = {k: os.environ.get(k, v) for k, v in WORKER_HEAP.items()}
+        assert list(heap.values()) == [expected, expected]
     out = ad.AnnData(obs=screen.obs.copy(), var=pd.DataFrame(index=screen.var_names))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
