@@ -314,12 +314,7 @@ def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator,
             vals, vecs = np.linalg.eigh(Z.T @ Z)
             order = np.argsort(vals)[::-1][:k]
             return vecs[:, order], np.clip(vals[order], 0.0, None)
-        vals, U = np.linalg.eigh(Z @ Z.T)  # cells x cells: right vectors are Z^T u / s
-        order = np.argsort(vals)[::-1][:k]
-        vals = np.clip(vals[order], 0.0, None)
-        s = np.sqrt(vals)
-        V = (Z.T @ U[:, order]) / np.where(s > 0, s, 1.0)
-        return V, vals
+        return _right_vectors_from_rows(Z, k)
     width = min(min(n, g), k + max(10, k // 2))
     Zs = np.asarray(Z, dtype=np.float32)  # single precision: twice the speed, and the leading PCs to ~1e-5
     Y = Zs @ rng.standard_normal((g, width)).astype(np.float32)
@@ -328,13 +323,19 @@ def _leading_pcs(Z: np.ndarray, k: int, rng: np.random.Generator,
         Q = _orthonormal_columns(Zs.T @ Q)
         Q, _ = np.linalg.qr(Zs @ Q)
     # the sketch's SVD from its small Gram matrix: B = Q^T Z is width x g, so B B^T is width x width
-    B = (Q.T @ Zs).astype(np.float64)
-    vals, U = np.linalg.eigh(B @ B.T)
+    return _right_vectors_from_rows(Q.T @ Zs, k)
+
+
+def _right_vectors_from_rows(M: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` leading right singular vectors of a wide ``M`` (rows <= columns) and their squared
+    singular values, in double precision, from the eigen-decomposition of its rows' Gram matrix
+    ``M M^T``: ``v = M^T u / s``."""
+    M = np.asarray(M, dtype=np.float64)
+    vals, U = np.linalg.eigh(M @ M.T)
     order = np.argsort(vals)[::-1][:k]
     vals = np.clip(vals[order], 0.0, None)
-    sv = np.sqrt(vals)
-    V = (B.T @ U[:, order]) / np.where(sv > 0, sv, 1.0)
-    return V, vals
+    s = np.sqrt(vals)
+    return (M.T @ U[:, order]) / np.where(s > 0, s, 1.0), vals
 
 
 def _orthonormal_columns(Y: np.ndarray) -> np.ndarray:

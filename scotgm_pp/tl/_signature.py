@@ -175,7 +175,10 @@ def pearson_residuals(
         rows = np.flatnonzero(codes == b)
         cb = ctrl[rows]
         total = lib[rows][cb].sum()
-        rate = control_sums(rows[cb]) / total if cb.any() and total > 0 else overall
+        if rows.size == len(lib):  # one batch: its rate is the overall one (the same sums)
+            rate = overall
+        else:
+            rate = control_sums(rows[cb]) / total if cb.any() and total > 0 else overall
         rate = np.where(rate > 0, rate, overall).astype(np.float32)
         for block_rows, block in _row_blocks(Z, rows):
             mu = lib[block_rows, None].astype(np.float32) * rate[None, :]
